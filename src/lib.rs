@@ -1,0 +1,5 @@
+//! gpu-trainer: a Kubernetes operator that runs model training on GPUs rented from the Vast.ai
+//! marketplace. See `shared/design.md` in the project for the contract.
+
+pub mod api;
+pub mod cli;

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Starts the real components the tests use, all on loopback, in $GPU_TRAINER_ENV_DIR:
+#   etcd, kube-apiserver v1.20.2 (token auth, RBAC), kube-controller-manager (garbage collector)
+#   and an OpenSSH sshd with generated host and user keys.
+# Writes $GPU_TRAINER_ENV_DIR/env (shell exports) and $GPU_TRAINER_ENV_DIR/kubeconfig.
+# Stop everything with tests/env/down.sh. Run tests/env/install.sh first.
+set -euo pipefail
+
+CACHE="${GPU_TRAINER_CACHE:-$HOME/.cache/gpu-trainer}"
+KUBE_BIN="$CACHE/kube-v1.20.2/bin"
+ENV_DIR="${GPU_TRAINER_ENV_DIR:-/tmp/gpu-trainer-env}"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+log() { printf '[env] %s\n' "$*" >&2; }
+
+"$HERE/down.sh" >/dev/null 2>&1 || true
+rm -rf "$ENV_DIR"
+mkdir -p "$ENV_DIR"/{pki,etcd,logs,ssh,pids}
+cd "$ENV_DIR"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+
+wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
+  local deadline=$((SECONDS + $1)) what=$2; shift 2
+  until "$@" >/dev/null 2>&1; do
+    if [ $SECONDS -ge $deadline ]; then log "timed out waiting for $what"; return 1; fi
+    sleep 0.5
+  done
+}
+
+start() { # start NAME COMMAND...: background process with its log and pid file
+  local name=$1; shift
+  setsid "$@" >"logs/$name.log" 2>&1 < /dev/null &
+  echo $! > "pids/$name.pid"
+}
+
+# --- certificates: a throwaway CA and a server certificate for 127.0.0.1 ---
+openssl ecparam -name prime256v1 -genkey -noout -out pki/ca.key 2>/dev/null
+openssl req -x509 -new -key pki/ca.key -subj /CN=gpu-trainer-test-ca -days 30 -out pki/ca.crt 2>/dev/null
+openssl ecparam -name prime256v1 -genkey -noout -out pki/apiserver.key 2>/dev/null
+openssl req -new -key pki/apiserver.key -subj /CN=kube-apiserver -out pki/apiserver.csr 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\nextendedKeyUsage=serverAuth\n' > pki/ext.cnf
+openssl x509 -req -in pki/apiserver.csr -CA pki/ca.crt -CAkey pki/ca.key -CAcreateserial -days 30 \
+  -extfile pki/ext.cnf -out pki/apiserver.crt 2>/dev/null
+openssl genrsa -out pki/sa.key 2048 2>/dev/null
+openssl rsa -in pki/sa.key -pubout -out pki/sa.pub 2>/dev/null
+
+ADMIN_TOKEN=$(openssl rand -hex 24)
+printf '%s,admin,admin-uid,"system:masters"\n' "$ADMIN_TOKEN" > pki/tokens.csv
+chmod 600 pki/tokens.csv
+
+# --- etcd ---
+ETCD_PORT=$(free_port); ETCD_PEER_PORT=$(free_port)
+start etcd etcd --name test --data-dir "$ENV_DIR/etcd" \
+  --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+  --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+  --initial-cluster "test=http://127.0.0.1:$ETCD_PEER_PORT" --log-level warn
+wait_for 30 etcd curl -sf "http://127.0.0.1:$ETCD_PORT/health"
+
+# --- kube-apiserver ---
+API_PORT=$(free_port)
+start kube-apiserver "$KUBE_BIN/kube-apiserver" \
+  --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+  --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" --insecure-port 0 \
+  --tls-cert-file pki/apiserver.crt --tls-private-key-file pki/apiserver.key \
+  --client-ca-file pki/ca.crt \
+  --token-auth-file pki/tokens.csv --authorization-mode RBAC \
+  --service-account-issuer https://kubernetes.default.svc --service-account-key-file pki/sa.pub \
+  --service-account-signing-key-file pki/sa.key --service-cluster-ip-range 10.96.0.0/24 \
+  --disable-admission-plugins ServiceAccount --enable-priority-and-fairness=false \
+  --v 1
+wait_for 120 kube-apiserver curl -sf --cacert pki/ca.crt -H "Authorization: Bearer $ADMIN_TOKEN" \
+  "https://127.0.0.1:$API_PORT/readyz"
+
+cat > kubeconfig <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: test
+  cluster:
+    server: https://127.0.0.1:$API_PORT
+    certificate-authority-data: $(base64 -w0 pki/ca.crt)
+users:
+- name: admin
+  user:
+    token: $ADMIN_TOKEN
+contexts:
+- name: test
+  context: {cluster: test, user: admin, namespace: default}
+current-context: test
+KC
+chmod 600 kubeconfig
+
+# --- kube-controller-manager: garbage collector (owner references cascade) and namespace deletion ---
+start kube-controller-manager "$KUBE_BIN/kube-controller-manager" \
+  --kubeconfig "$ENV_DIR/kubeconfig" --controllers garbagecollector,namespace \
+  --secure-port 0 --port 0 --leader-elect=false --v 1
+wait_for 30 kube-controller-manager pgrep -F pids/kube-controller-manager.pid
+
+# --- sshd on loopback with its own host key and a generated user key ---
+mkdir -p /run/sshd
+ssh-keygen -q -t ed25519 -N '' -f ssh/host_ed25519_key
+ssh-keygen -q -t ed25519 -N '' -f ssh/user_ed25519 -C gpu-trainer-test
+cp ssh/user_ed25519.pub ssh/authorized_keys
+chmod 600 ssh/authorized_keys
+SSH_PORT=$(free_port)
+cat > ssh/sshd_config <<SC
+Port $SSH_PORT
+ListenAddress 127.0.0.1
+HostKey $ENV_DIR/ssh/host_ed25519_key
+AuthorizedKeysFile $ENV_DIR/ssh/authorized_keys
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PidFile $ENV_DIR/pids/sshd-daemon.pid
+Subsystem sftp internal-sftp
+MaxStartups 200:30:400
+MaxSessions 200
+LogLevel ERROR
+SC
+start sshd /usr/sbin/sshd -D -e -f "$ENV_DIR/ssh/sshd_config"
+wait_for 15 sshd bash -c "exec 3<>/dev/tcp/127.0.0.1/$SSH_PORT"
+
+cat > env <<EV
+export GPU_TRAINER_ENV_DIR=$ENV_DIR
+export KUBECONFIG=$ENV_DIR/kubeconfig
+export GPU_TRAINER_TEST_SSH_HOST=127.0.0.1
+export GPU_TRAINER_TEST_SSH_PORT=$SSH_PORT
+export GPU_TRAINER_TEST_SSH_USER=$(id -un)
+export GPU_TRAINER_TEST_SSH_KEY=$ENV_DIR/ssh/user_ed25519
+export GPU_TRAINER_TEST_SSH_HOST_KEY=$ENV_DIR/ssh/host_ed25519_key.pub
+EV
+log "up: kube-apiserver https://127.0.0.1:$API_PORT, sshd 127.0.0.1:$SSH_PORT (source $ENV_DIR/env)"

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what the tests need (idempotent, slow builds cached outside the
+# repository), starts the real components on loopback, checks formatting and lints, runs every
+# test including the ones that need this environment, and tears the environment down.
+#
+#   bash tests/run.sh            # everything
+#   bash tests/run.sh -- NAME    # only tests whose name contains NAME (still with the environment)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+export GPU_TRAINER_CACHE="${GPU_TRAINER_CACHE:-$HOME/.cache/gpu-trainer}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$GPU_TRAINER_CACHE/target}"
+export GPU_TRAINER_ENV_DIR="${GPU_TRAINER_ENV_DIR:-$(mktemp -d /tmp/gpu-trainer-env.XXXXXX)}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+filter=()
+if [ "${1:-}" = "--" ]; then shift; filter=("$@"); fi
+
+step() { printf '\n== %s\n' "$*" >&2; }
+
+step "install (cached in $GPU_TRAINER_CACHE)"
+bash tests/env/install.sh
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+
+step "build"
+cargo build --all-targets --locked
+
+step "start etcd, kube-apiserver, kube-controller-manager, sshd"
+trap 'bash tests/env/down.sh; rm -rf "$GPU_TRAINER_ENV_DIR"' EXIT
+bash tests/env/up.sh
+# shellcheck disable=SC1091
+source "$GPU_TRAINER_ENV_DIR/env"
+
+step "tests"
+cargo test --all-targets --locked -- --include-ignored "${filter[@]}"
