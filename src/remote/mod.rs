@@ -1,0 +1,121 @@
+//! Remote execution: running commands and moving files on the machine that trains, over SSH
+//! (`ssh.rs`, russh) or on this machine (`local.rs`, for `gpu-trainer launch` and fast tests).
+//!
+//! The trait is deliberately narrow; the job engine, the monitor and the artifact uploader only
+//! ever see `dyn RemoteExec`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+/// What a finished command left behind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Exit status; `None` when the command was killed by a signal or the channel closed without one.
+    pub exit_code: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl ExecOutput {
+    pub fn success(&self) -> bool {
+        self.exit_code == Some(0)
+    }
+
+    pub fn stdout_lossy(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    pub fn stderr_lossy(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+/// Options for one command.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// The command is abandoned (and its process killed where possible) after this long.
+    pub timeout: Duration,
+    /// Extra environment for this command only. Values never appear on the command line, so
+    /// `ps` on the machine does not show them.
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self { timeout: Duration::from_secs(60), env: Vec::new() }
+    }
+}
+
+/// Bytes read from a remote file starting at an offset, for following a growing log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileChunk {
+    /// Offset of the first byte of `data` in the file.
+    pub offset: u64,
+    pub data: Vec<u8>,
+    /// Size of the file when it was read; smaller than `offset` means the file was truncated or
+    /// replaced, and the reader should start again from 0.
+    pub file_size: u64,
+}
+
+/// Outcome of a file transfer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransferReport {
+    pub bytes: u64,
+    /// Lower-case hex SHA-256 of the file's content.
+    pub sha256: String,
+    /// True when the destination already had identical content and nothing was sent.
+    pub skipped: bool,
+}
+
+/// Errors of remote execution.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("failed to connect to {target}")]
+    Connect {
+        target: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("the host key of {target} changed: expected {expected}, got {actual}")]
+    HostKeyChanged { target: String, expected: String, actual: String },
+    #[error("authentication to {target} was refused")]
+    AuthRefused { target: String },
+    #[error("command timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("checksum mismatch for {path}: expected {expected}, got {actual}")]
+    ChecksumMismatch { path: String, expected: String, actual: String },
+    #[error("{path} does not exist")]
+    NotFound { path: String },
+    #[error("{operation} failed")]
+    Io {
+        operation: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// A machine that runs commands and holds files. Implementations: SSH and local.
+#[async_trait]
+pub trait RemoteExec: Send + Sync {
+    /// Runs `command` with `sh -c` and waits for it, up to `opts.timeout`.
+    async fn run(&self, command: &str, opts: RunOptions) -> Result<ExecOutput, RemoteError>;
+
+    /// Uploads a local file to `remote_path` (parent folders are created). Skipped when the
+    /// remote file already has the same SHA-256.
+    async fn upload(&self, local_path: &Path, remote_path: &str) -> Result<TransferReport, RemoteError>;
+
+    /// Downloads `remote_path` into a local file.
+    async fn download(&self, remote_path: &str, local_path: &Path) -> Result<TransferReport, RemoteError>;
+
+    /// Reads at most `max_len` bytes of `remote_path` starting at `offset`.
+    async fn read_from(&self, remote_path: &str, offset: u64, max_len: u64)
+    -> Result<FileChunk, RemoteError>;
+
+    /// True when a process with this pid exists on the machine.
+    async fn pid_alive(&self, pid: u32) -> Result<bool, RemoteError>;
+
+    /// A short description for logs and errors, e.g. `root@1.2.3.4:22` or `local:/tmp/work`.
+    fn describe(&self) -> String;
+}
