@@ -28,7 +28,8 @@ pub enum Fault {
         #[serde(default)]
         endpoint: Option<String>,
     },
-    /// The next `count` requests are answered only after `delay_ms`.
+    /// The next `count` requests are answered only after `delay_ms` (the request takes effect
+    /// at once; only the answer is late).
     Slow {
         delay_ms: u64,
         count: u32,

@@ -213,9 +213,6 @@ async fn api(
         (seq, decision, too_frequent)
     };
     let super::faults::Decision { delay, error_status, rate_limited } = decision;
-    if let Some(delay) = delay {
-        tokio::time::sleep(delay).await;
-    }
 
     let mut retry_after = None;
     let reply = if !authorized {
@@ -239,6 +236,11 @@ async fn api(
         dispatch(&shared, route, &params, body_json.as_ref())
     };
 
+    // A slow answer: the work is done at once and only the answer is held back, which is the
+    // case that matters for create (the client times out, yet the instance exists).
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
     let status = reply.status().as_u16();
     {
         let mut inner = shared.lock();
