@@ -198,5 +198,8 @@ async fn kubectl_explain_shows_the_field_descriptions() {
         assert!(text.contains(expected), "explain output lacks {expected}:\n{text}");
     }
     let text = common::kubectl(&["explain", "gpuinstance.spec.maxLifetimeSeconds"]);
-    assert!(text.contains("even if the operator is gone"), "explain gpuinstance lacks the lifetime description:\n{text}");
+    assert!(
+        text.contains("even if the operator is gone"),
+        "explain gpuinstance lacks the lifetime description:\n{text}"
+    );
 }
