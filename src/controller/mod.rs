@@ -1,0 +1,3 @@
+//! The controllers that `gpu-trainer run` starts, and what they share.
+
+pub mod leader;
