@@ -4,4 +4,6 @@
 pub mod api;
 pub mod cli;
 pub mod controller;
+pub mod metrics;
 pub mod remote;
+pub mod telemetry;
