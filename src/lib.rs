@@ -3,5 +3,8 @@
 
 pub mod api;
 pub mod cli;
+pub mod controller;
+pub mod metrics;
 pub mod provider;
 pub mod remote;
+pub mod telemetry;

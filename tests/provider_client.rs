@@ -78,7 +78,9 @@ async fn every_operation_round_trips_with_one_request_each() {
     };
     let offers = client.search_offers(&query).await.unwrap();
     assert!(!offers.is_empty());
-    assert!(offers.iter().all(|o| o.gpu_name == "RTX 4090" && o.num_gpus == 1 && o.verified && o.vram_gb >= 20.0));
+    assert!(
+        offers.iter().all(|o| o.gpu_name == "RTX 4090" && o.num_gpus == 1 && o.verified && o.vram_gb >= 20.0)
+    );
     assert!(offers.windows(2).all(|w| w[0].price_per_hour <= w[1].price_per_hour), "cheapest first");
 
     let id = client.create_instance(&launch(offers[0].id, "gputrainer:abc:1")).await.unwrap();
@@ -137,7 +139,8 @@ async fn instances_move_through_created_loading_running() {
     })
     .await;
     let offer = offer_ids(&client, 1).await[0];
-    let id = client.create_instance(&LaunchRequest { ssh_public_key: None, ..launch(offer, "l") }).await.unwrap();
+    let id =
+        client.create_instance(&LaunchRequest { ssh_public_key: None, ..launch(offer, "l") }).await.unwrap();
     let mut seen = Vec::new();
     for _ in 0..200 {
         let state = client.get_instance(id).await.unwrap().state;
@@ -208,7 +211,11 @@ async fn overload_statuses_are_retried_a_bounded_number_of_times() {
 #[tokio::test]
 async fn rate_limits_are_retried_and_retry_after_is_honoured() {
     let (fake, client) = start(FakeConfig::default()).await;
-    fake.add_fault(Fault::RateLimit { count: 2, retry_after_secs: None, endpoint: Some("list_instances".into()) });
+    fake.add_fault(Fault::RateLimit {
+        count: 2,
+        retry_after_secs: None,
+        endpoint: Some("list_instances".into()),
+    });
     client.list_instances().await.unwrap();
     assert_eq!(fake.counters().endpoint("list_instances"), 3);
 
@@ -232,7 +239,8 @@ async fn rate_limits_are_retried_and_retry_after_is_honoured() {
 
 #[tokio::test]
 async fn per_endpoint_rate_limit_answers_429_and_retries_stay_bounded() {
-    let (fake, client) = start(FakeConfig { rate_limit_interval: Duration::from_secs(5), ..FakeConfig::default() }).await;
+    let (fake, client) =
+        start(FakeConfig { rate_limit_interval: Duration::from_secs(5), ..FakeConfig::default() }).await;
     client.list_instances().await.unwrap();
     // Within the server's interval every attempt is refused: each call makes exactly its
     // max_attempts requests and reports RateLimited.
@@ -251,7 +259,8 @@ async fn per_endpoint_rate_limit_answers_429_and_retries_stay_bounded() {
 
 #[tokio::test]
 async fn client_spacing_keeps_under_the_rate_limit() {
-    let (fake, _) = start(FakeConfig { rate_limit_interval: Duration::from_millis(100), ..FakeConfig::default() }).await;
+    let (fake, _) =
+        start(FakeConfig { rate_limit_interval: Duration::from_millis(100), ..FakeConfig::default() }).await;
     let spaced = client_for(&fake, KEY, ClientOptions { min_interval: Duration::from_secs(1), ..options() });
     for _ in 0..3 {
         spaced.list_instances().await.unwrap();
@@ -334,7 +343,11 @@ async fn create_is_retried_only_when_it_certainly_did_not_happen() {
     let (fake, client) = start(FakeConfig::default()).await;
     let offers = offer_ids(&client, 2).await;
     fake.clear_requests();
-    fake.add_fault(Fault::RateLimit { count: 1, retry_after_secs: None, endpoint: Some("create_instance".into()) });
+    fake.add_fault(Fault::RateLimit {
+        count: 1,
+        retry_after_secs: None,
+        endpoint: Some("create_instance".into()),
+    });
     client.create_instance(&launch(offers[0], "a")).await.unwrap();
     assert_eq!(fake.counters().endpoint("create_instance"), 2);
 
@@ -359,7 +372,8 @@ async fn taken_or_unknown_offers_are_unavailable() {
     // A rented offer is no longer in the search.
     let offers = client.search_offers(&OfferQuery::default()).await.unwrap();
     assert!(offers.iter().all(|o| o.id != offer));
-    let bad = client.create_instance(&LaunchRequest { image: String::new(), ..launch(offers[0].id, "x") }).await;
+    let bad =
+        client.create_instance(&LaunchRequest { image: String::new(), ..launch(offers[0].id, "x") }).await;
     assert!(matches!(bad, Err(Error::InvalidRequest { .. })), "{bad:?}");
     assert_all_authenticated(&fake);
 }

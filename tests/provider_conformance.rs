@@ -18,9 +18,9 @@ use url::Url;
 const KEY: &str = "conformance-key-93b1";
 
 fn vastai_path() -> PathBuf {
-    let cache = std::env::var_os("GPU_TRAINER_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/gpu-trainer"));
+    let cache = std::env::var_os("GPU_TRAINER_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/gpu-trainer")
+    });
     let path = cache.join("vastai-venv/bin/vastai");
     assert!(path.exists(), "{} is missing: run `bash tests/env/install.sh`", path.display());
     path
@@ -155,7 +155,12 @@ async fn official_cli_and_our_client_agree_against_the_fake() {
     // A broader search, ordered by price, agrees too.
     let broad = cli.json(&["search", "offers", "num_gpus=1", "-o", "dph+", "--limit", "10", "--raw"]).await;
     let ours_broad = ours
-        .search_offers(&OfferQuery { num_gpus: Some(1), verified_only: true, limit: Some(10), ..OfferQuery::default() })
+        .search_offers(&OfferQuery {
+            num_gpus: Some(1),
+            verified_only: true,
+            limit: Some(10),
+            ..OfferQuery::default()
+        })
         .await
         .unwrap();
     assert_eq!(ids(&broad).len(), 10);
@@ -192,7 +197,10 @@ async fn official_cli_and_our_client_agree_against_the_fake() {
     assert_eq!(created["success"], true, "{created}");
     let cli_id = created["new_contract"].as_i64().expect("new_contract");
     let create = fake.requests().into_iter().rfind(|r| r.endpoint == "create_instance").unwrap();
-    assert_eq!((create.method.as_str(), create.path.as_str()), ("PUT", format!("/api/v0/asks/{offer}/").as_str()));
+    assert_eq!(
+        (create.method.as_str(), create.path.as_str()),
+        ("PUT", format!("/api/v0/asks/{offer}/").as_str())
+    );
     let body = create.body.unwrap();
     assert_eq!(body["runtype"], "ssh_direc ssh_proxy");
     assert_eq!(body["env"], json!({"FOO": "bar", "-p 8080:8080": "1"}));
@@ -200,7 +208,13 @@ async fn official_cli_and_our_client_agree_against_the_fake() {
     assert_eq!(body["onstart"], "echo hi");
 
     // Our client rents one too, so each side reads what the other created.
-    let other_offer = ours.search_offers(&OfferQuery::default()).await.unwrap().into_iter().find(|o| o.id != offer).unwrap();
+    let other_offer = ours
+        .search_offers(&OfferQuery::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|o| o.id != offer)
+        .unwrap();
     let our_id = ours
         .create_instance(&LaunchRequest {
             offer_id: other_offer.id,
@@ -232,7 +246,10 @@ async fn official_cli_and_our_client_agree_against_the_fake() {
         assert_eq!(mine.image.as_deref(), raw["image_uuid"].as_str());
         assert_eq!(mine.state, InstanceState::Running);
         let ssh = mine.ssh.as_ref().unwrap();
-        assert_eq!((ssh.host.as_str(), i64::from(ssh.port)), ("127.0.0.1", raw["ssh_port"].as_i64().unwrap()));
+        assert_eq!(
+            (ssh.host.as_str(), i64::from(ssh.port)),
+            ("127.0.0.1", raw["ssh_port"].as_i64().unwrap())
+        );
     }
     assert_eq!(listed[0].env.get("FOO").map(String::as_str), Some("bar"));
 
@@ -254,7 +271,11 @@ async fn official_cli_and_our_client_agree_against_the_fake() {
     assert_eq!(cli.json(&["show", "instance", &our_id.to_string(), "--raw"]).await["label"], "renamed");
 
     // The CLI's own retry against the fake's 429: --retry N is N attempts in all.
-    fake.add_fault(Fault::RateLimit { count: 10, retry_after_secs: None, endpoint: Some("update_instance".into()) });
+    fake.add_fault(Fault::RateLimit {
+        count: 10,
+        retry_after_secs: None,
+        endpoint: Some("update_instance".into()),
+    });
     let limited = cli.run(&["--retry", "4", "label", "instance", &cli_id.to_string(), "x"]).await;
     assert!(limited.stderr.contains("Failed with error 429"), "{}\n{}", limited.stdout, limited.stderr);
     assert_eq!(fake.counters().status("update_instance", 429), 4);

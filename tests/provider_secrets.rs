@@ -51,10 +51,15 @@ async fn the_api_key_appears_in_no_log_debug_output_or_error() {
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
 
-    let fake = fake::spawn(FakeConfig { api_key: Some(SECRET.into()), ..FakeConfig::default() }).await.unwrap();
+    let fake =
+        fake::spawn(FakeConfig { api_key: Some(SECRET.into()), ..FakeConfig::default() }).await.unwrap();
     let options = ClientOptions {
         timeout: Duration::from_millis(500),
-        retry: RetryPolicy { min_delay: Duration::from_millis(10), max_delay: Duration::from_millis(50), ..RetryPolicy::default() },
+        retry: RetryPolicy {
+            min_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(50),
+            ..RetryPolicy::default()
+        },
         min_interval: Duration::ZERO,
         ..ClientOptions::default()
     };
@@ -63,7 +68,8 @@ async fn the_api_key_appears_in_no_log_debug_output_or_error() {
     let wrong = VastClient::new(url, &ApiKey::new(WRONG), options).unwrap();
     let mut seen = vec![format!("{client:?}"), format!("{wrong:?}")];
 
-    let config = ProviderConfig::from_lookup(|k| (k == "VASTAI_API_KEY").then(|| SECRET.to_string())).unwrap();
+    let config =
+        ProviderConfig::from_lookup(|k| (k == "VASTAI_API_KEY").then(|| SECRET.to_string())).unwrap();
     seen.push(format!("{config:?}"));
 
     // Failure paths, each producing errors and warnings.
@@ -103,7 +109,10 @@ async fn the_api_key_appears_in_no_log_debug_output_or_error() {
 
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
     assert!(logs.contains("Retrying Vast.ai call"), "the capture works:\n{logs}");
-    assert!(logs.contains("Created Vast.ai instance") || logs.contains("Destroyed Vast.ai instance"), "{logs}");
+    assert!(
+        logs.contains("Created Vast.ai instance") || logs.contains("Destroyed Vast.ai instance"),
+        "{logs}"
+    );
     seen.push(logs);
     for text in &seen {
         assert!(!text.contains(SECRET), "the key leaked into: {text}");

@@ -90,24 +90,25 @@ impl Faults {
     pub fn decide(&mut self, name: &str) -> Decision {
         let mut decision = Decision::default();
         for fault in &mut self.active {
+            let answered = decision.error_status.is_some() || decision.rate_limited.is_some();
             match fault {
-                Fault::Slow { delay_ms, count, endpoint } if *count > 0 && applies(endpoint, name) => {
-                    if decision.delay.is_none() {
-                        decision.delay = Some(Duration::from_millis(*delay_ms));
-                        *count -= 1;
-                    }
+                Fault::Slow { delay_ms, count, endpoint }
+                    if *count > 0 && applies(endpoint, name) && decision.delay.is_none() =>
+                {
+                    decision.delay = Some(Duration::from_millis(*delay_ms));
+                    *count -= 1;
                 }
-                Fault::ErrorBurst { status, count, endpoint } if *count > 0 && applies(endpoint, name) => {
-                    if decision.error_status.is_none() && decision.rate_limited.is_none() {
-                        decision.error_status = Some(*status);
-                        *count -= 1;
-                    }
+                Fault::ErrorBurst { status, count, endpoint }
+                    if *count > 0 && applies(endpoint, name) && !answered =>
+                {
+                    decision.error_status = Some(*status);
+                    *count -= 1;
                 }
-                Fault::RateLimit { count, retry_after_secs, endpoint } if *count > 0 && applies(endpoint, name) => {
-                    if decision.error_status.is_none() && decision.rate_limited.is_none() {
-                        decision.rate_limited = Some(*retry_after_secs);
-                        *count -= 1;
-                    }
+                Fault::RateLimit { count, retry_after_secs, endpoint }
+                    if *count > 0 && applies(endpoint, name) && !answered =>
+                {
+                    decision.rate_limited = Some(*retry_after_secs);
+                    *count -= 1;
                 }
                 _ => {}
             }
@@ -171,7 +172,8 @@ mod tests {
     fn faults_parse_from_json() {
         let f: Fault = serde_json::from_str(r#"{"kind":"create_leaves_contract","count":1}"#).unwrap();
         assert_eq!(f, Fault::CreateLeavesContract { count: 1, status: 500, report_contract: true });
-        let f: Fault = serde_json::from_str(r#"{"kind":"instance_becomes","id":5,"state":"outbid"}"#).unwrap();
+        let f: Fault =
+            serde_json::from_str(r#"{"kind":"instance_becomes","id":5,"state":"outbid"}"#).unwrap();
         assert_eq!(f, Fault::InstanceBecomes { id: 5, state: ForcedState::Outbid, after_secs: 0.0 });
         assert!(serde_json::from_str::<Fault>(r#"{"kind":"error_burst","status":503}"#).is_err());
     }

@@ -1,0 +1,4 @@
+//! The controllers that `gpu-trainer run` starts, and what they share.
+
+pub mod http;
+pub mod leader;

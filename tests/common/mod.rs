@@ -1,0 +1,119 @@
+//! Helpers for tests that run against the real components started by `tests/env/up.sh`
+//! (through `tests/run.sh`). Such tests are `#[ignore = "needs tests/ environment"]`.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+/// The folder `tests/env/up.sh` wrote its files to.
+pub fn env_dir() -> PathBuf {
+    match std::env::var_os("GPU_TRAINER_ENV_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => panic!(
+            "GPU_TRAINER_ENV_DIR is not set: this test needs the real components; run it through `bash tests/run.sh`"
+        ),
+    }
+}
+
+pub fn kubeconfig_path() -> PathBuf {
+    env_dir().join("kubeconfig")
+}
+
+/// A client for the test API server, authenticated as the admin token.
+pub async fn kube_client() -> Client {
+    let path = kubeconfig_path();
+    let kubeconfig = Kubeconfig::read_from(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}; is the test environment up?", path.display()));
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig from tests/env/up.sh is valid");
+    Client::try_from(config).expect("client")
+}
+
+/// Installs (server-side apply) the CRDs checked in under `crds/` and waits until both are
+/// established. Safe to call from many tests at once.
+pub async fn install_crds(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crds");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).expect("crds/ exists") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("readable CRD file");
+        let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("CRD file parses");
+        let name = crd.metadata.name.clone().expect("CRD has a name");
+        crds.patch(&name, &PatchParams::apply("gpu-trainer-tests").force(), &Patch::Apply(&crd))
+            .await
+            .unwrap_or_else(|e| panic!("applying {}: {e}", path.display()));
+        names.push(name);
+    }
+    for name in names {
+        wait_until(Duration::from_secs(30), &format!("CRD {name} established"), || {
+            let crds = crds.clone();
+            let name = name.clone();
+            async move {
+                let crd = crds.get(&name).await.ok()?;
+                let established =
+                    crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
+                established.then_some(())
+            }
+        })
+        .await;
+    }
+}
+
+/// Creates a namespace with a unique name starting with `prefix` and returns its name.
+pub async fn fresh_namespace(client: &Client, prefix: &str) -> String {
+    let name = format!("{prefix}-{:08x}", rand::random::<u32>());
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("namespace");
+    namespaces.create(&PostParams::default(), &ns).await.expect("create namespace");
+    name
+}
+
+/// Deletes a namespace (best effort; the namespace controller finishes the job).
+pub async fn delete_namespace(client: &Client, name: &str) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let _ = namespaces.delete(name, &DeleteParams::default()).await;
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or panics naming `what` after `timeout`.
+pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `kubectl` against the test API server and returns stdout; panics with stderr on failure.
+pub fn kubectl(args: &[&str]) -> String {
+    let output = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig_path())
+        .args(args)
+        .output()
+        .expect("kubectl is installed");
+    assert!(
+        output.status.success(),
+        "kubectl {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
