@@ -476,3 +476,23 @@ async fn catalogue_file_replaces_the_generated_offers() {
     assert_eq!(offers[1].num_gpus, 8);
     assert_all_authenticated(&fake);
 }
+
+#[tokio::test]
+async fn connect_checks_the_key_at_start_up() {
+    use gpu_trainer::provider::config::ProviderConfig;
+    let fake = fake::spawn(FakeConfig { api_key: Some(KEY.into()), ..FakeConfig::default() }).await.unwrap();
+    let config = |key: &'static str| {
+        let url = fake.url();
+        ProviderConfig::from_lookup(move |name| match name {
+            "VASTAI_API_KEY" => Some(key.to_string()),
+            "VASTAI_API_BASE_URL" => Some(url.clone()),
+            _ => None,
+        })
+        .unwrap()
+    };
+    VastClient::connect(&config(KEY)).await.unwrap();
+    let err = VastClient::connect(&config("not-the-key")).await.unwrap_err();
+    assert!(matches!(err, Error::Unauthorized { .. }), "{err:?}");
+    assert!(err.to_string().contains("rejected the API key"), "{err}");
+    assert_eq!(fake.counters().endpoint("current_user"), 2, "one request each, no retries");
+}

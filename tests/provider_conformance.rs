@@ -270,6 +270,21 @@ async fn official_cli_and_our_client_agree_against_the_fake() {
     ours.set_label(our_id, "renamed").await.unwrap();
     assert_eq!(cli.json(&["show", "instance", &our_id.to_string(), "--raw"]).await["label"], "renamed");
 
+    // attach ssh and ssh-url: the key reaches the instance; the URL is the configured endpoint.
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICliKey cli@test";
+    let attached = cli.run(&["attach", "ssh", &cli_id.to_string(), key]).await;
+    assert!(
+        attached.stdout.contains("SSH key attached successfully"),
+        "{}\n{}",
+        attached.stdout,
+        attached.stderr
+    );
+    let attach = fake.requests().into_iter().rfind(|r| r.endpoint == "attach_ssh").unwrap();
+    assert_eq!(attach.path, format!("/api/v0/instances/{cli_id}/ssh/"));
+    assert_eq!(attach.body.unwrap()["ssh_key"], key);
+    let ssh_url = cli.run(&["ssh-url", &cli_id.to_string()]).await;
+    assert_eq!(ssh_url.stdout.trim(), "ssh://root@127.0.0.1:2222", "{}", ssh_url.stderr);
+
     // The CLI's own retry against the fake's 429: --retry N is N attempts in all.
     fake.add_fault(Fault::RateLimit {
         count: 10,

@@ -251,6 +251,38 @@ pub struct Instance {
     pub env: BTreeMap<String, String>,
 }
 
+impl From<&Offer> for crate::api::OfferStatus {
+    fn from(o: &Offer) -> Self {
+        Self {
+            id: o.id,
+            machine_id: o.machine_id,
+            gpu_name: o.gpu_name.clone(),
+            num_gpus: o.num_gpus,
+            vram_gb: o.vram_gb,
+            price_per_hour: o.price_per_hour,
+            reliability: o.reliability,
+            geolocation: o.geolocation.clone(),
+        }
+    }
+}
+
+impl From<&Instance> for crate::api::ProviderStatus {
+    fn from(i: &Instance) -> Self {
+        Self {
+            actual: i.actual_status.clone(),
+            intended: i.intended_status.clone(),
+            current: i.cur_state.clone(),
+            message: i.status_msg.clone(),
+        }
+    }
+}
+
+impl From<&SshEndpoint> for crate::api::SshEndpointStatus {
+    fn from(s: &SshEndpoint) -> Self {
+        Self { host: s.host.clone(), port: s.port, host_key_fingerprint: None }
+    }
+}
+
 /// Errors of a provider operation, classified so callers can branch on them.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -160,6 +160,14 @@ impl VastClient {
         Self::new(config.base_url.clone(), &config.api_key, ClientOptions::default())
     }
 
+    /// A client from the configuration whose key Vast.ai has accepted: what the operator calls
+    /// at start-up, so a wrong key stops it there instead of failing the first job.
+    pub async fn connect(config: &ProviderConfig) -> Result<Self> {
+        let client = Self::from_config(config)?;
+        client.check_credentials().await?;
+        Ok(client)
+    }
+
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base_url.as_str().trim_end_matches('/'))
     }
