@@ -323,3 +323,51 @@ async fn official_cli_and_our_client_agree_against_the_fake() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn official_cli_secondary_commands_work_against_the_fake() {
+    let fake = fake::spawn(FakeConfig { api_key: Some(KEY.into()), page_size: 2, ..FakeConfig::default() })
+        .await
+        .unwrap();
+    let cli = Cli { bin: vastai_path(), home: tempfile::tempdir().unwrap(), url: fake.url() };
+    let ours = client(&fake);
+
+    // search offers --new: PUT /api/v0/search/asks/ with the query under "q".
+    let two = cli.json(&["search", "offers", "--new", "num_gpus=2", "--raw"]).await;
+    assert!(two.as_array().is_some_and(|l| !l.is_empty() && l.iter().all(|o| o["num_gpus"] == 2)), "{two}");
+    let asks = fake.requests().into_iter().rfind(|r| r.endpoint == "search_offers").unwrap();
+    assert_eq!((asks.method.as_str(), asks.path.as_str()), ("PUT", "/api/v0/search/asks/"));
+
+    // Three instances, more than one page of the listing (page size 2 here).
+    let offers = ours.search_offers(&OfferQuery::default()).await.unwrap();
+    let mut created = Vec::new();
+    for offer in offers.iter().take(3) {
+        let out = cli
+            .json(&["create", "instance", &offer.id.to_string(), "--image", "ubuntu:22.04", "--raw"])
+            .await;
+        created.push(out["new_contract"].as_i64().unwrap());
+    }
+    let quiet = cli.run(&["show", "instances", "-q"]).await;
+    let listed: Vec<i64> = quiet.stdout.lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert_eq!(listed, created, "{}", quiet.stderr);
+
+    // stop, then the status filter and our normalised state see it.
+    let stopped = cli.run(&["stop", "instance", &created[0].to_string()]).await;
+    assert_eq!(stopped.stdout.trim(), format!("stopping instance {}.", created[0]));
+    let running = cli.json(&["show", "instances", "--status", "running", "loading", "--raw"]).await;
+    assert_eq!(ids(&running), created[1..].to_vec());
+    assert!(ours.get_instance(InstanceId(created[0])).await.unwrap().state.is_lost());
+    let started = cli.run(&["start", "instance", &created[0].to_string()]).await;
+    assert_eq!(started.stdout.trim(), format!("starting instance {}.", created[0]));
+    assert_eq!(ours.get_instance(InstanceId(created[0])).await.unwrap().state, InstanceState::Running);
+
+    // Bulk destroy, then nothing is left for either side.
+    let ids_arg: Vec<String> = created.iter().map(i64::to_string).collect();
+    let mut args = vec!["destroy", "instances"];
+    args.extend(ids_arg.iter().map(String::as_str));
+    args.push("-y");
+    cli.run(&args).await;
+    assert!(ours.list_instances().await.unwrap().is_empty());
+    assert!(fake.instances().is_empty());
+}
