@@ -74,7 +74,10 @@ build_kube() {
 VASTAI_VERSION=1.9.1
 install_vastai_cli() {
   local venv="$CACHE/vastai-venv"
-  if [ -x "$venv/bin/vastai" ] && "$venv/bin/python" -m pip show vastai 2>/dev/null | grep -qx "Version: $VASTAI_VERSION"; then
+  local installed=""
+  # Read the version into a variable first: `pip show | grep -q` trips pipefail when grep exits early.
+  [ -x "$venv/bin/vastai" ] && installed=$("$venv/bin/python" -m pip show vastai 2>/dev/null || true)
+  if printf '%s\n' "$installed" | grep -qx "Version: $VASTAI_VERSION"; then
     log "vastai $VASTAI_VERSION cached in $venv"
     return 0
   fi
