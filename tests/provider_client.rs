@@ -496,3 +496,32 @@ async fn connect_checks_the_key_at_start_up() {
     assert!(err.to_string().contains("rejected the API key"), "{err}");
     assert_eq!(fake.counters().endpoint("current_user"), 2, "one request each, no retries");
 }
+
+#[tokio::test]
+async fn selection_over_a_live_search_prefers_models_and_skips_excluded_machines() {
+    use gpu_trainer::provider::select::{Criteria, select_offer};
+    let (fake, client) = start(FakeConfig::default()).await;
+    let criteria = Criteria {
+        gpu_names: vec!["4090".into(), "A100".into()],
+        num_gpus: 1,
+        min_vram_gb: 24.0,
+        max_price_per_hour: 4.5,
+        min_reliability: 0.9,
+        verified_only: true,
+        min_disk_gb: 64.0,
+        ..Criteria::default()
+    };
+    let offers = client.search_offers(&criteria.offer_query()).await.unwrap();
+    let first = select_offer(&offers, &criteria).unwrap();
+    assert_eq!(first.offer.gpu_name, "RTX 4090", "{}", first.explanation);
+    let cheapest_4090 =
+        offers.iter().filter(|o| o.gpu_name == "RTX 4090").map(|o| o.price_per_hour).fold(f64::MAX, f64::min);
+    assert_eq!(first.offer.price_per_hour, cheapest_4090);
+
+    // The host failed us: the next choice is another machine.
+    let excluded = Criteria { excluded_machine_ids: vec![first.offer.machine_id], ..criteria.clone() };
+    let second = select_offer(&offers, &excluded).unwrap();
+    assert_ne!(second.offer.machine_id, first.offer.machine_id);
+    assert_eq!(second.rejected.total(), first.rejected.total() + 1, "{}", second.explanation);
+    assert_all_authenticated(&fake);
+}

@@ -355,6 +355,21 @@ impl Error {
         }
     }
 
+    /// The status reason shared by conditions, events and metrics.
+    pub fn reason(&self) -> crate::api::Reason {
+        use crate::api::Reason;
+        match self {
+            Self::NotFound { .. } => Reason::InstanceLost,
+            Self::OfferUnavailable { .. } => Reason::OfferUnavailable,
+            Self::Unauthorized { .. } => Reason::Unauthorized,
+            Self::ContractLeftBehind { source, .. } => source.reason(),
+            Self::RateLimited { .. }
+            | Self::InvalidRequest { .. }
+            | Self::Transient { .. }
+            | Self::UnexpectedResponse { .. } => Reason::ProviderError,
+        }
+    }
+
     /// A short, bounded label for metrics and event reasons.
     pub fn category(&self) -> &'static str {
         match self {
@@ -413,4 +428,47 @@ pub trait GpuProvider: Send + Sync {
 
     /// Adds an SSH public key to the instance's authorized keys.
     async fn attach_ssh_key(&self, id: InstanceId, public_key: &str) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Reason;
+
+    #[test]
+    fn classification_follows_the_wrapped_error() {
+        let left = Error::ContractLeftBehind {
+            instance_id: InstanceId(7),
+            source: Box::new(Error::RateLimited {
+                endpoint: "create_instance",
+                retry_after: Some(Duration::from_secs(3)),
+            }),
+        };
+        assert_eq!(left.left_contract(), Some(InstanceId(7)));
+        assert!(left.is_retryable());
+        assert!(!left.is_not_found());
+        assert_eq!(left.retry_after(), Some(Duration::from_secs(3)));
+        assert_eq!(left.reason(), Reason::ProviderError);
+        assert_eq!(left.category(), "ContractLeftBehind");
+        let gone = Error::NotFound { what: "instance 7".into() };
+        assert!(gone.is_not_found() && !gone.is_retryable());
+        assert_eq!(gone.reason(), Reason::InstanceLost);
+        let taken = Error::OfferUnavailable { offer_id: 1, message: String::new() };
+        assert_eq!((taken.reason(), taken.category()), (Reason::OfferUnavailable, "OfferUnavailable"));
+    }
+
+    #[test]
+    fn stopped_everywhere_is_an_interruption() {
+        let s = |a, i, c, n| InstanceState::from_fields(a, i, c, n);
+        assert_eq!(
+            s(Some("stopped"), Some("stopped"), Some("stopped"), Some("stopped")),
+            InstanceState::Interrupted
+        );
+        assert_eq!(
+            s(Some("stopped"), Some("stopped"), Some("stopped"), Some("running")),
+            InstanceState::Stopped
+        );
+        assert_eq!(s(None, Some("running"), Some("running"), None), InstanceState::Creating);
+        assert_eq!(s(Some("running"), None, Some("unloaded"), None), InstanceState::Released);
+    }
 }

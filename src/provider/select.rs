@@ -10,8 +10,8 @@ use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use super::Offer;
 use super::config::{DEFAULT_MIN_RELIABILITY, ProviderConfig};
+use super::{Offer, OfferOrder, OfferQuery};
 use crate::api::MachineRequirements;
 
 /// What an acceptable offer looks like.
@@ -53,6 +53,31 @@ impl Criteria {
             verified_only: req.verified_only,
             min_disk_gb: f64::from(req.disk_gb.unwrap_or(config.default_disk_gb)),
             excluded_machine_ids: excluded_machine_ids.to_vec(),
+        }
+    }
+}
+
+impl Criteria {
+    /// The server-side search for these criteria: everything the API can filter on exactly.
+    /// GPU models are left to [`select_offer`], because preferences like `4090` or `A100` name
+    /// several marketplace models; so are continent names, which the API's filter does not know.
+    pub fn offer_query(&self) -> OfferQuery {
+        OfferQuery {
+            gpu_names: Vec::new(),
+            num_gpus: Some(self.num_gpus),
+            min_vram_gb: Some(self.min_vram_gb),
+            max_price_per_hour: Some(self.max_price_per_hour),
+            min_reliability: Some(self.min_reliability),
+            verified_only: self.verified_only,
+            regions: if self.regions.iter().all(|r| r.len() == 2) {
+                self.regions.clone()
+            } else {
+                Vec::new()
+            },
+            min_disk_gb: Some(self.min_disk_gb),
+            order: OfferOrder::PriceAsc,
+            limit: Some(500),
+            ..OfferQuery::default()
         }
     }
 }
@@ -482,6 +507,17 @@ mod tests {
         assert_eq!(c.min_disk_gb, 64.0);
         assert_eq!(c.min_reliability, 0.95);
         assert_eq!(c.excluded_machine_ids, vec![7]);
+    }
+
+    #[test]
+    fn server_side_query_leaves_fuzzy_rules_to_selection() {
+        let c = Criteria { gpu_names: vec!["4090".into()], regions: vec!["US".into()], ..criteria() };
+        let q = c.offer_query();
+        assert!(q.gpu_names.is_empty());
+        assert_eq!(q.regions, vec!["US"]);
+        assert_eq!((q.num_gpus, q.min_vram_gb, q.max_price_per_hour), (Some(1), Some(24.0), Some(4.5)));
+        let q = Criteria { regions: vec!["US".into(), "Europe".into()], ..criteria() }.offer_query();
+        assert!(q.regions.is_empty());
     }
 
     #[test]
