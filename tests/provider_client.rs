@@ -92,6 +92,10 @@ async fn every_operation_round_trips_with_one_request_each() {
     let ssh = instance.ssh.expect("ssh endpoint");
     assert_eq!((ssh.host.as_str(), ssh.port), ("127.0.0.1", 2222));
     assert_eq!(instance.env.get("HF_HOME").map(String::as_str), Some("/workspace/hf"));
+    assert_eq!(
+        fake.ssh_keys(id.0),
+        vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITest test@example".to_string()]
+    );
 
     // The create body is shaped as the official CLI's.
     let create = fake.requests().into_iter().find(|r| r.endpoint == "create_instance").unwrap();
@@ -523,5 +527,29 @@ async fn selection_over_a_live_search_prefers_models_and_skips_excluded_machines
     let second = select_offer(&offers, &excluded).unwrap();
     assert_ne!(second.offer.machine_id, first.offer.machine_id);
     assert_eq!(second.rejected.total(), first.rejected.total() + 1, "{}", second.explanation);
+    assert_all_authenticated(&fake);
+}
+
+#[tokio::test]
+async fn attached_keys_reach_the_authorized_keys_file_of_the_ssh_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("authorized_keys");
+    let (fake, client) =
+        start(FakeConfig { authorized_keys_file: Some(keys.clone()), ..FakeConfig::default() }).await;
+    let offer = offer_ids(&client, 1).await[0];
+    let id = client.create_instance(&launch(offer, "keys")).await.unwrap();
+    client.attach_ssh_key(id, "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAISecond second@example\n").await.unwrap();
+    let text = std::fs::read_to_string(&keys).unwrap();
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        vec![
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITest test@example",
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAISecond second@example"
+        ]
+    );
+    let err = client.attach_ssh_key(id, "not a key").await.unwrap_err();
+    assert!(matches!(err, Error::InvalidRequest { .. }), "{err:?}");
+    let err = client.attach_ssh_key(InstanceId(1), "ssh-ed25519 AAAA x").await.unwrap_err();
+    assert!(err.is_not_found(), "{err:?}");
     assert_all_authenticated(&fake);
 }

@@ -244,6 +244,8 @@ pub struct Instance {
     pub image: Option<String>,
     pub disk_gb: Option<f64>,
     /// Direct SSH (public address and mapped port 22) when the host offers it, else the proxy.
+    /// The proxy address is assigned at rent time; the machine answers on it only once `state`
+    /// is [`InstanceState::Running`].
     pub ssh: Option<SshEndpoint>,
     /// When the contract started.
     pub started_at: Option<DateTime<Utc>>,

@@ -224,7 +224,8 @@ pub async fn spawn(config: FakeConfig) -> Result<FakeServer, FakeError> {
     start(listener, config)
 }
 
-/// Starts a fake on an existing listener (loads state and catalogue first).
+/// Starts a fake on an existing listener (loads state and catalogue first). Must be called
+/// inside a Tokio runtime; the server runs as a task of it.
 pub fn start(listener: TcpListener, config: FakeConfig) -> Result<FakeServer, FakeError> {
     let addr = listener.local_addr().map_err(|source| FakeError::Bind { addr: "listener".into(), source })?;
     let shared = Arc::new(build_shared(config)?);
@@ -324,6 +325,11 @@ impl FakeServer {
         let settings = self.shared.row_settings(&inner);
         let now = state::now_epoch();
         inner.data.instances.values().map(|i| state::instance_row(i, now, &settings)).collect()
+    }
+
+    /// SSH public keys attached to an instance, in order.
+    pub fn ssh_keys(&self, id: i64) -> Vec<String> {
+        self.shared.lock().data.instances.get(&id).map(|i| i.ssh_keys.clone()).unwrap_or_default()
     }
 
     /// The catalogue, rented offers included.
