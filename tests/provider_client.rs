@@ -278,31 +278,24 @@ async fn client_spacing_keeps_under_the_rate_limit() {
 #[tokio::test]
 async fn slow_answers_time_out_and_are_retried_except_for_create() {
     let (fake, _) = start(FakeConfig::default()).await;
-    let client = client_for(&fake, KEY, ClientOptions { timeout: Duration::from_millis(500), ..options() });
+    let client = client_for(&fake, KEY, ClientOptions { timeout: Duration::from_secs(2), ..options() });
     let offer = offer_ids(&client, 1).await[0];
     let id = client.create_instance(&launch(offer, "slow")).await.unwrap();
 
     fake.clear_requests();
-    fake.add_fault(Fault::Slow { delay_ms: 5_000, count: 1, endpoint: Some("show_instance".into()) });
+    fake.add_fault(Fault::Slow { delay_ms: 20_000, count: 1, endpoint: Some("show_instance".into()) });
     client.get_instance(id).await.unwrap();
     assert_eq!(fake.counters().endpoint("show_instance"), 2);
 
     // A create that times out may have rented: no second create; the caller finds it by label.
     let second = offer_ids(&client, 2).await[1];
     fake.clear_requests();
-    fake.add_fault(Fault::Slow { delay_ms: 1_500, count: 1, endpoint: Some("create_instance".into()) });
+    fake.add_fault(Fault::Slow { delay_ms: 20_000, count: 1, endpoint: Some("create_instance".into()) });
     let err = client.create_instance(&launch(second, "timed-out")).await.unwrap_err();
     assert!(matches!(err, Error::Transient { .. }), "{err:?}");
     assert_eq!(fake.counters().endpoint("create_instance"), 1);
-    // The slow handler finishes after the client gave up; wait for the rent to show.
-    let mut found = Vec::new();
-    for _ in 0..100 {
-        found = client.list_instances_by_label("timed-out").await.unwrap();
-        if !found.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The fake rented before it stalled, as a slow Vast.ai would have.
+    let found = client.list_instances_by_label("timed-out").await.unwrap();
     assert_eq!(found.len(), 1, "the contract is found by label");
     client.destroy_instance(found[0].id).await.unwrap();
     assert_all_authenticated(&fake);

@@ -54,7 +54,7 @@ async fn the_api_key_appears_in_no_log_debug_output_or_error() {
     let fake =
         fake::spawn(FakeConfig { api_key: Some(SECRET.into()), ..FakeConfig::default() }).await.unwrap();
     let options = ClientOptions {
-        timeout: Duration::from_millis(500),
+        timeout: Duration::from_secs(10),
         retry: RetryPolicy {
             min_delay: Duration::from_millis(10),
             max_delay: Duration::from_millis(50),
@@ -65,7 +65,7 @@ async fn the_api_key_appears_in_no_log_debug_output_or_error() {
     };
     let url = Url::parse(&fake.url()).unwrap();
     let client = VastClient::new(url.clone(), &ApiKey::new(SECRET), options.clone()).unwrap();
-    let wrong = VastClient::new(url, &ApiKey::new(WRONG), options).unwrap();
+    let wrong = VastClient::new(url, &ApiKey::new(WRONG), options.clone()).unwrap();
     let mut seen = vec![format!("{client:?}"), format!("{wrong:?}")];
 
     let config =
@@ -81,8 +81,14 @@ async fn the_api_key_appears_in_no_log_debug_output_or_error() {
     fake.add_fault(Fault::RateLimit { count: 100, retry_after_secs: None, endpoint: None });
     seen.push(describe(&client.search_offers(&OfferQuery::default()).await.unwrap_err()));
     fake.clear_faults();
-    fake.add_fault(Fault::Slow { delay_ms: 2_000, count: 100, endpoint: Some("list_instances".into()) });
-    seen.push(describe(&client.list_instances().await.unwrap_err()));
+    let impatient = VastClient::new(
+        Url::parse(&fake.url()).unwrap(),
+        &ApiKey::new(SECRET),
+        ClientOptions { timeout: Duration::from_millis(300), ..options.clone() },
+    )
+    .unwrap();
+    fake.add_fault(Fault::Slow { delay_ms: 20_000, count: 100, endpoint: Some("list_instances".into()) });
+    seen.push(describe(&impatient.list_instances().await.unwrap_err()));
     fake.clear_faults();
 
     let offer = client.search_offers(&OfferQuery::default()).await.unwrap()[0].id;
