@@ -1,0 +1,319 @@
+//! The tqdm progress-bar grammar, parsed by hand around its landmarks (`%|`, `| n/total [`,
+//! `<`, `]`) rather than by the description, because the description is free text and the bar
+//! cells can be Unicode blocks, ASCII digits or a terminal-wide run of spaces.
+//!
+//! Handles: `s/it` versus `it/s`, `?it/s`, an unknown total (`Steps: 120it [01:40,  1.20it/s]`),
+//! hours above 99 (`27743:03:19`), bars cut short by a terminal width (no closing `]`), text
+//! glued after the closing `]`, SI-scaled byte bars (recognised so they can be ignored), and both
+//! postfix styles (`k=v, k=v` from `set_postfix` and ai-toolkit's `lr: 1.0e-04 loss: 3.2e-01`).
+//! The printed percentage is ignored on purpose: it is rounded (`1999/2000` prints 100%).
+
+use serde::Serialize;
+
+/// One drawn state of a tqdm bar.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Bar<'a> {
+    /// The description before the percentage, without the `: ` separator.
+    #[serde(skip)]
+    pub desc: &'a str,
+    pub n: u64,
+    pub total: Option<u64>,
+    /// True for `unit_scale` bars (`4.19G/9.29G`, `54.2MB/s`): downloads, never training steps.
+    pub scaled: bool,
+    pub elapsed_seconds: Option<u64>,
+    pub remaining_seconds: Option<u64>,
+    pub seconds_per_step: Option<f64>,
+    pub loss: Option<f64>,
+    pub learning_rate: Option<f64>,
+}
+
+/// Parses a bar at the start of `text`. Returns the bar and any text glued after its `]`.
+pub fn parse_bar(text: &str) -> Option<(Bar<'_>, &str)> {
+    let bytes = text.as_bytes();
+    match memchr::memmem::find(bytes, b"%|") {
+        Some(pct) => parse_with_total(text, pct),
+        None => parse_without_total(text),
+    }
+}
+
+fn parse_with_total(text: &str, pct: usize) -> Option<(Bar<'_>, &str)> {
+    // Left of `%|`: `desc: ` then the percentage `{:3.0f}`.
+    let left = &text[..pct];
+    let digits_start = left.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    if digits_start == left.len() {
+        return None;
+    }
+    let desc = left[..digits_start].trim_end().trim_end_matches(':').trim();
+    // The bar cells run to the next `|`.
+    let after_cells = &text[pct + 2..];
+    let pipe = after_cells.find('|')?;
+    let mut rest = after_cells[pipe + 1..].trim_start();
+    let (n, n_scaled) = take_count(&mut rest)?;
+    rest = rest.strip_prefix('/')?;
+    let (total, total_scaled) = if let Some(r) = rest.strip_prefix('?') {
+        rest = r;
+        (None, false)
+    } else {
+        let (t, s) = take_count(&mut rest)?;
+        (Some(t), s)
+    };
+    let mut bar = Bar {
+        desc,
+        n: n.round() as u64,
+        total: total.map(|t| t.round() as u64),
+        scaled: n_scaled || total_scaled,
+        elapsed_seconds: None,
+        remaining_seconds: None,
+        seconds_per_step: None,
+        loss: None,
+        learning_rate: None,
+    };
+    let Some(r) = rest.strip_prefix(" [") else {
+        // A bar cut by the terminal width: the counts are all there is.
+        return Some((bar, ""));
+    };
+    let glued = parse_bracket(r, &mut bar, true);
+    Some((bar, glued))
+}
+
+/// `desc: {n}{unit} [{elapsed}, {rate}{postfix}]`, the form tqdm uses without a total.
+fn parse_without_total(text: &str) -> Option<(Bar<'_>, &str)> {
+    let open = text.find(" [")?;
+    let head = &text[..open];
+    let (desc, count) = match head.rfind(": ") {
+        Some(i) => (head[..i].trim(), &head[i + 2..]),
+        None => ("", head),
+    };
+    let count = count.trim();
+    let number_len = count.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(count.len());
+    if number_len == 0 {
+        return None;
+    }
+    let (number, unit) = count.split_at(number_len);
+    if !unit.chars().all(|c| c.is_ascii_alphabetic()) {
+        return None;
+    }
+    let inner = &text[open + 2..];
+    // Require `elapsed, rate` so ordinary log lines with brackets are not taken for bars.
+    let comma = inner.find(", ")?;
+    parse_duration(&inner[..comma])?;
+    if !inner[comma + 2..].trim_start().split(['/', ',', ']']).next().is_some_and(|r| !r.is_empty()) {
+        return None;
+    }
+    let mut bar = Bar {
+        desc,
+        n: number.parse::<f64>().ok()?.round() as u64,
+        total: None,
+        scaled: number.contains('.') || unit.len() > 2 && unit != "it",
+        elapsed_seconds: None,
+        remaining_seconds: None,
+        seconds_per_step: None,
+        loss: None,
+        learning_rate: None,
+    };
+    let glued = parse_bracket(inner, &mut bar, false);
+    Some((bar, glued))
+}
+
+/// Parses `elapsed<remaining, rate, postfix]` (or `elapsed, rate...` without a total) into
+/// `bar`, returning what follows the closing `]`. Stops quietly where a cut bar ends.
+fn parse_bracket<'a>(inner: &'a str, bar: &mut Bar<'_>, with_remaining: bool) -> &'a str {
+    let (body, glued) = match inner.find(']') {
+        Some(i) => (&inner[..i], &inner[i + 1..]),
+        None => (inner, ""),
+    };
+    let mut fields = body.splitn(3, ", ");
+    if let Some(times) = fields.next() {
+        if with_remaining {
+            let (elapsed, remaining) = times.split_once('<').unwrap_or((times, ""));
+            bar.elapsed_seconds = parse_duration(elapsed);
+            bar.remaining_seconds = parse_duration(remaining);
+        } else {
+            bar.elapsed_seconds = parse_duration(times);
+        }
+    }
+    if let Some(rate) = fields.next() {
+        let (seconds_per_step, scaled) = parse_rate(rate.trim());
+        bar.seconds_per_step = seconds_per_step;
+        bar.scaled |= scaled;
+    }
+    if let Some(postfix) = fields.next() {
+        parse_postfix(postfix, bar);
+    }
+    glued
+}
+
+/// A count such as `1800`, `4.19G` or `1.5k`; returns the value and whether it was scaled.
+fn take_count(rest: &mut &str) -> Option<(f64, bool)> {
+    let s = *rest;
+    let len = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    if len == 0 {
+        return None;
+    }
+    let mut value: f64 = s[..len].parse().ok()?;
+    let mut scaled = s[..len].contains('.');
+    let mut end = len;
+    if let Some(multiplier) = s[len..].chars().next().and_then(si_multiplier) {
+        value *= multiplier;
+        scaled = true;
+        end += 1;
+    }
+    *rest = &s[end..];
+    Some((value, scaled))
+}
+
+fn si_multiplier(c: char) -> Option<f64> {
+    let power = match c {
+        'k' => 1,
+        'M' => 2,
+        'G' => 3,
+        'T' => 4,
+        'P' => 5,
+        'E' => 6,
+        'Z' => 7,
+        'Y' => 8,
+        _ => return None,
+    };
+    Some(1000f64.powi(power))
+}
+
+/// `[-][D days, ][H:]MM:SS` to seconds; `?` and anything else give `None`. The hour field has
+/// no upper bound in tqdm's output.
+pub fn parse_duration(text: &str) -> Option<u64> {
+    let mut text = text.trim().trim_start_matches('-');
+    let mut days = 0u64;
+    if let Some((d, rest)) = text.split_once(" day") {
+        days = d.trim().parse().ok()?;
+        text = rest.trim_start_matches('s').trim_start_matches(',').trim();
+    }
+    let mut parts = text.rsplit(':');
+    let seconds: u64 = parts.next()?.parse().ok()?;
+    let minutes: u64 = parts.next()?.parse().ok()?;
+    let hours: u64 = match parts.next() {
+        Some(h) => h.parse().ok()?,
+        None => 0,
+    };
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+}
+
+/// `2.39it/s`, ` 4.50s/it`, `?it/s`, `54.2MB/s` to seconds per step (and whether it is a byte
+/// or otherwise scaled rate).
+fn parse_rate(rate: &str) -> (Option<f64>, bool) {
+    if let Some(value) = rate.strip_suffix("s/it") {
+        return (value.trim().parse::<f64>().ok().filter(|v| *v > 0.0), false);
+    }
+    let Some(value) = rate.strip_suffix("/s") else {
+        return (None, false);
+    };
+    let number_len = value.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(value.len());
+    let unit = &value[number_len..];
+    let scaled = !(unit == "it" || unit.is_empty() || unit == "step" || unit == "steps");
+    let per_second = value[..number_len].parse::<f64>().ok().filter(|v| *v > 0.0);
+    (per_second.map(|v| 1.0 / v), scaled)
+}
+
+/// Postfix: `avr_loss=0.123`, `loss=0.0123, lr=0.0001` or `lr: 1.0e-04 loss: 5.871e-01`.
+fn parse_postfix(postfix: &str, bar: &mut Bar<'_>) {
+    let mut assign = |key: &str, value: &str| {
+        let value = value.trim().trim_end_matches(',');
+        match key.trim() {
+            "loss" | "avr_loss" | "avg_loss" | "train_loss" => bar.loss = value.parse().ok(),
+            "lr" | "learning_rate" => bar.learning_rate = value.parse().ok(),
+            _ => {}
+        }
+    };
+    if postfix.contains('=') {
+        for pair in postfix.split(", ") {
+            if let Some((key, value)) = pair.split_once('=') {
+                assign(key, value);
+            }
+        }
+    } else {
+        let mut tokens = postfix.split_whitespace();
+        while let Some(token) = tokens.next() {
+            if let Some(key) = token.strip_suffix(':')
+                && let Some(value) = tokens.next()
+            {
+                assign(key, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bar(text: &str) -> Bar<'_> {
+        parse_bar(text).expect("a bar").0
+    }
+
+    #[test]
+    fn ai_toolkit_bar_with_it_per_second_and_colon_postfix() {
+        let b = bar("my_first_flux_lora_v1:  45%|████▌     | 1800/4000 [12:34<15:20,  2.39it/s, lr: 1.0e-04 loss: 3.214e-01]");
+        assert_eq!(b.desc, "my_first_flux_lora_v1");
+        assert_eq!((b.n, b.total), (1800, Some(4000)));
+        assert_eq!((b.elapsed_seconds, b.remaining_seconds), (Some(754), Some(920)));
+        assert!((b.seconds_per_step.unwrap() - 1.0 / 2.39).abs() < 1e-9);
+        assert_eq!((b.learning_rate, b.loss), (Some(1e-4), Some(0.3214)));
+        assert!(!b.scaled);
+    }
+
+    #[test]
+    fn seconds_per_iteration_and_big_hours() {
+        let b = bar("x:   0%|          | 5/4000 [55:33:20<27743:03:19, 25000.00s/it]");
+        assert_eq!(b.seconds_per_step, Some(25000.0));
+        assert_eq!(b.elapsed_seconds, Some(55 * 3600 + 33 * 60 + 20));
+        assert_eq!(b.remaining_seconds, Some(27743 * 3600 + 3 * 60 + 19));
+    }
+
+    #[test]
+    fn unknown_rate_and_remaining_are_none() {
+        let b = bar("my_lora:   0%|          | 0/2000 [00:00<?, ?it/s]");
+        assert_eq!((b.n, b.total, b.seconds_per_step, b.remaining_seconds), (0, Some(2000), None, None));
+    }
+
+    #[test]
+    fn bar_without_total() {
+        let b = bar("Steps: 120it [01:40,  1.20it/s]");
+        assert_eq!((b.desc, b.n, b.total, b.elapsed_seconds), ("Steps", 120, None, Some(100)));
+        assert!(!b.scaled);
+    }
+
+    #[test]
+    fn byte_bars_are_marked_scaled() {
+        assert!(bar("model.safetensors:  45%|████▌     | 4.19G/9.29G [01:23<01:41, 54.2MB/s]").scaled);
+    }
+
+    #[test]
+    fn glued_text_after_the_bar_is_returned() {
+        let (b, glued) = parse_bar("Steps: 100%|██████████| 500/500 [15:00<00:00,  1.80s/it, loss=0.231, lr=1]08/02/2026 11:04:12 - INFO - __main__ - Saved state to out/checkpoint-500").unwrap();
+        assert_eq!((b.n, b.loss, b.learning_rate), (500, Some(0.231), Some(1.0)));
+        assert!(glued.starts_with("08/02/2026"));
+    }
+
+    #[test]
+    fn bar_cut_by_the_terminal_has_counts_and_no_postfix() {
+        let b = bar("steps:  10%|█         | 100/1000 [01:23<12:36,  1.19it/s, avr_lo");
+        assert_eq!((b.n, b.total, b.loss), (100, Some(1000), None));
+        let b = bar("steps:  10%|█         | 100/1000");
+        assert_eq!(b.n, 100);
+    }
+
+    #[test]
+    fn nan_loss_and_ascii_cells() {
+        let b = bar("steps:  30%|###       | 480/1600 [19:10<44:43,  2.40s/it, avr_loss=nan]");
+        assert!(b.loss.unwrap().is_nan());
+    }
+
+    #[test]
+    fn ordinary_lines_are_not_bars() {
+        assert!(parse_bar("Saving at step 250").is_none());
+        assert!(parse_bar("loaded [3 files] fine").is_none());
+        assert!(parse_bar("progress 50%| broken").is_none());
+    }
+}
