@@ -1,7 +1,9 @@
 //! The `gpu-trainer` command line. Each subcommand lives in its own file; this one parses
 //! arguments, sets up logging and prints errors once, with their chain.
 
+mod bench;
 mod crd;
+mod parse_log;
 
 use std::process::ExitCode;
 
@@ -19,6 +21,11 @@ pub struct Cli {
 enum Command {
     /// Print the TrainingJob and GpuInstance CustomResourceDefinitions as YAML.
     Crd(crd::CrdArgs),
+    /// Print what the monitor makes of a saved training log, as JSON.
+    ParseLog(parse_log::ParseLogArgs),
+    /// Measure the monitor's log parser.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// Entry point of the binary: parse, run, report.
@@ -26,6 +33,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Crd(args) => crd::run(args),
+        Command::ParseLog(args) => parse_log::run(args),
+        Command::Bench(command) => bench::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
