@@ -159,7 +159,13 @@ impl LogParser {
     /// End of a saved log: commits the unterminated tail and anything the dialect held back.
     pub fn finish(&mut self, out: &mut dyn FnMut(LogEvent)) {
         let state = &mut self.state;
-        self.splitter.finish(&mut |record| state.on_record(record, out));
+        self.splitter.finish(&mut |record| {
+            // A bar the writer was cut off in the middle of (`521/30`) would give wrong counts.
+            let cut_bar = parse_bar(strip_prefixes(record).text).is_some() && !record.contains(']');
+            if !cut_bar {
+                state.on_record(record, out);
+            }
+        });
         state.dialect.flush(out);
     }
 

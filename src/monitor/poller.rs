@@ -145,16 +145,17 @@ impl TrainingMonitor {
         monitoring: &MonitoringSpec,
         settings: PollerSettings,
     ) -> Self {
+        let stall_settings = StallSettings::from_spec(monitoring);
         Self {
             files,
             kind,
             parser: kind.parser(),
-            tracker: ProgressTracker::new(),
+            tracker: ProgressTracker::new(stall_settings.reading_interval),
             offset: 0,
             first_poll: true,
             log_finished: false,
             flagged_since: None,
-            stall_settings: StallSettings::from_spec(monitoring),
+            stall_settings,
             settings,
         }
     }
@@ -276,7 +277,7 @@ impl TrainingMonitor {
                 restarted = true;
                 self.offset = 0;
                 self.parser = self.kind.parser();
-                self.tracker = ProgressTracker::new();
+                self.tracker = ProgressTracker::new(self.stall_settings.reading_interval);
                 self.flagged_since = None;
                 self.log_finished = false;
                 continue;

@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
 
 use super::errors::ClassifiedError;
@@ -20,8 +20,11 @@ use super::stall::Observation;
 
 /// Readings kept for stall detection and rates (a day at the default 60 s poll).
 pub const HISTORY_LIMIT: usize = 1440;
-/// Clean intervals the training ETA is measured over.
-const TRAINING_RATE_INTERVALS: usize = 5;
+/// Intervals the training ETA looks back over, and how many of them must be free of pauses for
+/// the pause-free rate to be used; runs that pause in nearly every interval use all of them.
+const TRAINING_RATE_LOOKBACK: usize = 6;
+const MIN_CLEAN_INTERVALS: usize = 2;
+const ALL_INTERVALS_FALLBACK: usize = 3;
 /// Readings the reported rate and ETA are measured over.
 pub const REPORT_WINDOW: usize = 30;
 /// Errors and checkpoints kept (the first ones explain a failure best, the rest are repeats).
@@ -74,9 +77,11 @@ pub struct LoggedCheckpoint {
     pub path: Option<String>,
 }
 
-/// Accumulates events between polls and takes one reading per poll.
+/// Accumulates events between polls, and keeps a reading for stall detection whenever
+/// `reading_interval` has passed since the last one.
 #[derive(Debug, Default)]
 pub struct ProgressTracker {
+    reading_interval: Duration,
     latest: Option<StepReading>,
     announced_total: Option<u64>,
     resumed_from: Option<u64>,
@@ -85,6 +90,7 @@ pub struct ProgressTracker {
     paused_at_last_reading: bool,
     completion_marker: bool,
     started_at: Option<DateTime<Utc>>,
+    last_seen_step: Option<u64>,
     last_step_change_at: Option<DateTime<Utc>>,
     history: VecDeque<Observation>,
     checkpoints: Vec<LoggedCheckpoint>,
@@ -93,8 +99,10 @@ pub struct ProgressTracker {
 }
 
 impl ProgressTracker {
-    pub fn new() -> Self {
-        Self::default()
+    /// `reading_interval`: the spacing of the readings kept for stall detection (see
+    /// [`super::stall::StallSettings::reading_interval`]).
+    pub fn new(reading_interval: Duration) -> Self {
+        Self { reading_interval, ..Self::default() }
     }
 
     /// Takes in one event read since the last reading.
@@ -124,8 +132,9 @@ impl ProgressTracker {
         }
     }
 
-    /// One reading at poll time `now`; `live` is the unterminated bar state, newer than any
-    /// committed event.
+    /// Looks at the progress at poll time `now`; `live` is the unterminated bar state, newer than
+    /// any committed event. Returns the reading for this poll; it joins the stall history only
+    /// when the reading interval has passed since the last one kept.
     pub fn observe(&mut self, now: DateTime<Utc>, live: Option<&StepReading>) -> Option<Observation> {
         self.started_at.get_or_insert(now);
         if let Some(live) = live {
@@ -137,41 +146,47 @@ impl ProgressTracker {
         let reading = self.latest.as_ref()?;
         let step = reading.step;
         let total_steps = reading.total_steps.or(self.announced_total);
+        if self.last_seen_step != Some(step) {
+            self.last_seen_step = Some(step);
+            self.last_step_change_at = Some(now);
+        }
         // The interval counts as paused if the pause was under way at either end or began and
         // ended inside it.
         let paused = self.in_pause || self.paused_since_last_reading || self.paused_at_last_reading;
-        self.paused_since_last_reading = false;
-        self.paused_at_last_reading = self.in_pause;
-        if self.history.back().is_none_or(|prev| prev.step != step) {
-            self.last_step_change_at = Some(now);
-        }
         let mut observation = Observation { at: now, step, total_steps, eta_seconds: None, paused };
         observation.eta_seconds = self.training_seconds_per_step(&observation).map(|s| remaining(step, total_steps) * s);
-        if self.history.len() == HISTORY_LIMIT {
-            self.history.pop_front();
+        let due = self.history.back().is_none_or(|last| now - last.at >= self.reading_interval);
+        if due {
+            self.paused_since_last_reading = false;
+            self.paused_at_last_reading = self.in_pause;
+            if self.history.len() == HISTORY_LIMIT {
+                self.history.pop_front();
+            }
+            self.history.push_back(observation.clone());
         }
-        self.history.push_back(observation.clone());
         Some(observation)
     }
 
-    /// Seconds per step over the last few intervals without pauses, ending with `next`.
+    /// Seconds per step over recent intervals ending with `next`: those without pauses when
+    /// there are enough of them (so an isolated long save does not move the ETA), otherwise all
+    /// of the last few (a run that saves in every interval is judged with its pauses included).
     fn training_seconds_per_step(&self, next: &Observation) -> Option<f64> {
-        let mut seconds = 0.0;
-        let mut steps = 0u64;
-        let mut intervals = 0;
+        let mut intervals = Vec::with_capacity(TRAINING_RATE_LOOKBACK);
         let mut later = next;
-        for earlier in self.history.iter().rev() {
-            if intervals == TRAINING_RATE_INTERVALS {
-                break;
-            }
-            if !later.paused {
-                seconds += (later.at - earlier.at).num_milliseconds().max(0) as f64 / 1000.0;
-                steps += later.step.saturating_sub(earlier.step);
-                intervals += 1;
-            }
+        for earlier in self.history.iter().rev().take(TRAINING_RATE_LOOKBACK) {
+            let seconds = (later.at - earlier.at).num_milliseconds().max(0) as f64 / 1000.0;
+            intervals.push((seconds, later.step.saturating_sub(earlier.step), later.paused));
             later = earlier;
         }
-        (steps > 0).then(|| seconds / steps as f64)
+        let clean: Vec<_> = intervals.iter().filter(|(_, _, paused)| !paused).collect();
+        let chosen: Vec<_> = if clean.len() >= MIN_CLEAN_INTERVALS {
+            clean
+        } else {
+            intervals.iter().take(ALL_INTERVALS_FALLBACK).collect()
+        };
+        let seconds: f64 = chosen.iter().map(|(s, _, _)| s).sum();
+        let steps: u64 = chosen.iter().map(|(_, n, _)| n).sum();
+        (steps > 0 && seconds > 0.0).then(|| seconds / steps as f64)
     }
 
     pub fn history(&self) -> Vec<Observation> {
@@ -257,7 +272,7 @@ mod tests {
     #[test]
     fn our_eta_comes_from_the_wall_clock_not_the_trainer() {
         let t0 = DateTime::parse_from_rfc3339("2026-11-23T06:00:00Z").unwrap().with_timezone(&Utc);
-        let mut tracker = ProgressTracker::new();
+        let mut tracker = ProgressTracker::new(Duration::seconds(60));
         for i in 0..4u64 {
             tracker.apply(&reading(i * 60));
             tracker.observe(t0 + Duration::seconds(60 * i as i64), None);
@@ -272,9 +287,22 @@ mod tests {
     }
 
     #[test]
+    fn readings_join_the_history_only_at_the_reading_interval() {
+        let t0 = DateTime::parse_from_rfc3339("2026-11-23T06:00:00Z").unwrap().with_timezone(&Utc);
+        let mut tracker = ProgressTracker::new(Duration::seconds(300));
+        for i in 0..11i64 {
+            tracker.apply(&reading(i as u64 * 60));
+            tracker.observe(t0 + Duration::seconds(60 * i), None);
+        }
+        let kept: Vec<u64> = tracker.history().iter().map(|o| o.step).collect();
+        assert_eq!(kept, vec![0, 300, 600]);
+        assert_eq!(tracker.last_progress_at(), Some(t0 + Duration::seconds(600)));
+    }
+
+    #[test]
     fn a_save_marks_the_reading_paused_until_the_step_moves() {
         let t0 = DateTime::parse_from_rfc3339("2026-11-23T06:00:00Z").unwrap().with_timezone(&Utc);
-        let mut tracker = ProgressTracker::new();
+        let mut tracker = ProgressTracker::new(Duration::seconds(60));
         tracker.apply(&reading(10));
         tracker.apply(&LogEvent::CheckpointSaved { step: Some(10), path: None });
         tracker.apply(&reading(10));

@@ -72,7 +72,7 @@ pub fn replay(
     start: DateTime<Utc>,
 ) -> LogReport {
     let mut parser = kind.parser();
-    let mut tracker = ProgressTracker::new();
+    let mut tracker = ProgressTracker::new(settings.reading_interval);
     let mut events = Vec::new();
     let mut progress_updates = 0u64;
     let mut take = |event: LogEvent, tracker: &mut ProgressTracker| {

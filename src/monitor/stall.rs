@@ -13,6 +13,10 @@
 //! flagged, `gracePeriodSeconds` (default 15 min) lets training recover before the job is stopped;
 //! a reading without either signal clears the flag.
 //!
+//! Readings are kept every five minutes (or every poll, if polls are further apart): the
+//! issue's example judges half an hour, and over a few minutes the noise of counting whole steps
+//! is larger than the time that passes.
+//!
 //! Pauses: an interval during which the trainer saved a checkpoint or generated samples (the
 //! observation is `paused`) counts only the time its steps would have taken at the peak rate,
 //! so a long save does not look like a slowdown. A pause that never ends is caught by the
@@ -48,7 +52,15 @@ pub struct StallSettings {
     pub speed_drop_threshold: f64,
     pub grace_period: Duration,
     pub no_progress_timeout: Duration,
+    /// Spacing of the readings the trend is judged on: the poll interval, but at least
+    /// [`MIN_READING_INTERVAL_SECONDS`], so that over three readings a healthy ETA falls by more
+    /// than the noise of measuring a rate from whole steps.
+    pub reading_interval: Duration,
 }
+
+/// Five minutes: with a step every few seconds and several hours to go, a rate measured over
+/// shorter spans moves the ETA by more than the time that passes.
+pub const MIN_READING_INTERVAL_SECONDS: i64 = 300;
 
 impl StallSettings {
     pub fn from_spec(spec: &MonitoringSpec) -> Self {
@@ -61,6 +73,7 @@ impl StallSettings {
             speed_drop_threshold: stall.speed_drop_threshold,
             grace_period: Duration::seconds(i64::from(stall.grace_period_seconds)),
             no_progress_timeout: Duration::seconds(i64::from(spec.no_progress_timeout_seconds)),
+            reading_interval: Duration::seconds(i64::from(spec.poll_interval_seconds).max(MIN_READING_INTERVAL_SECONDS)),
         }
     }
 }
@@ -245,11 +258,13 @@ fn effective_seconds(prev: &Observation, cur: &Observation, peak: Option<f64>) -
     }
 }
 
-/// The fastest step rate seen over one interval without a pause.
+/// The fastest step rate seen over one interval without a pause (over any interval when every
+/// one had a pause, as in runs that save every few dozen steps).
 fn peak_interval_speed(history: &[Observation]) -> Option<f64> {
+    let any_clean = history.windows(2).any(|pair| !pair[1].paused);
     history
         .windows(2)
-        .filter(|pair| !pair[1].paused)
+        .filter(|pair| !any_clean || !pair[1].paused)
         .filter_map(|pair| {
             let wall = seconds_between(&pair[0], &pair[1]);
             (wall > 0.0).then(|| pair[1].step.saturating_sub(pair[0].step) as f64 / wall)

@@ -209,6 +209,10 @@ fn parse_rate(rate: &str) -> (Option<f64>, bool) {
     let Some(value) = rate.strip_suffix("/s") else {
         return (None, false);
     };
+    if let Some(unit) = value.strip_prefix('?') {
+        // `?it/s` before the first update; `?B/s` on a download that has not started.
+        return (None, !(unit == "it" || unit.is_empty()));
+    }
     let number_len = value.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(value.len());
     let unit = &value[number_len..];
     let scaled = !(unit == "it" || unit.is_empty() || unit == "step" || unit == "steps");
@@ -275,6 +279,7 @@ mod tests {
     fn unknown_rate_and_remaining_are_none() {
         let b = bar("my_lora:   0%|          | 0/2000 [00:00<?, ?it/s]");
         assert_eq!((b.n, b.total, b.seconds_per_step, b.remaining_seconds), (0, Some(2000), None, None));
+        assert!(!b.scaled, "`?it/s` is a step rate");
     }
 
     #[test]
