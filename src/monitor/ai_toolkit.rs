@@ -47,6 +47,8 @@ impl Dialect for AiToolkit {
                 None if path.ends_with(".safetensors") => out(LogEvent::Completed { path: Some(path.to_owned()) }),
                 None => {}
             }
+        } else if let Some(rest) = text.strip_prefix("Saving at step ") {
+            out(LogEvent::SavingStarted { step: rest.trim().parse().ok().or(last_step) });
         } else if text.starts_with("Found step ") && text.contains("in metadata") {
             if let Some(step) = number_after(text, "Found step ") {
                 out(LogEvent::Resumed { step });
@@ -84,6 +86,7 @@ mod tests {
                 seconds_per_step: Some(1.25),
                 trainer_eta_seconds: Some(36 * 60 + 27),
             }),
+            LogEvent::SavingStarted { step: Some(250) },
             LogEvent::CheckpointSaved {
                 step: Some(250),
                 path: Some("output/my_lora/my_lora_000000250.safetensors".into()),

@@ -21,6 +21,8 @@ impl Dialect for Diffusers {
         if let Some(path) = text.strip_prefix("Saved state to ") {
             let path = path.trim();
             out(LogEvent::CheckpointSaved { step: number_after(path, "checkpoint-"), path: Some(path.to_owned()) });
+        } else if let Some(path) = text.strip_prefix("Saving current state to ") {
+            out(LogEvent::SavingStarted { step: number_after(path, "checkpoint-").or(last_step) });
         } else if text.starts_with("Running validation") {
             out(LogEvent::SamplingStarted { step: last_step });
         } else if text.starts_with("Total optimization steps") {

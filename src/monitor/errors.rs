@@ -124,24 +124,15 @@ const SIGNATURES: &[(ErrorClass, &[&str])] = &[
 
 /// Classifies one record by its signature, without traceback state.
 pub fn classify_line(text: &str) -> Option<ErrorClass> {
-    // Most records are bars and info lines; one cheap look for a capital letter run that every
-    // signature contains would not help much, the substring searches are SIMD-accelerated.
-    for (class, needles) in SIGNATURES {
-        if needles.iter().any(|needle| text.contains(needle)) {
-            return Some(*class);
-        }
+    let class = SIGNATURES.iter().find(|(_, needles)| needles.iter().any(|needle| text.contains(needle)));
+    if let Some((class, _)) = class {
+        return Some(*class);
     }
+    // `Killed` alone, or `<script>: line N: <pid> Killed <cmd>` from a wrapper shell. A plain
+    // substring match would flag every message that mentions "killed".
     let trimmed = text.trim();
-    if trimmed == "Killed" || (trimmed.ends_with(" Killed") && trimmed.contains(": line ")) || is_killed_line(trimmed)
-    {
-        return Some(ErrorClass::ProcessKilled);
-    }
-    None
-}
-
-/// `<script>: line N: <pid> Killed <cmd>` from a wrapper shell.
-fn is_killed_line(text: &str) -> bool {
-    text.contains(": line ") && text.contains(" Killed ")
+    let wrapper_kill = trimmed.contains(": line ") && (trimmed.contains(" Killed ") || trimmed.ends_with(" Killed"));
+    (trimmed == "Killed" || wrapper_kill).then_some(ErrorClass::ProcessKilled)
 }
 
 /// Follows tracebacks across records and classifies every record.

@@ -41,6 +41,11 @@ pub enum LogEvent {
     TotalSteps { total: u64 },
     /// The run resumed from a checkpoint at this global step.
     Resumed { step: u64 },
+    /// The trainer started saving a checkpoint (a legitimate pause until the bar moves again).
+    SavingStarted {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        step: Option<u64>,
+    },
     /// A checkpoint was written (the step is unknown for epoch-named checkpoints).
     CheckpointSaved {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -65,6 +70,9 @@ pub enum LogEvent {
 impl LogEvent {
     /// Events that mean the trainer is saving or sampling, so slow progress is expected.
     pub fn starts_pause(&self) -> bool {
-        matches!(self, LogEvent::CheckpointSaved { .. } | LogEvent::SamplingStarted { .. })
+        matches!(
+            self,
+            LogEvent::SavingStarted { .. } | LogEvent::CheckpointSaved { .. } | LogEvent::SamplingStarted { .. }
+        )
     }
 }

@@ -31,6 +31,8 @@ impl Kohya {
         if let Some(path) = text.strip_prefix("saving checkpoint:") {
             let path = path.trim();
             out(LogEvent::CheckpointSaved { step: checkpoint_step(path), path: Some(path.to_owned()) });
+        } else if text.starts_with("saving state at step") {
+            out(LogEvent::SavingStarted { step: number_after(text, "step").or(last_step) });
         } else if text.starts_with("model saved.") {
             out(LogEvent::Completed { path: None });
         } else if text.starts_with("generating sample images at step") {

@@ -13,9 +13,15 @@
 //! chunking, which keeps the results identical for any way of reading the same bytes.
 
 use std::borrow::Cow;
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
 
 /// Longest record kept; longer runs without `\r` or `\n` are cut into pieces of this size.
 pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+
+/// Built once: a searcher per record would cost more than the search on a short record.
+static CARET_M: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"^M"));
 
 /// Splits a byte stream fed in arbitrary chunks into records.
 #[derive(Debug, Default)]
@@ -99,9 +105,9 @@ fn emit(segment: &[u8], scratch: &mut Vec<u8>, on_record: &mut dyn FnMut(&str)) 
         segment
     };
     // tmux and `script` captures can contain a literal `^M` where the terminal saw `\r`.
-    if memchr::memmem::find(cleaned, b"^M").is_some() {
+    if CARET_M.find(cleaned).is_some() {
         let mut start = 0;
-        for pos in memchr::memmem::find_iter(cleaned, b"^M") {
+        for pos in CARET_M.find_iter(cleaned) {
             emit_text(&cleaned[start..pos], on_record);
             start = pos + 2;
         }
@@ -115,7 +121,11 @@ fn emit_text(bytes: &[u8], on_record: &mut dyn FnMut(&str)) {
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         return;
     }
-    let text: Cow<'_, str> = String::from_utf8_lossy(bytes);
+    // Strict validation first: it is much faster than the lossy decoder, and trainers write UTF-8.
+    let text: Cow<'_, str> = match std::str::from_utf8(bytes) {
+        Ok(text) => Cow::Borrowed(text),
+        Err(_) => String::from_utf8_lossy(bytes),
+    };
     on_record(&text);
 }
 

@@ -37,6 +37,8 @@ pub mod tqdm;
 
 #[cfg(test)]
 mod fixture_tests;
+#[cfg(test)]
+mod poller_tests;
 
 pub use errors::{ClassifiedError, ErrorClass};
 pub use events::{LogEvent, StepReading};

@@ -127,6 +127,7 @@ impl ProgressTracker {
                 push_bounded(&mut self.checkpoints, LoggedCheckpoint { step: *step, path: path.clone() })
             }
             LogEvent::SamplingStarted { .. } => self.samples_started += 1,
+            LogEvent::SavingStarted { .. } => {}
             LogEvent::Completed { .. } => self.completion_marker = true,
             LogEvent::Error(error) => push_bounded(&mut self.errors, error.clone()),
         }

@@ -8,7 +8,13 @@
 //! postfix styles (`k=v, k=v` from `set_postfix` and ai-toolkit's `lr: 1.0e-04 loss: 3.2e-01`).
 //! The printed percentage is ignored on purpose: it is rounded (`1999/2000` prints 100%).
 
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
 use serde::Serialize;
+
+/// Built once: a searcher per call would cost more than the search on a 100-byte record.
+static PERCENT_PIPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"%|"));
 
 /// One drawn state of a tqdm bar.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -31,7 +37,7 @@ pub struct Bar<'a> {
 /// Parses a bar at the start of `text`. Returns the bar and any text glued after its `]`.
 pub fn parse_bar(text: &str) -> Option<(Bar<'_>, &str)> {
     let bytes = text.as_bytes();
-    match memchr::memmem::find(bytes, b"%|") {
+    match PERCENT_PIPE.find(bytes) {
         Some(pct) => parse_with_total(text, pct),
         None => parse_without_total(text),
     }
@@ -118,30 +124,38 @@ fn parse_without_total(text: &str) -> Option<(Bar<'_>, &str)> {
 
 /// Parses `elapsed<remaining, rate, postfix]` (or `elapsed, rate...` without a total) into
 /// `bar`, returning what follows the closing `]`. Stops quietly where a cut bar ends.
+/// Fields are split on `,` by hand: this runs for every bar redraw, and a substring searcher per
+/// call costs more than the rest of the parse.
 fn parse_bracket<'a>(inner: &'a str, bar: &mut Bar<'_>, with_remaining: bool) -> &'a str {
     let (body, glued) = match inner.find(']') {
         Some(i) => (&inner[..i], &inner[i + 1..]),
         None => (inner, ""),
     };
-    let mut fields = body.splitn(3, ", ");
-    if let Some(times) = fields.next() {
-        if with_remaining {
-            let (elapsed, remaining) = times.split_once('<').unwrap_or((times, ""));
-            bar.elapsed_seconds = parse_duration(elapsed);
-            bar.remaining_seconds = parse_duration(remaining);
-        } else {
-            bar.elapsed_seconds = parse_duration(times);
-        }
+    let (times, rest) = split_field(body);
+    if with_remaining {
+        let (elapsed, remaining) = times.split_once('<').unwrap_or((times, ""));
+        bar.elapsed_seconds = parse_duration(elapsed);
+        bar.remaining_seconds = parse_duration(remaining);
+    } else {
+        bar.elapsed_seconds = parse_duration(times);
     }
-    if let Some(rate) = fields.next() {
-        let (seconds_per_step, scaled) = parse_rate(rate.trim());
-        bar.seconds_per_step = seconds_per_step;
-        bar.scaled |= scaled;
-    }
-    if let Some(postfix) = fields.next() {
+    let Some(rest) = rest else { return glued };
+    let (rate, postfix) = split_field(rest);
+    let (seconds_per_step, scaled) = parse_rate(rate.trim());
+    bar.seconds_per_step = seconds_per_step;
+    bar.scaled |= scaled;
+    if let Some(postfix) = postfix {
         parse_postfix(postfix, bar);
     }
     glued
+}
+
+/// Splits at the first `,`: the field, and what follows (without the separating space).
+fn split_field(text: &str) -> (&str, Option<&str>) {
+    match text.split_once(',') {
+        Some((field, rest)) => (field, Some(rest.strip_prefix(' ').unwrap_or(rest))),
+        None => (text, None),
+    }
 }
 
 /// A count such as `1800`, `4.19G` or `1.5k`; returns the value and whether it was scaled.
@@ -181,23 +195,41 @@ fn si_multiplier(c: char) -> Option<f64> {
 /// `[-][D days, ][H:]MM:SS` to seconds; `?` and anything else give `None`. The hour field has
 /// no upper bound in tqdm's output.
 pub fn parse_duration(text: &str) -> Option<u64> {
-    let mut text = text.trim().trim_start_matches('-');
+    let text = text.trim();
+    let mut text = text.strip_prefix('-').unwrap_or(text);
     let mut days = 0u64;
-    if let Some((d, rest)) = text.split_once(" day") {
+    if memchr::memchr(b'd', text.as_bytes()).is_some() {
+        let (d, rest) = text.split_once(" day")?;
         days = d.trim().parse().ok()?;
         text = rest.trim_start_matches('s').trim_start_matches(',').trim();
     }
-    let mut parts = text.rsplit(':');
-    let seconds: u64 = parts.next()?.parse().ok()?;
-    let minutes: u64 = parts.next()?.parse().ok()?;
-    let hours: u64 = match parts.next() {
-        Some(h) => h.parse().ok()?,
-        None => 0,
-    };
-    if parts.next().is_some() {
+    // Up to three `:`-separated numbers, read byte by byte (this runs twice per bar redraw).
+    let mut fields = [0u64; 3];
+    let mut count = 0;
+    let mut digits = 0;
+    for byte in text.bytes() {
+        match byte {
+            b'0'..=b'9' => {
+                let field = fields.get_mut(count)?;
+                *field = field.checked_mul(10)?.checked_add(u64::from(byte - b'0'))?;
+                digits += 1;
+            }
+            b':' if digits > 0 => {
+                count += 1;
+                digits = 0;
+            }
+            _ => return None,
+        }
+    }
+    if digits == 0 {
         return None;
     }
-    Some(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+    let (hours, minutes, seconds) = match count {
+        1 => (0, fields[0], fields[1]),
+        2 => (fields[0], fields[1], fields[2]),
+        _ => return None,
+    };
+    days.checked_mul(24)?.checked_add(hours)?.checked_mul(60)?.checked_add(minutes)?.checked_mul(60)?.checked_add(seconds)
 }
 
 /// `2.39it/s`, ` 4.50s/it`, `?it/s`, `54.2MB/s` to seconds per step (and whether it is a byte
@@ -231,7 +263,7 @@ fn parse_postfix(postfix: &str, bar: &mut Bar<'_>) {
         }
     };
     if postfix.contains('=') {
-        for pair in postfix.split(", ") {
+        for pair in postfix.split(',') {
             if let Some((key, value)) = pair.split_once('=') {
                 assign(key, value);
             }
@@ -313,6 +345,16 @@ mod tests {
     fn nan_loss_and_ascii_cells() {
         let b = bar("steps:  30%|###       | 480/1600 [19:10<44:43,  2.40s/it, avr_loss=nan]");
         assert!(b.loss.unwrap().is_nan());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("05:12"), Some(312));
+        assert_eq!(parse_duration("4:37:30"), Some(4 * 3600 + 37 * 60 + 30));
+        assert_eq!(parse_duration("1 day, 2:00:00"), Some(26 * 3600));
+        assert_eq!(parse_duration("?"), None);
+        assert_eq!(parse_duration("12"), None);
+        assert_eq!(parse_duration("1:2:3:4"), None);
     }
 
     #[test]
