@@ -3,5 +3,5 @@
 
 pub mod api;
 pub mod cli;
-pub mod remote;
 pub mod monitor;
+pub mod remote;

@@ -28,7 +28,10 @@ fn prints_progress_events_errors_and_stall_analysis_as_json() {
 
 #[test]
 fn without_timestamps_there_is_no_stall_analysis() {
-    let output = gpu_trainer().args(["parse-log", &fixture("oom_crash_aitk.log"), "--parser", "ai-toolkit"]).output().unwrap();
+    let output = gpu_trainer()
+        .args(["parse-log", &fixture("oom_crash_aitk.log"), "--parser", "ai-toolkit"])
+        .output()
+        .unwrap();
     assert!(output.status.success());
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert!(report.get("stall").is_none());
@@ -45,7 +48,8 @@ fn an_unreadable_file_is_named_in_the_error() {
 
 #[test]
 fn an_unknown_parser_lists_the_valid_ones() {
-    let output = gpu_trainer().args(["parse-log", &fixture("ascii_bar.log"), "--parser", "axolotl"]).output().unwrap();
+    let output =
+        gpu_trainer().args(["parse-log", &fixture("ascii_bar.log"), "--parser", "axolotl"]).output().unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("axolotl") && stderr.contains("tqdm, ai-toolkit, kohya, diffusers"), "{stderr}");

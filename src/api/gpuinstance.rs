@@ -1,5 +1,8 @@
 //! `GpuInstance`: one rented machine. Guarded by the `gputrainer.dev/terminate` finalizer, so
 //! the machine is released before the object can disappear.
+// kube's `printcolumn(...)` repeats keys like `type_` across columns, which clippy misreads as
+// duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;

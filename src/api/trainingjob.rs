@@ -1,4 +1,7 @@
 //! `TrainingJob`: one training run, from renting a GPU to a verified model in storage.
+// kube's `printcolumn(...)` repeats keys like `type_` across columns, which clippy misreads as
+// duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
 
 use std::collections::BTreeMap;
 

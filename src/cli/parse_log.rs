@@ -30,12 +30,16 @@ pub struct ParseLogArgs {
 
 pub fn run(args: ParseLogArgs) -> anyhow::Result<()> {
     let kind: ParserKind = args.parser.parse()?;
-    let log = std::fs::read(&args.file).with_context(|| format!("failed to read the log {}", args.file.display()))?;
+    let log = std::fs::read(&args.file)
+        .with_context(|| format!("failed to read the log {}", args.file.display()))?;
     let polls = match &args.timestamps {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("failed to read the timestamps file {}", path.display()))?;
-            Some(parse_timestamps(&text, log.len() as u64).with_context(|| format!("invalid timestamps file {}", path.display()))?)
+            Some(
+                parse_timestamps(&text, log.len() as u64)
+                    .with_context(|| format!("invalid timestamps file {}", path.display()))?,
+            )
         }
         None => None,
     };

@@ -40,11 +40,17 @@ impl Dialect for AiToolkit {
         let text = line.text.trim();
         if let Some(name) = text.strip_prefix("# Running job:").map(|n| n.trim_end_matches('#').trim()) {
             self.job_name = Some(name.to_owned());
-        } else if let Some(path) = text.strip_prefix("Saved checkpoint to ").or_else(|| text.strip_prefix("Saved to ")) {
+        } else if let Some(path) =
+            text.strip_prefix("Saved checkpoint to ").or_else(|| text.strip_prefix("Saved to "))
+        {
             let path = path.trim();
             match step_in_file_name(path, "_", 9) {
-                Some(step) => out(LogEvent::CheckpointSaved { step: Some(step), path: Some(path.to_owned()) }),
-                None if path.ends_with(".safetensors") => out(LogEvent::Completed { path: Some(path.to_owned()) }),
+                Some(step) => {
+                    out(LogEvent::CheckpointSaved { step: Some(step), path: Some(path.to_owned()) })
+                }
+                None if path.ends_with(".safetensors") => {
+                    out(LogEvent::Completed { path: Some(path.to_owned()) })
+                }
                 None => {}
             }
         } else if let Some(rest) = text.strip_prefix("Saving at step ") {

@@ -20,7 +20,10 @@ use crate::api::CheckpointStatus;
 
 /// The command that produces the listing [`parse_listing`] reads.
 pub fn listing_command(output_dir: &str) -> String {
-    format!("find {} -printf '%y %s %P\\n'", shlex::try_quote(output_dir).unwrap_or_else(|_| output_dir.into()))
+    format!(
+        "find {} -printf '%y %s %P\\n'",
+        shlex::try_quote(output_dir).unwrap_or_else(|_| output_dir.into())
+    )
 }
 
 /// One line of the listing.
@@ -40,7 +43,11 @@ pub fn parse_listing(text: &str) -> Vec<ListingEntry> {
             let kind = parts.next()?;
             let size = parts.next()?.parse().ok()?;
             let path = parts.next()?.trim_end_matches('/');
-            (!path.is_empty()).then(|| ListingEntry { is_dir: kind == "d", size_bytes: size, path: path.to_owned() })
+            (!path.is_empty()).then(|| ListingEntry {
+                is_dir: kind == "d",
+                size_bytes: size,
+                path: path.to_owned(),
+            })
         })
         .collect()
 }
@@ -79,7 +86,12 @@ impl CheckpointInventory {
         self.checkpoints
             .iter()
             .filter_map(|c| {
-                Some(CheckpointStatus { name: c.path.clone(), step: c.step?, size_bytes: Some(c.size_bytes), uri: None })
+                Some(CheckpointStatus {
+                    name: c.path.clone(),
+                    step: c.step?,
+                    size_bytes: Some(c.size_bytes),
+                    uri: None,
+                })
             })
             .collect()
     }
@@ -101,7 +113,8 @@ pub fn inventory(entries: &[ListingEntry], kind: ParserKind) -> CheckpointInvent
         };
         // With several schemes, a step or epoch name from any of them beats another scheme's
         // "any other top-level model is the final one".
-        let matches: Vec<Found> = schemes.iter().filter_map(|s| classify(file, entry, top_level, *s)).collect();
+        let matches: Vec<Found> =
+            schemes.iter().filter_map(|s| classify(file, entry, top_level, *s)).collect();
         let best = matches.iter().find(|f| !matches!(f, Found::Final)).or(matches.first());
         match best {
             Some(Found::Step(step)) => found.push(Checkpoint {
@@ -117,8 +130,12 @@ pub fn inventory(entries: &[ListingEntry], kind: ParserKind) -> CheckpointInvent
                 size_bytes: entry.size_bytes,
             }),
             Some(Found::Final) => {
-                final_model =
-                    Some(Checkpoint { path: entry.path.clone(), step: None, epoch: None, size_bytes: entry.size_bytes })
+                final_model = Some(Checkpoint {
+                    path: entry.path.clone(),
+                    step: None,
+                    epoch: None,
+                    size_bytes: entry.size_bytes,
+                })
             }
             None => {}
         }

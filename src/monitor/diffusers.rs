@@ -20,7 +20,10 @@ impl Dialect for Diffusers {
         let text = line.text.trim();
         if let Some(path) = text.strip_prefix("Saved state to ") {
             let path = path.trim();
-            out(LogEvent::CheckpointSaved { step: number_after(path, "checkpoint-"), path: Some(path.to_owned()) });
+            out(LogEvent::CheckpointSaved {
+                step: number_after(path, "checkpoint-"),
+                path: Some(path.to_owned()),
+            });
         } else if let Some(path) = text.strip_prefix("Saving current state to ") {
             out(LogEvent::SavingStarted { step: number_after(path, "checkpoint-").or(last_step) });
         } else if text.starts_with("Running validation") {

@@ -131,7 +131,8 @@ pub fn classify_line(text: &str) -> Option<ErrorClass> {
     // `Killed` alone, or `<script>: line N: <pid> Killed <cmd>` from a wrapper shell. A plain
     // substring match would flag every message that mentions "killed".
     let trimmed = text.trim();
-    let wrapper_kill = trimmed.contains(": line ") && (trimmed.contains(" Killed ") || trimmed.ends_with(" Killed"));
+    let wrapper_kill =
+        trimmed.contains(": line ") && (trimmed.contains(" Killed ") || trimmed.ends_with(" Killed"));
     (trimmed == "Killed" || wrapper_kill).then_some(ErrorClass::ProcessKilled)
 }
 
@@ -181,11 +182,17 @@ mod tests {
     #[test]
     fn classifies_each_signature_family() {
         let cases = [
-            ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.68 GiB.", ErrorClass::CudaOutOfMemory),
+            (
+                "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.68 GiB.",
+                ErrorClass::CudaOutOfMemory,
+            ),
             ("RuntimeError: CUDA out of memory. Tried to allocate 20.00 MiB", ErrorClass::CudaOutOfMemory),
             ("# OOM during training step, skipping batch 1/3 #", ErrorClass::RecoveredOutOfMemory),
             ("RuntimeError: CUDA error: an illegal memory access was encountered", ErrorClass::CudaRuntime),
-            ("Watchdog caught collective operation timeout: WorkNCCL(SeqNum=5, OpType=ALLREDUCE)", ErrorClass::NcclTimeout),
+            (
+                "Watchdog caught collective operation timeout: WorkNCCL(SeqNum=5, OpType=ALLREDUCE)",
+                ErrorClass::NcclTimeout,
+            ),
             ("OSError: [Errno 28] No space left on device", ErrorClass::DiskFull),
             ("huggingface_hub.errors.GatedRepoError: 401 Client Error.", ErrorClass::GatedModel),
             ("Killed", ErrorClass::ProcessKilled),

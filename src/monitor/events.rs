@@ -72,7 +72,9 @@ impl LogEvent {
     pub fn starts_pause(&self) -> bool {
         matches!(
             self,
-            LogEvent::SavingStarted { .. } | LogEvent::CheckpointSaved { .. } | LogEvent::SamplingStarted { .. }
+            LogEvent::SavingStarted { .. }
+                | LogEvent::CheckpointSaved { .. }
+                | LogEvent::SamplingStarted { .. }
         )
     }
 }

@@ -23,7 +23,8 @@ fn start() -> DateTime<Utc> {
 fn report(name: &str, kind: ParserKind) -> LogReport {
     let log = fixture(&format!("{name}.log"));
     let ts_path = format!("{}/tests/fixtures/logs/{name}.ts", env!("CARGO_MANIFEST_DIR"));
-    let polls = std::fs::read_to_string(ts_path).ok().map(|t| parse_timestamps(&t, log.len() as u64).unwrap());
+    let polls =
+        std::fs::read_to_string(ts_path).ok().map(|t| parse_timestamps(&t, log.len() as u64).unwrap());
     replay(&log, kind, polls.as_deref(), &StallSettings::default(), start())
 }
 
@@ -84,7 +85,9 @@ fn slow_run_parses_seconds_per_iteration_big_hours_and_the_unknown_first_rate() 
         events.iter().filter_map(|e| if let LogEvent::Progress(r) = e { Some(r) } else { None }).collect();
     assert_eq!((readings[0].step, readings[0].seconds_per_step), (0, None), "first bar is `?it/s`");
     assert_eq!(readings[1].seconds_per_step, Some(8.7));
-    assert!(readings.iter().filter(|r| r.step >= 2).all(|r| (4.4..=4.6).contains(&r.seconds_per_step.unwrap())));
+    assert!(
+        readings.iter().filter(|r| r.step >= 2).all(|r| (4.4..=4.6).contains(&r.seconds_per_step.unwrap()))
+    );
     // Remaining time is printed as H:MM:SS above an hour (about 4:50:00 at the start).
     assert!(readings[1].trainer_eta_seconds.unwrap() > 4 * 3600);
     assert_eq!(readings.last().unwrap().step, 400);
@@ -121,7 +124,8 @@ fn no_stall_is_flagged_on_any_healthy_fixture() {
         let r = report(name, kind);
         let polls = stall_polls(&r);
         assert!(polls.len() >= 8, "{name} has enough polls to judge");
-        let flagged: Vec<_> = polls.iter().filter(|p| p.stalling).map(|p| (p.seconds, p.reason.clone())).collect();
+        let flagged: Vec<_> =
+            polls.iter().filter(|p| p.stalling).map(|p| (p.seconds, p.reason.clone())).collect();
         assert!(flagged.is_empty(), "{name}: {flagged:?}");
     }
 }
@@ -133,9 +137,16 @@ fn eta_diverging_run_is_flagged_within_ten_polls_of_the_slowdown_and_stopped_aft
     let slowdown = first_poll_where(&r, |p| p.step.is_some_and(|s| s > 400));
     let stall = r.stall.as_ref().unwrap();
     let flagged = stall.first_flagged_poll.expect("flagged");
-    assert!(flagged >= slowdown && flagged - slowdown <= 10, "slowdown at poll {slowdown}, flagged at {flagged}");
+    assert!(
+        flagged >= slowdown && flagged - slowdown <= 10,
+        "slowdown at poll {slowdown}, flagged at {flagged}"
+    );
     assert!(stall.polls[..slowdown].iter().all(|p| !p.stalling));
-    assert!(stall.polls[flagged].reason.starts_with("ETA not converging: rose from"), "{}", stall.polls[flagged].reason);
+    assert!(
+        stall.polls[flagged].reason.starts_with("ETA not converging: rose from"),
+        "{}",
+        stall.polls[flagged].reason
+    );
     // Flagged from then on (no recovery), stopped 15 polls (the 15-minute grace) later.
     assert!(stall.polls[flagged..].iter().all(|p| p.stalling));
     assert_eq!(stall.first_stop_poll, Some(flagged + 15));
@@ -183,7 +194,8 @@ fn ai_toolkit_oom_crash_after_three_strikes() {
     );
     assert!(r.errors[..3].iter().all(|e| !e.fatal));
     assert!(r.errors[4].message.starts_with("torch.OutOfMemoryError: CUDA out of memory"));
-    let Some(Outcome::Failed { reason, .. }) = decide_outcome(&exited(1), &r.final_progress, &r.errors) else {
+    let Some(Outcome::Failed { reason, .. }) = decide_outcome(&exited(1), &r.final_progress, &r.errors)
+    else {
         panic!("failed")
     };
     assert_eq!(reason, Reason::OutOfMemory);
@@ -194,7 +206,12 @@ fn kohya_oom_with_rank_prefixes_and_a_child_failed_table() {
     let r = report("oom_crash_kohya", ParserKind::Kohya);
     assert_eq!(
         classes(&r),
-        vec![ErrorClass::Traceback, ErrorClass::CudaOutOfMemory, ErrorClass::Traceback, ErrorClass::ProcessKilled]
+        vec![
+            ErrorClass::Traceback,
+            ErrorClass::CudaOutOfMemory,
+            ErrorClass::Traceback,
+            ErrorClass::ProcessKilled
+        ]
     );
     assert!(r.errors[0].message.starts_with("torch.OutOfMemoryError"), "the [rank0]: prefix is stripped");
     let Some(Outcome::Failed { reason, message }) = decide_outcome(&exited(1), &r.final_progress, &r.errors)
@@ -219,7 +236,11 @@ fn ai_toolkit_finishes_at_head_and_with_the_old_off_by_one() {
         assert!(r.final_progress.completion_marker, "{name}");
         // Percent from the counts: 1999/2000 printed as 100% is 99.95%.
         assert_eq!(r.final_progress.percent, Some(last as f64 / 20.0), "{name}");
-        assert_eq!(decide_outcome(&exited(0), &r.final_progress, &r.errors), Some(Outcome::Succeeded), "{name}");
+        assert_eq!(
+            decide_outcome(&exited(0), &r.final_progress, &r.errors),
+            Some(Outcome::Succeeded),
+            "{name}"
+        );
     }
 }
 
@@ -268,7 +289,10 @@ fn rich_wrapped_kohya_messages_are_joined_back() {
         r.checkpoints,
         vec![progress::LoggedCheckpoint {
             step: Some(500),
-            path: Some("/workspace/output/a-very-long-folder-name-for-this-run/mylora-step00000500.safetensors".into()),
+            path: Some(
+                "/workspace/output/a-very-long-folder-name-for-this-run/mylora-step00000500.safetensors"
+                    .into()
+            ),
         }]
     );
     assert!(r.events.contains(&LogEvent::SamplingStarted { step: Some(500) }));
@@ -304,7 +328,8 @@ fn nccl_watchdog_timeout_after_silence() {
     let r = report("nccl_timeout", ParserKind::AiToolkit);
     assert_eq!(classes(&r), vec![ErrorClass::NcclTimeout, ErrorClass::NcclTimeout]);
     assert!(r.errors[0].message.contains("Watchdog caught collective operation timeout"));
-    let Some(Outcome::Failed { reason, .. }) = decide_outcome(&exited(1), &r.final_progress, &r.errors) else {
+    let Some(Outcome::Failed { reason, .. }) = decide_outcome(&exited(1), &r.final_progress, &r.errors)
+    else {
         panic!("failed")
     };
     assert_eq!(reason, Reason::TrainingFailed);
@@ -314,7 +339,8 @@ fn nccl_watchdog_timeout_after_silence() {
 fn disk_full_on_save() {
     let r = report("disk_full", ParserKind::AiToolkit);
     assert_eq!(classes(&r), vec![ErrorClass::DiskFull, ErrorClass::Traceback, ErrorClass::DiskFull]);
-    let Some(Outcome::Failed { reason, .. }) = decide_outcome(&exited(1), &r.final_progress, &r.errors) else {
+    let Some(Outcome::Failed { reason, .. }) = decide_outcome(&exited(1), &r.final_progress, &r.errors)
+    else {
         panic!("failed")
     };
     assert_eq!(reason, Reason::DiskFull);
@@ -325,7 +351,8 @@ fn sigkill_with_no_trace_is_explained_by_the_exit_code() {
     let r = report("sigkill_no_trace", ParserKind::AiToolkit);
     assert!(r.errors.is_empty());
     assert_eq!(r.final_progress.step, Some(700), "the cut last bar is not counted");
-    let Some(Outcome::Failed { reason, message }) = decide_outcome(&exited(137), &r.final_progress, &r.errors)
+    let Some(Outcome::Failed { reason, message }) =
+        decide_outcome(&exited(137), &r.final_progress, &r.errors)
     else {
         panic!("failed")
     };

@@ -216,7 +216,10 @@ mod tests {
         whole.push(b'\n');
         let (one, _) = records(&[&whole]);
         let (many, _) = records(&whole.chunks(777).collect::<Vec<_>>());
-        assert_eq!(one.iter().map(String::len).collect::<Vec<_>>(), vec![MAX_RECORD_BYTES, MAX_RECORD_BYTES, 10]);
+        assert_eq!(
+            one.iter().map(String::len).collect::<Vec<_>>(),
+            vec![MAX_RECORD_BYTES, MAX_RECORD_BYTES, 10]
+        );
         assert_eq!(one, many);
     }
 }

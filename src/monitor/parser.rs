@@ -23,7 +23,8 @@ pub enum ParserKind {
 }
 
 impl ParserKind {
-    pub const ALL: [ParserKind; 4] = [ParserKind::Tqdm, ParserKind::AiToolkit, ParserKind::Kohya, ParserKind::Diffusers];
+    pub const ALL: [ParserKind; 4] =
+        [ParserKind::Tqdm, ParserKind::AiToolkit, ParserKind::Kohya, ParserKind::Diffusers];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -142,7 +143,12 @@ impl LogParser {
         Self {
             kind,
             splitter: LineSplitter::new(),
-            state: RecordState { dialect, errors: ErrorScanner::default(), last_step: None, loss_was_finite: true },
+            state: RecordState {
+                dialect,
+                errors: ErrorScanner::default(),
+                last_step: None,
+                loss_was_finite: true,
+            },
         }
     }
 

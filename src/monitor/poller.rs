@@ -87,11 +87,17 @@ impl Default for PollerSettings {
 pub enum ProcessState {
     /// No pid file yet.
     NotStarted,
-    Running { pid: u32 },
+    Running {
+        pid: u32,
+    },
     /// The wrapper wrote the exit code.
-    Exited { code: i32 },
+    Exited {
+        code: i32,
+    },
     /// The pid is gone and no exit code was written (the wrapper died too, or the box rebooted).
-    Vanished { pid: u32 },
+    Vanished {
+        pid: u32,
+    },
 }
 
 /// How the run ended, when it did.
@@ -166,10 +172,17 @@ impl TrainingMonitor {
     }
 
     /// One poll at `now`.
-    pub async fn poll(&mut self, remote: &dyn RemoteExec, now: DateTime<Utc>) -> Result<TrainingStatus, MonitorError> {
+    pub async fn poll(
+        &mut self,
+        remote: &dyn RemoteExec,
+        now: DateTime<Utc>,
+    ) -> Result<TrainingStatus, MonitorError> {
         // The pid is checked before the exit code: a process that exits in between is then seen
         // as exited, never as vanished.
-        let pid = self.read_small(remote, &self.files.pid.clone()).await?.and_then(|t| t.trim().parse::<u32>().ok());
+        let pid = self
+            .read_small(remote, &self.files.pid.clone())
+            .await?
+            .and_then(|t| t.trim().parse::<u32>().ok());
         let alive = match pid {
             Some(pid) => remote.pid_alive(pid).await.map_err(|source| MonitorError::PidCheck {
                 pid,
@@ -178,8 +191,10 @@ impl TrainingMonitor {
             })?,
             None => false,
         };
-        let exit_code =
-            self.read_small(remote, &self.files.exit_code.clone()).await?.and_then(|t| t.trim().parse::<i32>().ok());
+        let exit_code = self
+            .read_small(remote, &self.files.exit_code.clone())
+            .await?
+            .and_then(|t| t.trim().parse::<i32>().ok());
         let process = match (exit_code, pid) {
             (Some(code), _) => ProcessState::Exited { code },
             (None, Some(pid)) if alive => ProcessState::Running { pid },
@@ -255,7 +270,8 @@ impl TrainingMonitor {
         new_events: &mut Vec<LogEvent>,
     ) -> Result<(bool, bool), MonitorError> {
         let path = self.files.log.clone();
-        let read_error = |source| MonitorError::Read { path: path.clone(), target: remote.describe(), source };
+        let read_error =
+            |source| MonitorError::Read { path: path.clone(), target: remote.describe(), source };
         if self.first_poll {
             self.first_poll = false;
             match remote.read_from(&path, 0, 0).await {
@@ -297,7 +313,9 @@ impl TrainingMonitor {
         match remote.read_from(path, 0, 64).await {
             Ok(chunk) => Ok(Some(String::from_utf8_lossy(&chunk.data).into_owned())),
             Err(RemoteError::NotFound { .. }) => Ok(None),
-            Err(source) => Err(MonitorError::Read { path: path.to_owned(), target: remote.describe(), source }),
+            Err(source) => {
+                Err(MonitorError::Read { path: path.to_owned(), target: remote.describe(), source })
+            }
         }
     }
 }
@@ -324,7 +342,9 @@ pub fn decide_outcome(
     let worst = errors.iter().filter(|e| e.fatal).max_by_key(|e| e.class.specificity());
     match process {
         ProcessState::NotStarted | ProcessState::Running { .. } => None,
-        ProcessState::Exited { code: 0 } if progress.completion_marker || finished_steps => Some(Outcome::Succeeded),
+        ProcessState::Exited { code: 0 } if progress.completion_marker || finished_steps => {
+            Some(Outcome::Succeeded)
+        }
         ProcessState::Exited { code: 0 } => Some(Outcome::Failed {
             reason: Reason::TrainingFailed,
             message: format!("the trainer exited with code 0 before finishing ({})", describe_step(progress)),
@@ -334,11 +354,17 @@ pub fn decide_outcome(
                 reason: error.class.reason(),
                 message: format!("{} (exit code {code})", error.message),
             },
-            None => Outcome::Failed { reason: Reason::TrainingFailed, message: explain_exit_code(*code, progress) },
+            None => Outcome::Failed {
+                reason: Reason::TrainingFailed,
+                message: explain_exit_code(*code, progress),
+            },
         }),
         ProcessState::Vanished { pid } => Some(Outcome::Failed {
             reason: worst.map_or(Reason::TrainingFailed, |e| e.class.reason()),
-            message: format!("the trainer (pid {pid}) is gone and left no exit code ({})", describe_step(progress)),
+            message: format!(
+                "the trainer (pid {pid}) is gone and left no exit code ({})",
+                describe_step(progress)
+            ),
         }),
     }
 }

@@ -79,11 +79,16 @@ fn files() -> TrainingFiles {
 }
 
 fn t(seconds: i64) -> DateTime<Utc> {
-    DateTime::parse_from_rfc3339("2026-11-23T06:00:00Z").unwrap().with_timezone(&Utc) + Duration::seconds(seconds)
+    DateTime::parse_from_rfc3339("2026-11-23T06:00:00Z").unwrap().with_timezone(&Utc)
+        + Duration::seconds(seconds)
 }
 
 fn bar(n: u64) -> String {
-    format!("\rmy_lora:  {:>2}%|          | {n}/100 [00:{:02}<00:10,  1.00it/s, lr: 1.0e-04 loss: 4.0e-01]", n, n % 60)
+    format!(
+        "\rmy_lora:  {:>2}%|          | {n}/100 [00:{:02}<00:10,  1.00it/s, lr: 1.0e-04 loss: 4.0e-01]",
+        n,
+        n % 60
+    )
 }
 
 fn running_machine() -> FakeMachine {
@@ -151,7 +156,8 @@ async fn exit_code_zero_with_the_final_save_succeeds_and_flushes_the_last_bar() 
     let machine = running_machine();
     machine.append(
         &format!("{DIR}/train.log"),
-        format!("{}\nSaved checkpoint to output/my_lora/my_lora.safetensors\n{}", bar(100), bar(100)).as_bytes(),
+        format!("{}\nSaved checkpoint to output/my_lora/my_lora.safetensors\n{}", bar(100), bar(100))
+            .as_bytes(),
     );
     machine.alive.lock().unwrap().clear();
     machine.write(&format!("{DIR}/exit_code"), b"0\n");
@@ -199,7 +205,10 @@ async fn follow_streams_statuses_until_the_run_ends() {
     let machine = running_machine();
     machine.alive.lock().unwrap().clear();
     machine.write(&format!("{DIR}/exit_code"), b"1");
-    machine.append(&format!("{DIR}/train.log"), b"\nRuntimeError: CUDA error: an illegal memory access was encountered\n");
+    machine.append(
+        &format!("{DIR}/train.log"),
+        b"\nRuntimeError: CUDA error: an illegal memory access was encountered\n",
+    );
     let mut monitor = TrainingMonitor::new(files(), ParserKind::AiToolkit, &MonitoringSpec::default());
     let mut seen = Vec::new();
     let last = monitor
@@ -207,5 +216,7 @@ async fn follow_streams_statuses_until_the_run_ends() {
         .await
         .unwrap();
     assert_eq!(seen.len(), 1);
-    assert!(matches!(last.outcome, Some(Outcome::Failed { reason: Reason::TrainingFailed, ref message }) if message.contains("illegal memory access")));
+    assert!(
+        matches!(last.outcome, Some(Outcome::Failed { reason: Reason::TrainingFailed, ref message }) if message.contains("illegal memory access"))
+    );
 }

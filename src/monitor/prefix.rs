@@ -66,7 +66,13 @@ fn strip_ray(text: &str) -> Option<&str> {
 /// `08/02/2026 11:04:12 - INFO - __main__ - message`.
 fn strip_python_logging(text: &str) -> Option<(&str, &str)> {
     let b = text.as_bytes();
-    if b.len() < 22 || b[2] != b'/' || b[5] != b'/' || b[10] != b' ' || b[13] != b':' || !b[0].is_ascii_digit() {
+    if b.len() < 22
+        || b[2] != b'/'
+        || b[5] != b'/'
+        || b[10] != b' '
+        || b[13] != b':'
+        || !b[0].is_ascii_digit()
+    {
         return None;
     }
     let rest = text.get(19..)?.strip_prefix(" - ")?;
@@ -103,7 +109,11 @@ fn strip_rich(text: &str) -> Option<Stripped<'_>> {
         None if blank_time => {
             let message = after_time.trim_start();
             let padded = message.ends_with(' ');
-            Some(Stripped { text: message.trim_end(), logger: None, rich: RichLayout::Continuation { padded } })
+            Some(Stripped {
+                text: message.trim_end(),
+                logger: None,
+                rich: RichLayout::Continuation { padded },
+            })
         }
         None => None,
     }
@@ -142,13 +152,18 @@ mod tests {
 
     #[test]
     fn strips_rich_header_and_marks_continuations() {
-        let s = strip_prefixes("2025-03-01 10:22:07 INFO     model saved.                     train_network.py:1741");
+        let s = strip_prefixes(
+            "2025-03-01 10:22:07 INFO     model saved.                     train_network.py:1741",
+        );
         assert_eq!(s.text, "model saved.");
         assert_eq!(s.rich, RichLayout::Header { padded: true });
         let s = strip_prefixes("                    INFO     saving checkpoint: /a/b train_network.py:10");
         assert_eq!((s.text, s.rich), ("saving checkpoint: /a/b", RichLayout::Header { padded: false }));
         let s = strip_prefixes("                             -step00000500.safetensors");
-        assert_eq!((s.text, s.rich), ("-step00000500.safetensors", RichLayout::Continuation { padded: false }));
+        assert_eq!(
+            (s.text, s.rich),
+            ("-step00000500.safetensors", RichLayout::Continuation { padded: false })
+        );
     }
 
     #[test]

@@ -155,7 +155,8 @@ impl ProgressTracker {
         // ended inside it.
         let paused = self.in_pause || self.paused_since_last_reading || self.paused_at_last_reading;
         let mut observation = Observation { at: now, step, total_steps, eta_seconds: None, paused };
-        observation.eta_seconds = self.training_seconds_per_step(&observation).map(|s| remaining(step, total_steps) * s);
+        observation.eta_seconds =
+            self.training_seconds_per_step(&observation).map(|s| remaining(step, total_steps) * s);
         let due = self.history.back().is_none_or(|last| now - last.at >= self.reading_interval);
         if due {
             self.paused_since_last_reading = false;
@@ -310,7 +311,10 @@ mod tests {
         assert!(tracker.observe(t0, None).unwrap().paused);
         assert!(tracker.observe(t0 + Duration::seconds(60), None).unwrap().paused);
         tracker.apply(&reading(11));
-        assert!(tracker.observe(t0 + Duration::seconds(120), None).unwrap().paused, "the interval held the pause");
+        assert!(
+            tracker.observe(t0 + Duration::seconds(120), None).unwrap().paused,
+            "the interval held the pause"
+        );
         assert!(!tracker.observe(t0 + Duration::seconds(180), None).unwrap().paused);
     }
 }

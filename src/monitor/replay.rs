@@ -95,7 +95,8 @@ pub fn replay(
             fed = end;
             let now = start + Duration::milliseconds((poll.seconds * 1000.0).round() as i64);
             let observation = tracker.observe(now, parser.live().as_ref());
-            let verdict = assess_stall(&tracker.history(), tracker.last_progress_at(), flagged_since, settings, now);
+            let verdict =
+                assess_stall(&tracker.history(), tracker.last_progress_at(), flagged_since, settings, now);
             flagged_since = verdict.flagged_since;
             verdicts.push(PollVerdict {
                 seconds: poll.seconds,

@@ -73,7 +73,9 @@ impl StallSettings {
             speed_drop_threshold: stall.speed_drop_threshold,
             grace_period: Duration::seconds(i64::from(stall.grace_period_seconds)),
             no_progress_timeout: Duration::seconds(i64::from(spec.no_progress_timeout_seconds)),
-            reading_interval: Duration::seconds(i64::from(spec.poll_interval_seconds).max(MIN_READING_INTERVAL_SECONDS)),
+            reading_interval: Duration::seconds(
+                i64::from(spec.poll_interval_seconds).max(MIN_READING_INTERVAL_SECONDS),
+            ),
         }
     }
 }
@@ -166,8 +168,10 @@ pub fn assess_stall(
         && now - since >= settings.no_progress_timeout
     {
         verdict.no_progress = true;
-        let step = current.map_or_else(|| "no step seen yet".to_owned(), |o| format!("still at step {}", o.step));
-        reasons.push(format!("no progress for {} ({step})", human_duration((now - since).num_seconds() as f64)));
+        let step =
+            current.map_or_else(|| "no step seen yet".to_owned(), |o| format!("still at step {}", o.step));
+        reasons
+            .push(format!("no progress for {} ({step})", human_duration((now - since).num_seconds() as f64)));
     }
 
     if settings.enabled && history.len() >= settings.min_samples {
@@ -191,7 +195,8 @@ pub fn assess_stall(
         return verdict;
     }
     verdict.stalling = true;
-    verdict.confidence = Some(if verdict.no_progress || signals == 2 { Confidence::High } else { Confidence::Medium });
+    verdict.confidence =
+        Some(if verdict.no_progress || signals == 2 { Confidence::High } else { Confidence::Medium });
     let since = flagged_since.unwrap_or(now);
     verdict.flagged_since = Some(since);
     if verdict.no_progress {
@@ -222,7 +227,8 @@ impl<'a> Window<'a> {
 
     fn ending_at(history: &'a [Observation], end: usize, peak: Option<f64>) -> Option<Self> {
         let start = end.checked_sub(2)?;
-        let effective_seconds = (start + 1..=end).map(|i| effective_seconds(&history[i - 1], &history[i], peak)).sum();
+        let effective_seconds =
+            (start + 1..=end).map(|i| effective_seconds(&history[i - 1], &history[i], peak)).sum();
         Some(Self {
             first: &history[start],
             last: &history[end],
@@ -367,7 +373,12 @@ mod tests {
 
     #[test]
     fn a_steadily_converging_run_is_not_stalling() {
-        let h = history(&[(0, Some(6000.0), false), (100, Some(5940.0), false), (200, Some(5880.0), false), (300, Some(5820.0), false)]);
+        let h = history(&[
+            (0, Some(6000.0), false),
+            (100, Some(5940.0), false),
+            (200, Some(5880.0), false),
+            (300, Some(5820.0), false),
+        ]);
         let v = assess(&h, None);
         assert!(!v.stalling, "{v:?}");
         assert_eq!(v.recommendation, Recommendation::Continue);
@@ -392,12 +403,22 @@ mod tests {
         assert!(v.stalling && v.eta_not_converging && v.speed_dropped, "{v:?}");
         assert_eq!(v.confidence, Some(Confidence::High));
         assert_eq!(v.recommendation, Recommendation::WaitForRecovery);
-        assert!(v.reason.starts_with("ETA not converging: stayed near 1h 37m over the last 2 min despite 20 steps"), "{}", v.reason);
+        assert!(
+            v.reason
+                .starts_with("ETA not converging: stayed near 1h 37m over the last 2 min despite 20 steps"),
+            "{}",
+            v.reason
+        );
     }
 
     #[test]
     fn eta_rising_at_full_speed_is_medium_confidence() {
-        let h = history(&[(0, Some(6000.0), false), (100, Some(5940.0), false), (200, Some(6000.0), false), (300, Some(6100.0), false)]);
+        let h = history(&[
+            (0, Some(6000.0), false),
+            (100, Some(5940.0), false),
+            (200, Some(6000.0), false),
+            (300, Some(6100.0), false),
+        ]);
         let v = assess(&h, None);
         assert!(v.stalling && v.eta_not_converging && !v.speed_dropped, "{v:?}");
         assert_eq!(v.confidence, Some(Confidence::Medium));
@@ -417,7 +438,13 @@ mod tests {
 
     #[test]
     fn the_grace_period_decides_when_to_stop_and_recovery_clears_the_flag() {
-        let h = history(&[(0, Some(6000.0), false), (100, Some(5940.0), false), (200, Some(5880.0), false), (200, Some(5880.0), false), (200, None, false)]);
+        let h = history(&[
+            (0, Some(6000.0), false),
+            (100, Some(5940.0), false),
+            (200, Some(5880.0), false),
+            (200, Some(5880.0), false),
+            (200, None, false),
+        ]);
         let now = h.last().unwrap().at;
         let settings = StallSettings::default();
         let flagged = now - Duration::seconds(100);
@@ -427,7 +454,13 @@ mod tests {
         let v = assess_stall(&h, Some(now), Some(late), &settings, now);
         assert_eq!(v.recommendation, Recommendation::StopJob);
 
-        let recovered = history(&[(0, Some(6000.0), false), (100, Some(5940.0), false), (200, Some(5880.0), false), (300, Some(5820.0), false), (400, Some(5760.0), false)]);
+        let recovered = history(&[
+            (0, Some(6000.0), false),
+            (100, Some(5940.0), false),
+            (200, Some(5880.0), false),
+            (300, Some(5820.0), false),
+            (400, Some(5760.0), false),
+        ]);
         let v = assess(&recovered, Some(late));
         assert!(!v.stalling && v.recovered && v.flagged_since.is_none(), "{v:?}");
     }
@@ -445,7 +478,12 @@ mod tests {
 
     #[test]
     fn a_finished_run_is_never_stalling() {
-        let mut h = history(&[(9_000, Some(60.0), false), (10_000, Some(0.0), false), (10_000, None, false), (10_000, None, false)]);
+        let mut h = history(&[
+            (9_000, Some(60.0), false),
+            (10_000, Some(0.0), false),
+            (10_000, None, false),
+            (10_000, None, false),
+        ]);
         h.iter_mut().for_each(|o| o.total_steps = Some(10_000));
         assert!(!assess(&h, None).stalling);
     }

@@ -68,7 +68,10 @@ pub fn parse_timestamps(text: &str, log_len: u64) -> Result<Vec<Poll>, Timestamp
                 return Err(err(format!("offset {offset} is before the previous one ({})", prev.offset)));
             }
             if seconds <= prev.seconds {
-                return Err(err(format!("time {seconds} does not come after the previous one ({})", prev.seconds)));
+                return Err(err(format!(
+                    "time {seconds} does not come after the previous one ({})",
+                    prev.seconds
+                )));
             }
         }
         polls.push(Poll { offset, seconds });
@@ -82,7 +85,8 @@ mod tests {
 
     #[test]
     fn parses_offsets_end_comments_and_silence() {
-        let polls = parse_timestamps("# offset seconds\n0 0\n\n5120 60\n5120 120 # silent\nend 180\n", 9000).unwrap();
+        let polls =
+            parse_timestamps("# offset seconds\n0 0\n\n5120 60\n5120 120 # silent\nend 180\n", 9000).unwrap();
         let offsets: Vec<u64> = polls.iter().map(|p| p.offset).collect();
         assert_eq!(offsets, vec![0, 5120, 5120, 9000]);
         assert_eq!(polls[3].seconds, 180.0);

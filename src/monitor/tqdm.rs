@@ -104,7 +104,7 @@ fn parse_without_total(text: &str) -> Option<(Bar<'_>, &str)> {
     // Require `elapsed, rate` so ordinary log lines with brackets are not taken for bars.
     let comma = inner.find(", ")?;
     parse_duration(&inner[..comma])?;
-    if !inner[comma + 2..].trim_start().split(['/', ',', ']']).next().is_some_and(|r| !r.is_empty()) {
+    if inner[comma + 2..].trim_start().split(['/', ',', ']']).next().is_none_or(str::is_empty) {
         return None;
     }
     let mut bar = Bar {
@@ -161,7 +161,7 @@ fn split_field(text: &str) -> (&str, Option<&str>) {
 /// A count such as `1800`, `4.19G` or `1.5k`; returns the value and whether it was scaled.
 fn take_count(rest: &mut &str) -> Option<(f64, bool)> {
     let s = *rest;
-    let len = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let len = s.bytes().position(|b| !(b.is_ascii_digit() || b == b'.')).unwrap_or(s.len());
     if len == 0 {
         return None;
     }
@@ -229,7 +229,12 @@ pub fn parse_duration(text: &str) -> Option<u64> {
         2 => (fields[0], fields[1], fields[2]),
         _ => return None,
     };
-    days.checked_mul(24)?.checked_add(hours)?.checked_mul(60)?.checked_add(minutes)?.checked_mul(60)?.checked_add(seconds)
+    days.checked_mul(24)?
+        .checked_add(hours)?
+        .checked_mul(60)?
+        .checked_add(minutes)?
+        .checked_mul(60)?
+        .checked_add(seconds)
 }
 
 /// `2.39it/s`, ` 4.50s/it`, `?it/s`, `54.2MB/s` to seconds per step (and whether it is a byte
@@ -290,7 +295,9 @@ mod tests {
 
     #[test]
     fn ai_toolkit_bar_with_it_per_second_and_colon_postfix() {
-        let b = bar("my_first_flux_lora_v1:  45%|████▌     | 1800/4000 [12:34<15:20,  2.39it/s, lr: 1.0e-04 loss: 3.214e-01]");
+        let b = bar(
+            "my_first_flux_lora_v1:  45%|████▌     | 1800/4000 [12:34<15:20,  2.39it/s, lr: 1.0e-04 loss: 3.214e-01]",
+        );
         assert_eq!(b.desc, "my_first_flux_lora_v1");
         assert_eq!((b.n, b.total), (1800, Some(4000)));
         assert_eq!((b.elapsed_seconds, b.remaining_seconds), (Some(754), Some(920)));
