@@ -11,17 +11,14 @@
 use std::sync::LazyLock;
 
 use memchr::memmem::Finder;
-use serde::Serialize;
 
 /// Built once: a searcher per call would cost more than the search on a 100-byte record.
 static PERCENT_PIPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"%|"));
 
 /// One drawn state of a tqdm bar.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Bar<'a> {
     /// The description before the percentage, without the `: ` separator.
-    #[serde(skip)]
     pub desc: &'a str,
     pub n: u64,
     pub total: Option<u64>,
@@ -32,6 +29,17 @@ pub struct Bar<'a> {
     pub seconds_per_step: Option<f64>,
     pub loss: Option<f64>,
     pub learning_rate: Option<f64>,
+}
+
+/// Position of an ASCII byte in `text`. The bar parser runs for every redraw, on short strings,
+/// where `str::find(char)` spends more time setting up than searching.
+fn find_byte(text: &str, byte: u8) -> Option<usize> {
+    memchr::memchr(byte, text.as_bytes())
+}
+
+/// `text` split around the first `byte` (ASCII, so both halves are valid UTF-8).
+fn split_once_byte(text: &str, byte: u8) -> Option<(&str, &str)> {
+    find_byte(text, byte).map(|i| (&text[..i], &text[i + 1..]))
 }
 
 /// Parses a bar at the start of `text`. Returns the bar and any text glued after its `]`.
@@ -53,7 +61,7 @@ fn parse_with_total(text: &str, pct: usize) -> Option<(Bar<'_>, &str)> {
     let desc = left[..digits_start].trim_end().trim_end_matches(':').trim();
     // The bar cells run to the next `|`.
     let after_cells = &text[pct + 2..];
-    let pipe = after_cells.find('|')?;
+    let pipe = find_byte(after_cells, b'|')?;
     let mut rest = after_cells[pipe + 1..].trim_start();
     let (n, n_scaled) = take_count(&mut rest)?;
     rest = rest.strip_prefix('/')?;
@@ -127,13 +135,10 @@ fn parse_without_total(text: &str) -> Option<(Bar<'_>, &str)> {
 /// Fields are split on `,` by hand: this runs for every bar redraw, and a substring searcher per
 /// call costs more than the rest of the parse.
 fn parse_bracket<'a>(inner: &'a str, bar: &mut Bar<'_>, with_remaining: bool) -> &'a str {
-    let (body, glued) = match inner.find(']') {
-        Some(i) => (&inner[..i], &inner[i + 1..]),
-        None => (inner, ""),
-    };
+    let (body, glued) = split_once_byte(inner, b']').unwrap_or((inner, ""));
     let (times, rest) = split_field(body);
     if with_remaining {
-        let (elapsed, remaining) = times.split_once('<').unwrap_or((times, ""));
+        let (elapsed, remaining) = split_once_byte(times, b'<').unwrap_or((times, ""));
         bar.elapsed_seconds = parse_duration(elapsed);
         bar.remaining_seconds = parse_duration(remaining);
     } else {
@@ -152,7 +157,7 @@ fn parse_bracket<'a>(inner: &'a str, bar: &mut Bar<'_>, with_remaining: bool) ->
 
 /// Splits at the first `,`: the field, and what follows (without the separating space).
 fn split_field(text: &str) -> (&str, Option<&str>) {
-    match text.split_once(',') {
+    match split_once_byte(text, b',') {
         Some((field, rest)) => (field, Some(rest.strip_prefix(' ').unwrap_or(rest))),
         None => (text, None),
     }
@@ -260,24 +265,33 @@ fn parse_rate(rate: &str) -> (Option<f64>, bool) {
 /// Postfix: `avr_loss=0.123`, `loss=0.0123, lr=0.0001` or `lr: 1.0e-04 loss: 5.871e-01`.
 fn parse_postfix(postfix: &str, bar: &mut Bar<'_>) {
     let mut assign = |key: &str, value: &str| {
-        let value = value.trim().trim_end_matches(',');
-        match key.trim() {
+        let value = value.trim_ascii();
+        let value = value.strip_suffix(',').unwrap_or(value);
+        match key.trim_ascii() {
             "loss" | "avr_loss" | "avg_loss" | "train_loss" => bar.loss = value.parse().ok(),
             "lr" | "learning_rate" => bar.learning_rate = value.parse().ok(),
             _ => {}
         }
     };
-    if postfix.contains('=') {
-        for pair in postfix.split(',') {
-            if let Some((key, value)) = pair.split_once('=') {
+    if find_byte(postfix, b'=').is_some() {
+        let mut rest = postfix;
+        loop {
+            let (pair, next) = split_once_byte(rest, b',').unwrap_or((rest, ""));
+            if let Some((key, value)) = split_once_byte(pair, b'=') {
                 assign(key, value);
             }
+            if next.is_empty() {
+                break;
+            }
+            rest = next;
         }
     } else {
-        let mut tokens = postfix.split_whitespace();
+        // ai-toolkit's `lr: 1.0e-04 loss: 3.214e-01`: `key:` tokens each followed by a value.
+        let mut tokens = postfix.as_bytes().split(|b| *b == b' ').filter(|t| !t.is_empty());
         while let Some(token) = tokens.next() {
-            if let Some(key) = token.strip_suffix(':')
+            if let Some(key) = token.strip_suffix(b":")
                 && let Some(value) = tokens.next()
+                && let (Ok(key), Ok(value)) = (std::str::from_utf8(key), std::str::from_utf8(value))
             {
                 assign(key, value);
             }
