@@ -179,6 +179,45 @@ fn silent_disk_full_stall_is_flagged_without_any_error() {
 }
 
 #[test]
+fn a_stall_that_recovers_within_the_grace_period_clears_the_flag_and_is_never_stopped() {
+    let r = report("stall_then_recover", ParserKind::AiToolkit);
+    let frozen = first_poll_where(&r, |p| p.step == Some(2400));
+    let resumed = first_poll_where(&r, |p| p.step.is_some_and(|s| s > 2400));
+    let stall = r.stall.as_ref().unwrap();
+    let flagged = stall.first_flagged_poll.expect("flagged");
+    assert!(flagged > frozen && flagged - frozen <= 6, "frozen at poll {frozen}, flagged at {flagged}");
+    let cleared = first_poll_where(&r, |p| p.recovered);
+    assert!(cleared > resumed && cleared - resumed <= 12, "resumed at poll {resumed}, cleared at {cleared}");
+    assert!(stall.polls[flagged..cleared].iter().all(|p| p.stalling));
+    assert!(stall.polls[cleared..].iter().all(|p| !p.stalling));
+    assert_eq!(stall.first_stop_poll, None);
+}
+
+#[test]
+fn no_progress_for_the_timeout_is_a_stall_even_with_trend_detection_off() {
+    let log = fixture("disk_full_silent.log");
+    let ts = std::fs::read_to_string(format!(
+        "{}/tests/fixtures/logs/disk_full_silent.ts",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let polls = parse_timestamps(&ts, log.len() as u64).unwrap();
+    let settings = StallSettings {
+        enabled: false,
+        no_progress_timeout: chrono::Duration::minutes(10),
+        ..StallSettings::default()
+    };
+    let r = replay(&log, ParserKind::AiToolkit, Some(&polls), &settings, start());
+    let silent = first_poll_where(&r, |p| p.step == Some(300));
+    let stall = r.stall.as_ref().unwrap();
+    // Polls are a minute apart: the tenth poll after the last step is ten minutes later.
+    assert_eq!(stall.first_flagged_poll, Some(silent + 10));
+    assert_eq!(stall.first_stop_poll, Some(silent + 10), "no grace after a two-hour-class timeout");
+    assert!(stall.last.no_progress && !stall.last.eta_not_converging && !stall.last.speed_dropped);
+    assert_eq!(stall.last.confidence, Some(Confidence::High));
+}
+
+#[test]
 fn ai_toolkit_oom_crash_after_three_strikes() {
     let r = report("oom_crash_aitk", ParserKind::AiToolkit);
     assert_eq!(

@@ -17,6 +17,7 @@ use serde::Serialize;
 use super::errors::ClassifiedError;
 use super::events::{LogEvent, StepReading};
 use super::stall::Observation;
+use crate::api::{ProgressStatus, to_k8s_time};
 
 /// Readings kept for stall detection and rates (a day at the default 60 s poll).
 pub const HISTORY_LIMIT: usize = 1440;
@@ -65,6 +66,23 @@ pub struct ProgressSnapshot {
     pub completion_marker: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resumed_from_step: Option<u64>,
+}
+
+impl ProgressSnapshot {
+    /// `status.progress` of the TrainingJob: our wall-clock rate and ETA (pauses included), the
+    /// percentage from the counts. `None` before the first training step is seen.
+    pub fn to_status(&self) -> Option<ProgressStatus> {
+        let step = self.step?;
+        let mut status = ProgressStatus {
+            loss: self.loss.filter(|l| l.is_finite()),
+            steps_per_second: self.steps_per_second,
+            eta_seconds: self.eta_seconds.map(|s| s.round() as i64),
+            last_update_time: self.last_update_time.map(to_k8s_time),
+            ..ProgressStatus::default()
+        };
+        status.set_step(step, self.total_steps);
+        Some(status)
+    }
 }
 
 /// A checkpoint the log announced.
@@ -286,6 +304,13 @@ mod tests {
         assert_eq!(snap.eta_seconds, Some(820.0));
         assert_eq!(snap.trainer_eta_seconds, Some(1));
         assert_eq!(snap.percent, Some(18.0));
+        let status = snap.to_status().unwrap();
+        assert_eq!(
+            (status.step, status.total_steps, status.percent_text.as_deref()),
+            (180, Some(1000), Some("18%"))
+        );
+        assert_eq!((status.eta_seconds, status.steps_per_second), (Some(820), Some(1.0)));
+        assert!(ProgressTracker::new(Duration::seconds(60)).snapshot().to_status().is_none());
     }
 
     #[test]

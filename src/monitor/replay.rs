@@ -60,6 +60,8 @@ pub struct PollVerdict {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub confidence: Option<Confidence>,
     pub recommendation: Recommendation,
+    /// A stall flagged at an earlier poll cleared up at this one.
+    pub recovered: bool,
     pub reason: String,
 }
 
@@ -106,6 +108,7 @@ pub fn replay(
                 stalling: verdict.stalling,
                 confidence: verdict.confidence,
                 recommendation: verdict.recommendation,
+                recovered: verdict.recovered,
                 reason: verdict.reason.clone(),
             });
             last = Some(verdict);
