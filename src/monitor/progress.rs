@@ -173,8 +173,10 @@ impl ProgressTracker {
         // ended inside it.
         let paused = self.in_pause || self.paused_since_last_reading || self.paused_at_last_reading;
         let mut observation = Observation { at: now, step, total_steps, eta_seconds: None, paused };
-        observation.eta_seconds =
-            self.training_seconds_per_step(&observation).map(|s| remaining(step, total_steps) * s);
+        observation.eta_seconds = self
+            .training_seconds_per_step(&observation)
+            .zip(remaining(step, total_steps))
+            .map(|(s, left)| left * s);
         let due = self.history.back().is_none_or(|last| now - last.at >= self.reading_interval);
         if due {
             self.paused_since_last_reading = false;
@@ -251,7 +253,9 @@ impl ProgressTracker {
             loss: reading.loss,
             learning_rate: reading.learning_rate,
             steps_per_second,
-            eta_seconds: steps_per_second.map(|rate| remaining(reading.step, total_steps) / rate),
+            eta_seconds: steps_per_second
+                .zip(remaining(reading.step, total_steps))
+                .map(|(rate, left)| left / rate),
             training_eta_seconds: self.history.back().and_then(|o| o.eta_seconds),
             trainer_eta_seconds: reading.trainer_eta_seconds,
             last_update_time: self.last_step_change_at,
@@ -262,8 +266,9 @@ impl ProgressTracker {
     }
 }
 
-fn remaining(step: u64, total: Option<u64>) -> f64 {
-    total.map_or(0.0, |t| t.saturating_sub(step) as f64)
+/// Steps left; unknown without a total (an ETA of 0 would look like perfect convergence).
+fn remaining(step: u64, total: Option<u64>) -> Option<f64> {
+    total.map(|t| t.saturating_sub(step) as f64)
 }
 
 fn push_bounded<T>(items: &mut Vec<T>, item: T) {
@@ -324,6 +329,27 @@ mod tests {
         let kept: Vec<u64> = tracker.history().iter().map(|o| o.step).collect();
         assert_eq!(kept, vec![0, 300, 600]);
         assert_eq!(tracker.last_progress_at(), Some(t0 + Duration::seconds(600)));
+    }
+
+    #[test]
+    fn without_a_total_there_is_no_eta() {
+        let t0 = DateTime::parse_from_rfc3339("2026-11-23T06:00:00Z").unwrap().with_timezone(&Utc);
+        let mut tracker = ProgressTracker::new(Duration::seconds(60));
+        for i in 0..4u64 {
+            tracker.apply(&LogEvent::Progress(StepReading {
+                step: i * 60,
+                total_steps: None,
+                loss: None,
+                learning_rate: None,
+                seconds_per_step: None,
+                trainer_eta_seconds: None,
+            }));
+            assert_eq!(
+                tracker.observe(t0 + Duration::seconds(60 * i as i64), None).unwrap().eta_seconds,
+                None
+            );
+        }
+        assert_eq!((tracker.snapshot().eta_seconds, tracker.snapshot().steps_per_second), (None, Some(1.0)));
     }
 
     #[test]
