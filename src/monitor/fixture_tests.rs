@@ -366,6 +366,13 @@ fn nan_loss_is_reported_once_per_transition_and_as_a_warning() {
 fn nccl_watchdog_timeout_after_silence() {
     let r = report("nccl_timeout", ParserKind::AiToolkit);
     assert_eq!(classes(&r), vec![ErrorClass::NcclTimeout, ErrorClass::NcclTimeout]);
+    // The ten silent minutes before the watchdog fires are a stall of their own: flagged within
+    // four polls of the last step, long before the watchdog line (read at the last poll).
+    let silent = first_poll_where(&r, |p| p.step == Some(2400));
+    let stall = r.stall.as_ref().unwrap();
+    let flagged = stall.first_flagged_poll.expect("flagged during the silence");
+    assert!(flagged > silent && flagged - silent <= 4, "silent from poll {silent}, flagged at {flagged}");
+    assert!(flagged + 5 < stall.polls.len());
     assert!(r.errors[0].message.contains("Watchdog caught collective operation timeout"));
     let Some(Outcome::Failed { reason, .. }) = decide_outcome(&exited(1), &r.final_progress, &r.errors)
     else {
