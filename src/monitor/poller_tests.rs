@@ -220,3 +220,25 @@ async fn follow_streams_statuses_until_the_run_ends() {
         matches!(last.outcome, Some(Outcome::Failed { reason: Reason::TrainingFailed, ref message }) if message.contains("illegal memory access"))
     );
 }
+
+#[tokio::test]
+async fn a_log_that_stops_growing_is_reported_as_a_stall_through_the_poller() {
+    let machine = running_machine();
+    let mut monitor = TrainingMonitor::new(files(), ParserKind::AiToolkit, &MonitoringSpec::default());
+    // Healthy: 10 steps per 5-minute reading.
+    for i in 0..5u64 {
+        machine.append(&format!("{DIR}/train.log"), bar(10 + 10 * i).as_bytes());
+        let status = monitor.poll(&machine, t(300 * i as i64)).await.unwrap();
+        assert!(!status.stall.stalling, "poll {i}: {}", status.stall.reason);
+    }
+    // Then nothing new.
+    let mut stalled = None;
+    for i in 5..8i64 {
+        let status = monitor.poll(&machine, t(300 * i)).await.unwrap();
+        if status.stall.stalling {
+            stalled.get_or_insert(i);
+        }
+    }
+    // The first reading without a new step already shows an ETA that did not fall.
+    assert_eq!(stalled, Some(5));
+}
