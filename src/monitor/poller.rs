@@ -17,13 +17,14 @@ use std::time::Duration as StdDuration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::checkpoints::{CheckpointInventory, inventory, listing_command, parse_listing};
 use super::errors::ClassifiedError;
 use super::events::LogEvent;
 use super::parser::{LogParser, ParserKind};
 use super::progress::{ProgressSnapshot, ProgressTracker};
 use super::stall::{Recommendation, StallAssessment, StallSettings, assess_stall};
 use crate::api::{MonitoringSpec, Reason};
-use crate::remote::{RemoteError, RemoteExec};
+use crate::remote::{RemoteError, RemoteExec, RunOptions};
 
 /// Errors of the polling monitor.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,8 @@ pub enum MonitorError {
         #[source]
         source: RemoteError,
     },
+    #[error("failed to list the output folder {path} on {target}: {detail}")]
+    List { path: String, target: String, detail: String },
     #[error("failed to check whether pid {pid} is alive on {target}")]
     PidCheck {
         pid: u32,
@@ -318,6 +321,29 @@ impl TrainingMonitor {
             }
         }
     }
+}
+
+/// Lists `output_dir` on the machine with one command and builds the checkpoint inventory for
+/// the trainer's naming scheme. A missing folder is an empty inventory (nothing saved yet).
+pub async fn checkpoint_inventory(
+    remote: &dyn RemoteExec,
+    output_dir: &str,
+    kind: ParserKind,
+) -> Result<CheckpointInventory, MonitorError> {
+    let command = format!("{} 2>/dev/null || true", listing_command(output_dir));
+    let output = remote.run(&command, RunOptions::default()).await.map_err(|source| MonitorError::Read {
+        path: output_dir.to_owned(),
+        target: remote.describe(),
+        source,
+    })?;
+    if !output.success() {
+        return Err(MonitorError::List {
+            path: output_dir.to_owned(),
+            target: remote.describe(),
+            detail: output.stderr_lossy(),
+        });
+    }
+    Ok(inventory(&parse_listing(&output.stdout_lossy()), kind))
 }
 
 fn keep(event: LogEvent, tracker: &mut ProgressTracker, new_events: &mut Vec<LogEvent>) {

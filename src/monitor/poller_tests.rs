@@ -9,7 +9,9 @@ use std::time::Duration as StdDuration;
 use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 
-use super::poller::{Outcome, PollerSettings, ProcessState, TrainingFiles, TrainingMonitor};
+use super::poller::{
+    Outcome, PollerSettings, ProcessState, TrainingFiles, TrainingMonitor, checkpoint_inventory,
+};
 use super::{LogEvent, ParserKind};
 use crate::api::{MonitoringSpec, Reason};
 use crate::remote::{ExecOutput, FileChunk, RemoteError, RemoteExec, RunOptions, TransferReport};
@@ -42,8 +44,21 @@ fn unsupported(operation: &str) -> RemoteError {
 
 #[async_trait]
 impl RemoteExec for FakeMachine {
-    async fn run(&self, _command: &str, _opts: RunOptions) -> Result<ExecOutput, RemoteError> {
-        Err(unsupported("run"))
+    async fn run(&self, command: &str, _opts: RunOptions) -> Result<ExecOutput, RemoteError> {
+        // Only the output listing is supported: `find <dir> -printf ...`.
+        let dir = command
+            .strip_prefix("find ")
+            .and_then(|rest| rest.split(' ').next())
+            .ok_or_else(|| unsupported("run"))?;
+        let prefix = format!("{dir}/");
+        let files = self.files.lock().unwrap();
+        let listing: String = files
+            .iter()
+            .filter_map(|(path, data)| {
+                path.strip_prefix(&prefix).map(|rel| format!("f {} {rel}\n", data.len()))
+            })
+            .collect();
+        Ok(ExecOutput { exit_code: Some(0), stdout: listing.into_bytes(), stderr: Vec::new() })
     }
 
     async fn upload(&self, _local: &Path, _remote: &str) -> Result<TransferReport, RemoteError> {
@@ -241,4 +256,18 @@ async fn a_log_that_stops_growing_is_reported_as_a_stall_through_the_poller() {
     }
     // The first reading without a new step already shows an ETA that did not fall.
     assert_eq!(stalled, Some(5));
+}
+
+#[tokio::test]
+async fn the_checkpoint_inventory_comes_from_one_listing_of_the_output_folder() {
+    let machine = FakeMachine::default();
+    machine.write("/work/job/output/my_lora/my_lora_000000250.safetensors", &[0; 10]);
+    machine.write("/work/job/output/my_lora/my_lora_000000500.safetensors", &[0; 12]);
+    machine.write("/work/job/output/my_lora/samples/1__000000250_0.jpg", &[0; 3]);
+    let inventory =
+        checkpoint_inventory(&machine, "/work/job/output/my_lora", ParserKind::AiToolkit).await.unwrap();
+    let latest = inventory.latest().unwrap();
+    assert_eq!((latest.step, latest.size_bytes), (Some(500), 12));
+    assert_eq!(inventory.checkpoints.len(), 2);
+    assert!(inventory.final_model.is_none());
 }
