@@ -6,5 +6,6 @@ pub mod cli;
 pub mod controller;
 pub mod metrics;
 pub mod provider;
+pub mod monitor;
 pub mod remote;
 pub mod telemetry;

@@ -1,9 +1,11 @@
 //! The `gpu-trainer` command line. Each subcommand lives in its own file; this one parses
 //! arguments, sets up logging and prints errors once, with their chain.
 
+mod bench;
 mod crd;
 mod fake_vastai;
 mod offers;
+mod parse_log;
 
 use std::process::ExitCode;
 
@@ -25,6 +27,11 @@ enum Command {
     Offers(offers::OffersArgs),
     /// Run a local server that speaks the Vast.ai API (for development and tests).
     FakeVastai(fake_vastai::FakeVastaiArgs),
+    /// Print what the monitor makes of a saved training log, as JSON.
+    ParseLog(parse_log::ParseLogArgs),
+    /// Measure the monitor's log parser.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// Entry point of the binary: parse, run, report.
@@ -34,6 +41,8 @@ pub fn main() -> ExitCode {
         Command::Crd(args) => crd::run(args),
         Command::Offers(args) => offers::run(args),
         Command::FakeVastai(args) => fake_vastai::run(args),
+        Command::ParseLog(args) => parse_log::run(args),
+        Command::Bench(command) => bench::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
