@@ -1,4 +1,9 @@
 //! The controllers that `gpu-trainer run` starts, and what they share.
 
+pub mod context;
+pub mod gpuinstance;
 pub mod http;
 pub mod leader;
+pub mod patch;
+
+pub use context::{Context, OperatorConfig, SshProbe, SshTarget, instance_label, parse_instance_label};
