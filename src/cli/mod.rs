@@ -2,6 +2,8 @@
 //! arguments, sets up logging and prints errors once, with their chain.
 
 mod crd;
+mod fake_vastai;
+mod offers;
 
 use std::process::ExitCode;
 
@@ -19,6 +21,10 @@ pub struct Cli {
 enum Command {
     /// Print the TrainingJob and GpuInstance CustomResourceDefinitions as YAML.
     Crd(crd::CrdArgs),
+    /// Search the Vast.ai marketplace and print matching offers.
+    Offers(offers::OffersArgs),
+    /// Run a local server that speaks the Vast.ai API (for development and tests).
+    FakeVastai(fake_vastai::FakeVastaiArgs),
 }
 
 /// Entry point of the binary: parse, run, report.
@@ -26,6 +32,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Crd(args) => crd::run(args),
+        Command::Offers(args) => offers::run(args),
+        Command::FakeVastai(args) => fake_vastai::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -69,6 +69,22 @@ build_kube() {
   log "kube binaries cached in $KUBE_BIN"
 }
 
+# The official Vast.ai CLI, pinned: the conformance test runs it against `gpu-trainer fake-vastai`.
+# The tests find it at $GPU_TRAINER_CACHE/vastai-venv/bin/vastai.
+VASTAI_VERSION=1.9.1
+install_vastai_cli() {
+  local venv="$CACHE/vastai-venv"
+  if [ -x "$venv/bin/vastai" ] && "$venv/bin/python" -m pip show vastai 2>/dev/null | grep -qx "Version: $VASTAI_VERSION"; then
+    log "vastai $VASTAI_VERSION cached in $venv"
+    return 0
+  fi
+  log "installing vastai==$VASTAI_VERSION into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "vastai==$VASTAI_VERSION" >&2
+}
+
 apt_install etcd-server openssh-server openssl curl jq rsync ca-certificates
 build_kube
+install_vastai_cli
 "$@"

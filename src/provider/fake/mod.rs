@@ -1,0 +1,350 @@
+//! `fake-vastai`: a local HTTP server that speaks the Vast.ai API closely enough for the official
+//! `vastai` CLI and our client, for tests, benchmarks and development without an account.
+//!
+//! - Offers come from a catalogue file or a generated catalogue; searches use the API's filter
+//!   language, ordering and limits.
+//! - Instances move `created → loading → running` after configurable delays, and carry
+//!   `ssh_host`/`ssh_port` (and a `22/tcp` port mapping) pointing at a configured SSH endpoint.
+//!   Attached SSH keys can be appended to an `authorized_keys` file that endpoint reads.
+//! - Destroy, label, stop/start, the paginated v1 listing, per-endpoint 429 rate limiting.
+//! - Faults ([`Fault`]) and the request log and counters are reachable over `/_fake/...` and
+//!   through [`FakeServer`] in-process.
+//! - State is saved to a file after every change and loaded at start.
+//!
+//! Admin endpoints (no auth): `GET|DELETE /_fake/requests`, `GET /_fake/counters`,
+//! `GET|POST|DELETE /_fake/faults`, `POST /_fake/instances/{id}/state {"state": ...}`,
+//! `GET /_fake/state`.
+
+mod faults;
+mod query;
+mod server;
+mod state;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use faults::Fault;
+pub use state::ForcedState;
+
+/// How the fake behaves.
+#[derive(Clone, Debug)]
+pub struct FakeConfig {
+    /// The only accepted API key; `None` accepts any non-empty key (but never none).
+    pub api_key: Option<String>,
+    /// Where instances say SSH is (the test sshd).
+    pub ssh_host: String,
+    pub ssh_port: u16,
+    /// Time from create to `loading`, and from create to `running`.
+    pub loading_after: Duration,
+    pub running_after: Duration,
+    /// Minimum time between two calls to one endpoint; faster calls get 429. Zero disables.
+    pub rate_limit_interval: Duration,
+    /// Largest page of the v1 instance listing (the API's is 25).
+    pub page_size: usize,
+    /// Saved after every change and loaded at start.
+    pub state_file: Option<PathBuf>,
+    /// Offers to serve; the generated catalogue when unset.
+    pub catalogue: Option<PathBuf>,
+    /// Size of the generated catalogue.
+    pub generated_offers: usize,
+    /// Faults active from the start.
+    pub faults: Vec<Fault>,
+    /// Attached SSH public keys are appended here, so the SSH endpoint accepts them.
+    pub authorized_keys_file: Option<PathBuf>,
+}
+
+impl Default for FakeConfig {
+    fn default() -> Self {
+        Self {
+            api_key: None,
+            ssh_host: "127.0.0.1".into(),
+            ssh_port: 22,
+            loading_after: Duration::ZERO,
+            running_after: Duration::ZERO,
+            rate_limit_interval: Duration::ZERO,
+            page_size: 25,
+            state_file: None,
+            catalogue: None,
+            generated_offers: 48,
+            faults: Vec::new(),
+            authorized_keys_file: None,
+        }
+    }
+}
+
+/// Errors starting the fake.
+#[derive(Debug, thiserror::Error)]
+pub enum FakeError {
+    #[error("failed to listen on {addr}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to read the state file {path}")]
+    LoadState {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("failed to read the catalogue {path}")]
+    Catalogue {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the fake server stopped with an error")]
+    Serve(#[source] std::io::Error),
+}
+
+/// One request as the fake saw it. The credential itself is never recorded, only how it came.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    pub seq: u64,
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    /// Endpoint name (`create_instance`, `show_instance`, ...); `unknown` for anything else.
+    pub endpoint: String,
+    /// `bearer`, `query` (legacy `?api_key=`), `invalid` (a key that was refused) or `none`.
+    pub auth: String,
+    pub status: u16,
+    pub body: Option<Value>,
+    pub user_agent: Option<String>,
+}
+
+/// Requests per endpoint and status.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    pub total: u64,
+    /// endpoint → status → count.
+    pub by_endpoint: BTreeMap<String, BTreeMap<u16, u64>>,
+}
+
+impl Counters {
+    /// Requests to `endpoint`, any status.
+    pub fn endpoint(&self, endpoint: &str) -> u64 {
+        self.by_endpoint.get(endpoint).map(|m| m.values().sum()).unwrap_or(0)
+    }
+
+    /// Requests to `endpoint` answered `status`.
+    pub fn status(&self, endpoint: &str, status: u16) -> u64 {
+        self.by_endpoint.get(endpoint).and_then(|m| m.get(&status)).copied().unwrap_or(0)
+    }
+}
+
+struct Inner {
+    data: state::Persisted,
+    faults: faults::Faults,
+    log: Vec<RequestRecord>,
+    counters: Counters,
+    last_call: BTreeMap<String, tokio::time::Instant>,
+}
+
+/// State shared by the handlers and the [`FakeServer`] handle.
+pub struct Shared {
+    config: FakeConfig,
+    inner: Mutex<Inner>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A handler that panicked mid-update leaves plain data behind; keep serving.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn row_settings(&self, inner: &Inner) -> state::RowSettings {
+        state::RowSettings {
+            loading_after: self.config.loading_after,
+            running_after: self.config.running_after.max(self.config.loading_after),
+            ssh_host: self.config.ssh_host.clone(),
+            ssh_port: self.config.ssh_port,
+            lifetime: inner.faults.lifetime(),
+        }
+    }
+
+    /// Saves the state file, if there is one. A failed save is logged, not fatal: the fake keeps
+    /// serving from memory.
+    fn persist(&self, inner: &Inner) {
+        if let Some(path) = &self.config.state_file
+            && let Err(error) = inner.data.save(path)
+        {
+            tracing::error!(path = %path.display(), %error, "Failed to save the fake Vast.ai state");
+        }
+    }
+
+    fn add_fault(&self, fault: Fault) {
+        let mut inner = self.lock();
+        match fault {
+            Fault::InstanceBecomes { id, state, after_secs } => {
+                let at = state::now_epoch() + after_secs.max(0.0);
+                if let Some(inst) = inner.data.instances.get_mut(&id) {
+                    inst.forced = match state {
+                        ForcedState::Running => None,
+                        other => Some((other, at)),
+                    };
+                }
+                self.persist(&inner);
+            }
+            Fault::InstancesBecome { .. } => {
+                inner.faults.active.retain(|f| !matches!(f, Fault::InstancesBecome { .. }));
+                inner.faults.active.push(fault);
+            }
+            other => inner.faults.active.push(other),
+        }
+    }
+}
+
+/// A running fake server. Dropping it stops the server.
+pub struct FakeServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+/// Starts a fake on `127.0.0.1` with a free port: the cheap way for tests to get one.
+pub async fn spawn(config: FakeConfig) -> Result<FakeServer, FakeError> {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|source| FakeError::Bind { addr: "127.0.0.1:0".into(), source })?;
+    start(listener, config)
+}
+
+/// Starts a fake on an existing listener (loads state and catalogue first).
+pub fn start(listener: TcpListener, config: FakeConfig) -> Result<FakeServer, FakeError> {
+    let addr = listener.local_addr().map_err(|source| FakeError::Bind { addr: "listener".into(), source })?;
+    let shared = Arc::new(build_shared(config)?);
+    let (tx, rx) = oneshot::channel::<()>();
+    let app = server::router(shared.clone());
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                // Either an explicit shutdown or the handle being dropped ends the server.
+                let _ = rx.await;
+            })
+            .await
+    });
+    tracing::info!(%addr, "Fake Vast.ai listening");
+    Ok(FakeServer { addr, shared, shutdown: Some(tx), task: Some(task) })
+}
+
+fn build_shared(config: FakeConfig) -> Result<Shared, FakeError> {
+    let mut data = match &config.state_file {
+        Some(path) => state::Persisted::load(path)
+            .map_err(|source| FakeError::LoadState { path: path.clone(), source })?
+            .unwrap_or_default(),
+        None => state::Persisted::default(),
+    };
+    if let Some(path) = &config.catalogue {
+        data.offers = state::load_catalogue(path).map_err(|source| FakeError::Catalogue { path: path.clone(), source })?;
+    } else if data.offers.is_empty() {
+        data.offers = state::generated_catalogue(config.generated_offers);
+    }
+    data.mark_rented();
+    if data.next_id == 0 {
+        data.next_id = 20_000_001;
+    }
+    let initial = config.faults.clone();
+    let shared = Shared {
+        config,
+        inner: Mutex::new(Inner {
+            data,
+            faults: faults::Faults::default(),
+            log: Vec::new(),
+            counters: Counters::default(),
+            last_call: BTreeMap::new(),
+        }),
+    };
+    for fault in initial {
+        shared.add_fault(fault);
+    }
+    {
+        let inner = shared.lock();
+        shared.persist(&inner);
+    }
+    Ok(shared)
+}
+
+impl FakeServer {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT`, without a trailing slash (the `vastai` CLI's `VAST_URL`).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request since start or the last [`clear_requests`](Self::clear_requests).
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.shared.lock().log.clone()
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.shared.lock().counters.clone()
+    }
+
+    pub fn clear_requests(&self) {
+        let mut inner = self.shared.lock();
+        inner.log.clear();
+        inner.counters = Counters::default();
+    }
+
+    pub fn add_fault(&self, fault: Fault) {
+        self.shared.add_fault(fault);
+    }
+
+    pub fn clear_faults(&self) {
+        self.shared.lock().faults.active.clear();
+    }
+
+    /// Forces an instance into a state now (`Running` lifts an earlier forced state).
+    pub fn set_instance_state(&self, id: i64, state: ForcedState) {
+        self.shared.add_fault(Fault::InstanceBecomes { id, state, after_secs: 0.0 });
+    }
+
+    /// Instance rows as the API would show them now.
+    pub fn instances(&self) -> Vec<Map<String, Value>> {
+        let inner = self.shared.lock();
+        let settings = self.shared.row_settings(&inner);
+        let now = state::now_epoch();
+        inner.data.instances.values().map(|i| state::instance_row(i, now, &settings)).collect()
+    }
+
+    /// The catalogue, rented offers included.
+    pub fn offers(&self) -> Vec<Map<String, Value>> {
+        self.shared.lock().data.offers.clone()
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn shutdown(mut self) -> Result<(), FakeError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        match self.task.take() {
+            Some(task) => match task.await {
+                Ok(result) => result.map_err(FakeError::Serve),
+                Err(join) => Err(FakeError::Serve(std::io::Error::other(join))),
+            },
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for FakeServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
