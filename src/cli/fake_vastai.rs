@@ -72,7 +72,8 @@ pub fn run(args: FakeVastaiArgs) -> anyhow::Result<()> {
         .map(|f| serde_json::from_str::<Fault>(f).with_context(|| format!("invalid --fault {f}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let secs = |name: &str, v: f64| -> anyhow::Result<Duration> {
-        Duration::try_from_secs_f64(v).with_context(|| format!("--{name} must be a non-negative number of seconds"))
+        Duration::try_from_secs_f64(v)
+            .with_context(|| format!("--{name} must be a non-negative number of seconds"))
     };
     let config = FakeConfig {
         api_key: args.api_key,

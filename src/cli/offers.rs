@@ -97,7 +97,11 @@ fn write_table(out: &mut impl Write, offers: &[Offer]) -> std::io::Result<()> {
     let gpu_width = offers.iter().map(|o| gpu(o).len()).max().unwrap_or(3).max(3);
     let loc = |o: &Offer| o.geolocation.clone().unwrap_or_else(|| "-".into());
     let loc_width = offers.iter().map(|o| loc(o).len()).max().unwrap_or(8).max(8);
-    writeln!(out, "{:<gpu_width$}  {:>8}  {:>7}  {:>11}  {:<loc_width$}  {:>10}", "GPU", "VRAM", "$/H", "RELIABILITY", "LOCATION", "OFFER")?;
+    writeln!(
+        out,
+        "{:<gpu_width$}  {:>8}  {:>7}  {:>11}  {:<loc_width$}  {:>10}",
+        "GPU", "VRAM", "$/H", "RELIABILITY", "LOCATION", "OFFER"
+    )?;
     for o in offers {
         writeln!(
             out,

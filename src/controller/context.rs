@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use kube::Client;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::Resource;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use tracing::warn;
 
 use crate::metrics::Metrics;
@@ -101,12 +101,19 @@ impl Context {
         config: OperatorConfig,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let reporter = Reporter {
-            controller: "gpu-trainer".into(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
+        let reporter =
+            Reporter { controller: "gpu-trainer".into(), instance: std::env::var("POD_NAME").ok() };
         let recorder = Recorder::new(client.clone(), reporter);
-        Self { client, provider, provider_config, ssh_probe, config, metrics, recorder, stuck_terminations: Default::default() }
+        Self {
+            client,
+            provider,
+            provider_config,
+            ssh_probe,
+            config,
+            metrics,
+            recorder,
+            stuck_terminations: Default::default(),
+        }
     }
 
     pub fn stuck_terminations_insert(&self, uid: &str) {
@@ -122,8 +129,14 @@ impl Context {
     }
 
     /// Publishes an event about `obj`. Failing to publish is logged, never fatal.
-    pub async fn event<K>(&self, obj: &K, type_: EventType, reason: &str, action: &str, note: impl Into<String>)
-    where
+    pub async fn event<K>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: impl Into<String>,
+    ) where
         K: Resource<DynamicType = ()>,
     {
         let mut note: String = note.into();
@@ -134,7 +147,8 @@ impl Context {
             }
             note.truncate(cut);
         }
-        let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+        let event =
+            Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
         if let Err(err) = self.recorder.publish(&event, &obj.object_ref(&())).await {
             warn!(reason, error = %err, "Could not publish event");
         }

@@ -5,5 +5,6 @@ pub mod gpuinstance;
 pub mod http;
 pub mod leader;
 pub mod patch;
+pub mod sweeper;
 
 pub use context::{Context, OperatorConfig, SshProbe, SshTarget, instance_label, parse_instance_label};

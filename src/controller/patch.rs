@@ -39,7 +39,10 @@ where
 {
     let mut annotations = serde_json::Map::new();
     for (key, value) in changes {
-        annotations.insert((*key).to_string(), value.clone().map_or(serde_json::Value::Null, serde_json::Value::String));
+        annotations.insert(
+            (*key).to_string(),
+            value.clone().map_or(serde_json::Value::Null, serde_json::Value::String),
+        );
     }
     let patch = serde_json::json!({
         "metadata": { "resourceVersion": obj.resource_version(), "annotations": annotations }
@@ -48,7 +51,11 @@ where
 }
 
 /// Replaces the finalizer list, failing with 409 if the object changed since `obj` was read.
-pub async fn set_finalizers_locked<K>(api: &Api<K>, obj: &K, finalizers: Vec<String>) -> Result<K, kube::Error>
+pub async fn set_finalizers_locked<K>(
+    api: &Api<K>,
+    obj: &K,
+    finalizers: Vec<String>,
+) -> Result<K, kube::Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
 {

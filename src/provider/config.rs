@@ -93,7 +93,9 @@ impl ProviderConfig {
             None => DEFAULT_MAX_BID_PER_HOUR,
             Some(value) => match value.parse::<f64>() {
                 Ok(v) if v.is_finite() && v > 0.0 => v,
-                _ => return Err(invalid(ENV_MAX_BID_PER_HOUR, value, "expected a positive number of dollars")),
+                _ => {
+                    return Err(invalid(ENV_MAX_BID_PER_HOUR, value, "expected a positive number of dollars"));
+                }
             },
         };
         let min_vram_gb = parse_u32(&get, ENV_MIN_VRAM_GB, DEFAULT_MIN_VRAM_GB)?;
@@ -141,7 +143,8 @@ mod tests {
     use super::*;
 
     fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| map.get(k).cloned()
     }
 

@@ -221,7 +221,12 @@ fn reason_text(reason: Rejection, c: &Criteria) -> String {
 }
 
 fn describe_rejections(rejected: &Rejections, c: &Criteria) -> String {
-    rejected.0.iter().map(|(reason, n)| format!("{n} {}", reason_text(*reason, c))).collect::<Vec<_>>().join(", ")
+    rejected
+        .0
+        .iter()
+        .map(|(reason, n)| format!("{n} {}", reason_text(*reason, c)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn describe_empty(considered: usize, c: &Criteria, rejected: &Rejections) -> String {
@@ -434,7 +439,11 @@ mod tests {
 
     #[test]
     fn nothing_matches_lists_why() {
-        let offers = vec![offer(1, "RTX 4090", 9.0, 0.99), offer(2, "RTX 4090", 8.0, 0.99), offer(3, "RTX 4090", 1.0, 0.5)];
+        let offers = vec![
+            offer(1, "RTX 4090", 9.0, 0.99),
+            offer(2, "RTX 4090", 8.0, 0.99),
+            offer(3, "RTX 4090", 1.0, 0.5),
+        ];
         let err = select_offer(&offers, &criteria()).unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -464,7 +473,8 @@ mod tests {
 
     #[test]
     fn criteria_take_operator_defaults() {
-        let config = ProviderConfig::from_lookup(|k| (k == "VASTAI_API_KEY").then(|| "k".to_string())).unwrap();
+        let config =
+            ProviderConfig::from_lookup(|k| (k == "VASTAI_API_KEY").then(|| "k".to_string())).unwrap();
         let req = MachineRequirements::default();
         let c = Criteria::from_requirements(&req, &config, &[7]);
         assert_eq!(c.max_price_per_hour, 4.5);

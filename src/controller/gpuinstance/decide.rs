@@ -48,7 +48,8 @@ pub fn classify(instance: &Instance, was_ready: bool) -> Verdict {
             reason: Reason::Outbid,
             lost: true,
             exclude_machine: false,
-            message: "the instance was outbid or interrupted by its host (stopped in all state fields)".into(),
+            message: "the instance was outbid or interrupted by its host (stopped in all state fields)"
+                .into(),
         },
         InstanceState::Exited => {
             dead(if was_ready { Reason::InstanceLost } else { Reason::BootFailed }, "the container exited")
@@ -63,9 +64,10 @@ pub fn classify(instance: &Instance, was_ready: bool) -> Verdict {
             exclude_machine: false,
             message: "the provider released the instance".into(),
         },
-        InstanceState::Unknown(state) => {
-            dead(if was_ready { Reason::InstanceLost } else { Reason::BootFailed }, &format!("unknown state {state:?}"))
-        }
+        InstanceState::Unknown(state) => dead(
+            if was_ready { Reason::InstanceLost } else { Reason::BootFailed },
+            &format!("unknown state {state:?}"),
+        ),
     }
 }
 
@@ -172,10 +174,11 @@ mod tests {
         for (state, msg, ready, expected) in cases {
             assert_eq!(classify(&instance(1, state.clone(), msg), ready), expected, "{state:?}");
         }
-        let release = |state: S, msg: Option<&str>, ready: bool| match classify(&instance(1, state, msg), ready) {
-            Verdict::Release { reason, lost, exclude_machine, .. } => (reason, lost, exclude_machine),
-            other => panic!("expected release, got {other:?}"),
-        };
+        let release =
+            |state: S, msg: Option<&str>, ready: bool| match classify(&instance(1, state, msg), ready) {
+                Verdict::Release { reason, lost, exclude_machine, .. } => (reason, lost, exclude_machine),
+                other => panic!("expected release, got {other:?}"),
+            };
         assert_eq!(release(S::Exited, None, false), (Reason::BootFailed, false, true));
         assert_eq!(release(S::Exited, None, true), (Reason::InstanceLost, true, true));
         assert_eq!(release(S::Offline, None, true), (Reason::InstanceLost, true, true));
@@ -189,10 +192,11 @@ mod tests {
 
     #[test]
     fn boot_timeout_grows_with_image_size() {
-        let spec: GpuInstanceSpec = serde_json::from_value(serde_json::json!({"image": "x", "imageSizeGb": 10})).unwrap();
+        let spec: GpuInstanceSpec =
+            serde_json::from_value(serde_json::json!({"image": "x", "imageSizeGb": 10})).unwrap();
         let t = boot_timeout(&spec, Duration::from_secs(900), Duration::from_secs(30));
         assert_eq!(t, Duration::from_secs(1200));
-        let at = |s| Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap();
+        let at = |s: i64| Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap();
         assert!(!boot_deadline_passed(at(0), t, at(1199)));
         assert!(boot_deadline_passed(at(0), t, at(1200)));
     }

@@ -9,16 +9,16 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::ResourceExt;
 use tracing::{info, warn};
 
 use super::decide::{PendingCreate, annotation_time, choose_survivor, pending_create};
 use super::{Error, kube_err, onstart, provider_err, sshkey};
 use crate::api::{
-    ConditionStatus, CREATE_PENDING_ANNOTATION, CREATE_SUCCEEDED_ANNOTATION, GpuInstance, GpuInstancePhase,
+    CREATE_PENDING_ANNOTATION, CREATE_SUCCEEDED_ANNOTATION, ConditionStatus, GpuInstance, GpuInstancePhase,
     GpuInstanceStatus, OfferStatus, Reason, instance_condition, set_condition, to_k8s_time,
 };
 use crate::controller::patch::{is_conflict, set_annotations_locked};
@@ -60,15 +60,26 @@ pub async fn ensure_launched(
         }
     };
 
-    let criteria =
-        Criteria::from_requirements(&instance.spec.requirements, &ctx.provider_config, &status.excluded_machine_ids);
-    let offers = ctx.provider.search_offers(&query_for(&criteria)).await.map_err(provider_err("search offers"))?;
+    let criteria = Criteria::from_requirements(
+        &instance.spec.requirements,
+        &ctx.provider_config,
+        &status.excluded_machine_ids,
+    );
+    let offers =
+        ctx.provider.search_offers(&query_for(&criteria)).await.map_err(provider_err("search offers"))?;
     let selection = match select_offer(&offers, &criteria) {
         Ok(selection) => selection,
         Err(no_match) => {
             let message = no_match.to_string();
             if status.reason != Some(Reason::NoOffers) {
-                ctx.event(instance, EventType::Warning, Reason::NoOffers.as_str(), "SelectOffer", message.clone()).await;
+                ctx.event(
+                    instance,
+                    EventType::Warning,
+                    Reason::NoOffers.as_str(),
+                    "SelectOffer",
+                    message.clone(),
+                )
+                .await;
             }
             status.phase = GpuInstancePhase::Pending;
             set_reason(status, Reason::NoOffers, &message);
@@ -96,7 +107,10 @@ pub async fn ensure_launched(
         image: instance.spec.image.clone(),
         disk_gb: instance.spec.requirements.disk_gb.unwrap_or(ctx.provider_config.default_disk_gb),
         env,
-        onstart: Some(onstart::render_onstart(instance.spec.max_lifetime_seconds, instance.spec.onstart.as_deref())),
+        onstart: Some(onstart::render_onstart(
+            instance.spec.max_lifetime_seconds,
+            instance.spec.onstart.as_deref(),
+        )),
         label: Some(label.clone()),
         ssh: true,
         ssh_public_key: Some(key.public_openssh.clone()),
@@ -107,17 +121,26 @@ pub async fn ensure_launched(
         Ok(id) => {
             ctx.metrics.launches.get_or_create(&OutcomeLabels { outcome: "success" }).inc();
             record_launch(status, id, &offer, now);
-            set_reason(status, Reason::Launched, &format!("rented {}: {}", describe_offer(&offer), selection.explanation));
+            set_reason(
+                status,
+                Reason::Launched,
+                &format!("rented {}: {}", describe_offer(&offer), selection.explanation),
+            );
             // Persist the id before anything else can fail, then close the gate.
-            super::write_status(api, &marked, &marked.status.clone().unwrap_or_default(), status.clone()).await?;
-            let _ = set_annotations_locked(api, &fresh(api, &marked).await?, &[(
-                CREATE_SUCCEEDED_ANNOTATION,
-                Some(annotation_time(Utc::now())),
-            )])
+            super::write_status(api, &marked, &marked.status.clone().unwrap_or_default(), status.clone())
+                .await?;
+            let _ = set_annotations_locked(
+                api,
+                &fresh(api, &marked).await?,
+                &[(CREATE_SUCCEEDED_ANNOTATION, Some(annotation_time(Utc::now())))],
+            )
             .await
             .map_err(kube_err("persist the create-succeeded mark"))?;
             if let Some(user_key) = &instance.spec.ssh_public_key {
-                ctx.provider.attach_ssh_key(id, user_key).await.map_err(provider_err("attach the user's SSH key"))?;
+                ctx.provider
+                    .attach_ssh_key(id, user_key)
+                    .await
+                    .map_err(provider_err("attach the user's SSH key"))?;
             }
             ctx.event(
                 instance,
@@ -133,7 +156,10 @@ pub async fn ensure_launched(
             ctx.metrics.launches.get_or_create(&OutcomeLabels { outcome: err.category() }).inc();
             if let Some(contract) = err.left_contract() {
                 // The rent failed but billed a contract: destroy it before anything else.
-                ctx.provider.destroy_instance(contract).await.map_err(provider_err("destroy a contract left by a failed rent"))?;
+                ctx.provider
+                    .destroy_instance(contract)
+                    .await
+                    .map_err(provider_err("destroy a contract left by a failed rent"))?;
                 exclude_machine(status, offer.machine_id);
                 ctx.event(instance, EventType::Warning, Reason::BootFailed.as_str(), "Launch",
                     format!("Renting {} failed and left contract {contract}, which was destroyed; trying another offer", describe_offer(&offer))).await;
@@ -142,8 +168,14 @@ pub async fn ensure_launched(
             }
             match err {
                 crate::provider::Error::OfferUnavailable { .. } => {
-                    ctx.event(instance, EventType::Normal, Reason::OfferUnavailable.as_str(), "Launch",
-                        format!("Offer {} was taken before we could rent it; choosing another", offer.id)).await;
+                    ctx.event(
+                        instance,
+                        EventType::Normal,
+                        Reason::OfferUnavailable.as_str(),
+                        "Launch",
+                        format!("Offer {} was taken before we could rent it; choosing another", offer.id),
+                    )
+                    .await;
                     clear_pending(api, &marked).await?;
                     Ok(Action::requeue(Duration::ZERO))
                 }
@@ -176,22 +208,50 @@ async fn resolve_pending(
     since: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Result<Action, Error> {
-    let found = ctx.provider.list_instances_by_label(label).await.map_err(provider_err("list instances by label"))?;
+    let found =
+        ctx.provider.list_instances_by_label(label).await.map_err(provider_err("list instances by label"))?;
     let live: Vec<Instance> = found.into_iter().filter(|i| i.state != InstanceState::Released).collect();
     if let Some(survivor) = choose_survivor(&live).cloned() {
         for duplicate in live.iter().filter(|i| i.id != survivor.id) {
-            ctx.provider.destroy_instance(duplicate.id).await.map_err(provider_err("destroy a duplicate instance"))?;
-            ctx.event(instance, EventType::Warning, "DuplicateInstanceDestroyed", "Launch",
-                format!("Destroyed instance {} carrying this GpuInstance's label; kept the older {}", duplicate.id, survivor.id)).await;
+            ctx.provider
+                .destroy_instance(duplicate.id)
+                .await
+                .map_err(provider_err("destroy a duplicate instance"))?;
+            ctx.event(
+                instance,
+                EventType::Warning,
+                "DuplicateInstanceDestroyed",
+                "Launch",
+                format!(
+                    "Destroyed instance {} carrying this GpuInstance's label; kept the older {}",
+                    duplicate.id, survivor.id
+                ),
+            )
+            .await;
         }
         adopt(status, &survivor, now);
-        set_reason(status, Reason::Launched, &format!("adopted instance {} found by label after a restart", survivor.id));
-        super::write_status(api, instance, &instance.status.clone().unwrap_or_default(), status.clone()).await?;
-        set_annotations_locked(api, &fresh(api, instance).await?, &[(CREATE_SUCCEEDED_ANNOTATION, Some(annotation_time(Utc::now())))])
-            .await
-            .map_err(kube_err("persist the create-succeeded mark"))?;
-        ctx.event(instance, EventType::Normal, Reason::Launched.as_str(), "Launch",
-            format!("Adopted instance {} found by its label", survivor.id)).await;
+        set_reason(
+            status,
+            Reason::Launched,
+            &format!("adopted instance {} found by label after a restart", survivor.id),
+        );
+        super::write_status(api, instance, &instance.status.clone().unwrap_or_default(), status.clone())
+            .await?;
+        set_annotations_locked(
+            api,
+            &fresh(api, instance).await?,
+            &[(CREATE_SUCCEEDED_ANNOTATION, Some(annotation_time(Utc::now())))],
+        )
+        .await
+        .map_err(kube_err("persist the create-succeeded mark"))?;
+        ctx.event(
+            instance,
+            EventType::Normal,
+            Reason::Launched.as_str(),
+            "Launch",
+            format!("Adopted instance {} found by its label", survivor.id),
+        )
+        .await;
         return Ok(Action::requeue(ctx.config.boot_poll));
     }
     let elapsed = now.signed_duration_since(since).to_std().unwrap_or_default();
@@ -242,8 +302,15 @@ fn record_launch(status: &mut GpuInstanceStatus, id: InstanceId, offer: &Offer, 
     status.offer = Some(offer_status(offer));
     status.phase = GpuInstancePhase::Booting;
     status.launched_at = Some(to_k8s_time(now));
-    set_condition(&mut status.conditions, instance_condition::LAUNCHED, ConditionStatus::True, Reason::Launched,
-        format!("instance {id}"), None, now);
+    set_condition(
+        &mut status.conditions,
+        instance_condition::LAUNCHED,
+        ConditionStatus::True,
+        Reason::Launched,
+        format!("instance {id}"),
+        None,
+        now,
+    );
 }
 
 fn adopt(status: &mut GpuInstanceStatus, instance: &Instance, now: DateTime<Utc>) {
@@ -262,8 +329,15 @@ fn adopt(status: &mut GpuInstanceStatus, instance: &Instance, now: DateTime<Utc>
             geolocation: instance.geolocation.clone(),
         });
     }
-    set_condition(&mut status.conditions, instance_condition::LAUNCHED, ConditionStatus::True, Reason::Launched,
-        format!("instance {} (adopted)", instance.id), None, now);
+    set_condition(
+        &mut status.conditions,
+        instance_condition::LAUNCHED,
+        ConditionStatus::True,
+        Reason::Launched,
+        format!("instance {} (adopted)", instance.id),
+        None,
+        now,
+    );
 }
 
 pub(crate) fn offer_status(offer: &Offer) -> OfferStatus {
@@ -302,7 +376,10 @@ pub(crate) fn set_reason(status: &mut GpuInstanceStatus, reason: Reason, message
 
 /// Resolves the container environment; values from Secrets are read now and never written into
 /// any Kubernetes object. Returns a message naming the missing Secret or key.
-async fn resolve_env(secrets: &Api<Secret>, instance: &GpuInstance) -> Result<BTreeMap<String, String>, String> {
+async fn resolve_env(
+    secrets: &Api<Secret>,
+    instance: &GpuInstance,
+) -> Result<BTreeMap<String, String>, String> {
     let mut env = BTreeMap::new();
     for var in &instance.spec.env {
         let value = match (&var.value, &var.value_from) {
@@ -314,13 +391,12 @@ async fn resolve_env(secrets: &Api<Secret>, instance: &GpuInstance) -> Result<BT
                     .await
                     .map_err(|e| format!("spec.env[{}]: cannot read Secret {}: {e}", var.name, r.name))?
                     .ok_or_else(|| format!("spec.env[{}]: Secret {} does not exist", var.name, r.name))?;
-                let bytes = secret
-                    .data
-                    .as_ref()
-                    .and_then(|d| d.get(&r.key))
-                    .ok_or_else(|| format!("spec.env[{}]: Secret {} has no key {}", var.name, r.name, r.key))?;
-                String::from_utf8(bytes.0.clone())
-                    .map_err(|_| format!("spec.env[{}]: Secret {} key {} is not UTF-8", var.name, r.name, r.key))?
+                let bytes = secret.data.as_ref().and_then(|d| d.get(&r.key)).ok_or_else(|| {
+                    format!("spec.env[{}]: Secret {} has no key {}", var.name, r.name, r.key)
+                })?;
+                String::from_utf8(bytes.0.clone()).map_err(|_| {
+                    format!("spec.env[{}]: Secret {} key {} is not UTF-8", var.name, r.name, r.key)
+                })?
             }
             (None, None) => String::new(),
         };

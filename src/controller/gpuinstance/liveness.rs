@@ -3,17 +3,17 @@
 
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::ResourceExt;
 
 use super::decide::{Verdict, boot_deadline_passed, boot_timeout, classify};
 use super::launch::{exclude_machine, set_reason};
 use super::{Error, provider_err, sshkey};
 use crate::api::{
-    ConditionStatus, GpuInstance, GpuInstancePhase, GpuInstanceStatus, ProviderStatus, Reason, SshEndpointStatus,
-    from_k8s_time, instance_condition, is_condition_true, set_condition, to_k8s_time,
+    ConditionStatus, GpuInstance, GpuInstancePhase, GpuInstanceStatus, ProviderStatus, Reason,
+    SshEndpointStatus, from_k8s_time, instance_condition, is_condition_true, set_condition, to_k8s_time,
 };
 use crate::controller::{Context, SshTarget};
 use crate::provider::{Instance, InstanceId};
@@ -52,7 +52,11 @@ pub async fn observe(
             if status.phase != GpuInstancePhase::Running {
                 status.phase = GpuInstancePhase::Booting;
                 let detail = observed.status_msg.clone().unwrap_or_else(|| "starting".into());
-                set_reason(status, Reason::Booting, &format!("{}: {detail}", observed.actual_status.as_deref().unwrap_or("created")));
+                set_reason(
+                    status,
+                    Reason::Booting,
+                    &format!("{}: {detail}", observed.actual_status.as_deref().unwrap_or("created")),
+                );
             }
             check_boot_deadline(instance, status, ctx, &observed, now).await
         }
@@ -70,8 +74,14 @@ pub async fn observe(
             }
             let phase = if lost { GpuInstancePhase::Lost } else { GpuInstancePhase::Failed };
             mark_released(status, phase, reason, &message, now);
-            ctx.event(instance, EventType::Warning, reason.as_str(), "Observe",
-                format!("Instance {id}: {message}; released it")).await;
+            ctx.event(
+                instance,
+                EventType::Warning,
+                reason.as_str(),
+                "Observe",
+                format!("Instance {id}: {message}; released it"),
+            )
+            .await;
             Ok(Action::requeue(ctx.config.termination_poll))
         }
     }
@@ -95,23 +105,65 @@ async fn probe_ssh(
     let target = SshTarget { host: endpoint.host.clone(), port: endpoint.port, user: "root".into() };
     match ctx.ssh_probe.probe(&target, &key.private_openssh).await {
         Ok(fingerprint) => {
-            status.ssh = Some(SshEndpointStatus { host: endpoint.host, port: endpoint.port, host_key_fingerprint: Some(fingerprint) });
-            set_condition(&mut status.conditions, instance_condition::REACHABLE, ConditionStatus::True, Reason::Reachable,
-                format!("SSH answers at {}:{}", target.host, target.port), None, now);
-            set_condition(&mut status.conditions, instance_condition::READY, ConditionStatus::True, Reason::Ready,
-                "ready for work", None, now);
+            status.ssh = Some(SshEndpointStatus {
+                host: endpoint.host,
+                port: endpoint.port,
+                host_key_fingerprint: Some(fingerprint),
+            });
+            set_condition(
+                &mut status.conditions,
+                instance_condition::REACHABLE,
+                ConditionStatus::True,
+                Reason::Reachable,
+                format!("SSH answers at {}:{}", target.host, target.port),
+                None,
+                now,
+            );
+            set_condition(
+                &mut status.conditions,
+                instance_condition::READY,
+                ConditionStatus::True,
+                Reason::Ready,
+                "ready for work",
+                None,
+                now,
+            );
             status.phase = GpuInstancePhase::Running;
-            let took = status.launched_at.as_ref().map(|t| (now - from_k8s_time(t)).num_seconds()).unwrap_or_default();
+            let took = status
+                .launched_at
+                .as_ref()
+                .map(|t| (now - from_k8s_time(t)).num_seconds())
+                .unwrap_or_default();
             set_reason(status, Reason::Ready, &format!("SSH answers at {}:{}", target.host, target.port));
-            ctx.event(instance, EventType::Normal, Reason::Ready.as_str(), "Observe",
-                format!("Instance {} is ready; SSH answers at {}:{} ({took} s after rent)", observed.id, target.host, target.port)).await;
+            ctx.event(
+                instance,
+                EventType::Normal,
+                Reason::Ready.as_str(),
+                "Observe",
+                format!(
+                    "Instance {} is ready; SSH answers at {}:{} ({took} s after rent)",
+                    observed.id, target.host, target.port
+                ),
+            )
+            .await;
             Ok(Action::requeue(ctx.config.liveness_poll))
         }
         Err(message) => {
             status.phase = GpuInstancePhase::Booting;
-            set_condition(&mut status.conditions, instance_condition::REACHABLE, ConditionStatus::False,
-                Reason::SshUnreachable, message.clone(), None, now);
-            set_reason(status, Reason::SshUnreachable, &format!("running; SSH does not answer yet: {message}"));
+            set_condition(
+                &mut status.conditions,
+                instance_condition::REACHABLE,
+                ConditionStatus::False,
+                Reason::SshUnreachable,
+                message.clone(),
+                None,
+                now,
+            );
+            set_reason(
+                status,
+                Reason::SshUnreachable,
+                &format!("running; SSH does not answer yet: {message}"),
+            );
             check_boot_deadline(instance, status, ctx, observed, now).await
         }
     }
@@ -124,25 +176,47 @@ async fn check_boot_deadline(
     observed: &Instance,
     now: DateTime<Utc>,
 ) -> Result<Action, Error> {
-    let timeout = boot_timeout(&instance.spec, ctx.config.default_boot_timeout, ctx.config.boot_time_per_image_gb);
+    let timeout =
+        boot_timeout(&instance.spec, ctx.config.default_boot_timeout, ctx.config.boot_time_per_image_gb);
     let launched = status.launched_at.as_ref().map(from_k8s_time).unwrap_or(now);
     if !boot_deadline_passed(launched, timeout, now) {
         return Ok(Action::requeue(ctx.config.boot_poll));
     }
-    ctx.provider.destroy_instance(observed.id).await.map_err(provider_err("destroy an instance that did not boot"))?;
+    ctx.provider
+        .destroy_instance(observed.id)
+        .await
+        .map_err(provider_err("destroy an instance that did not boot"))?;
     if let Some(machine) = observed.machine_id {
         exclude_machine(status, machine);
     }
-    let message = format!("instance {} was not reachable within {} s of rent; released it", observed.id, timeout.as_secs());
+    let message = format!(
+        "instance {} was not reachable within {} s of rent; released it",
+        observed.id,
+        timeout.as_secs()
+    );
     mark_released(status, GpuInstancePhase::Failed, Reason::BootTimeout, &message, now);
     ctx.event(instance, EventType::Warning, Reason::BootTimeout.as_str(), "Observe", message).await;
     Ok(Action::requeue(ctx.config.termination_poll))
 }
 
-fn mark_released(status: &mut GpuInstanceStatus, phase: GpuInstancePhase, reason: Reason, message: &str, now: DateTime<Utc>) {
+fn mark_released(
+    status: &mut GpuInstanceStatus,
+    phase: GpuInstancePhase,
+    reason: Reason,
+    message: &str,
+    now: DateTime<Utc>,
+) {
     status.phase = phase;
     set_reason(status, reason, message);
-    set_condition(&mut status.conditions, instance_condition::READY, ConditionStatus::False, reason, message, None, now);
+    set_condition(
+        &mut status.conditions,
+        instance_condition::READY,
+        ConditionStatus::False,
+        reason,
+        message,
+        None,
+        now,
+    );
 }
 
 pub(crate) fn provider_id(status: &GpuInstanceStatus) -> Result<InstanceId, Error> {

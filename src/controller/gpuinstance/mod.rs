@@ -104,7 +104,9 @@ pub async fn reconcile(instance: Arc<GpuInstance>, ctx: Arc<Context>) -> Result<
         GpuInstancePhase::Failed | GpuInstancePhase::Lost | GpuInstancePhase::Terminated => {
             terminate::ensure_released(&instance, &mut status, &ctx).await?
         }
-        _ if status.provider_id.is_none() => launch::ensure_launched(&api, &instance, &mut status, &ctx, now).await?,
+        _ if status.provider_id.is_none() => {
+            launch::ensure_launched(&api, &instance, &mut status, &ctx, now).await?
+        }
         _ => liveness::observe(&instance, &mut status, &ctx, now).await?,
     };
     write_status(&api, &instance, &before, status).await?;

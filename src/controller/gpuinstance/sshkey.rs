@@ -73,7 +73,9 @@ pub async fn ensure_key(secrets: &Api<Secret>, instance: &GpuInstance) -> Result
         .as_ref()
         .map(|r| r.name.clone())
         .unwrap_or_else(|| generated_secret_name(instance));
-    if let Some(secret) = secrets.get_opt(&name).await.map_err(|source| KeyError::Read { name: name.clone(), source })? {
+    if let Some(secret) =
+        secrets.get_opt(&name).await.map_err(|source| KeyError::Read { name: name.clone(), source })?
+    {
         return key_from_secret(&secret, &name);
     }
     if instance.spec.ssh_key_secret_ref.is_some() {
@@ -106,7 +108,8 @@ pub async fn ensure_key(secrets: &Api<Secret>, instance: &GpuInstance) -> Result
         Ok(_) => Ok(KeyPair { private_openssh: private, public_openssh: public, secret_name: name }),
         // Created concurrently (a previous reconcile whose response was lost): use what is stored.
         Err(kube::Error::Api(status)) if status.code == 409 => {
-            let secret = secrets.get(&name).await.map_err(|source| KeyError::Read { name: name.clone(), source })?;
+            let secret =
+                secrets.get(&name).await.map_err(|source| KeyError::Read { name: name.clone(), source })?;
             key_from_secret(&secret, &name)
         }
         Err(source) => Err(KeyError::Create { name, source }),

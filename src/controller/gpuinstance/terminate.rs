@@ -5,10 +5,10 @@
 //! a metric, and keep trying.
 
 use chrono::{DateTime, Utc};
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::ResourceExt;
 use tracing::info;
 
 use super::decide::is_gone;
@@ -33,10 +33,23 @@ pub async fn cleanup(api: &Api<GpuInstance>, instance: &GpuInstance, ctx: &Conte
     let before = instance.status.clone().unwrap_or_default();
     let mut status = before.clone();
     if !is_condition_true(&status.conditions, instance_condition::INSTANCE_TERMINATING) {
-        set_condition(&mut status.conditions, instance_condition::INSTANCE_TERMINATING, ConditionStatus::True,
-            Reason::Terminating, "releasing the machine", None, now);
-        ctx.event(instance, EventType::Normal, Reason::Terminating.as_str(), "Terminate",
-            format!("Releasing instance {}", status.provider_id.as_deref().unwrap_or("(not rented yet)"))).await;
+        set_condition(
+            &mut status.conditions,
+            instance_condition::INSTANCE_TERMINATING,
+            ConditionStatus::True,
+            Reason::Terminating,
+            "releasing the machine",
+            None,
+            now,
+        );
+        ctx.event(
+            instance,
+            EventType::Normal,
+            Reason::Terminating.as_str(),
+            "Terminate",
+            format!("Releasing instance {}", status.provider_id.as_deref().unwrap_or("(not rented yet)")),
+        )
+        .await;
     }
     status.phase = GpuInstancePhase::Terminating;
     set_reason(&mut status, Reason::Terminating, "releasing the machine");
@@ -51,7 +64,8 @@ pub async fn cleanup(api: &Api<GpuInstance>, instance: &GpuInstance, ctx: &Conte
         status.phase = GpuInstancePhase::Terminated;
         set_reason(&mut status, Reason::Terminated, "the provider no longer lists the machine");
         write_status(api, instance, &before, status).await?;
-        let finalizers = instance.finalizers().iter().filter(|f| *f != GPUINSTANCE_FINALIZER).cloned().collect();
+        let finalizers =
+            instance.finalizers().iter().filter(|f| *f != GPUINSTANCE_FINALIZER).cloned().collect();
         match set_finalizers_locked(api, instance, finalizers).await {
             Ok(_) => {}
             Err(err) if is_conflict(&err) => return Ok(Action::requeue(std::time::Duration::ZERO)),
@@ -63,20 +77,35 @@ pub async fn cleanup(api: &Api<GpuInstance>, instance: &GpuInstance, ctx: &Conte
         ctx.metrics.termination_duration.observe(took.as_secs_f64());
         ctx.stuck_terminations_remove(&instance.uid().unwrap_or_default());
         info!(gpuinstance = %instance.name_any(), seconds = took.as_secs_f64(), "Instance released");
-        ctx.event(instance, EventType::Normal, Reason::Terminated.as_str(), "Terminate",
-            format!("Released instance {} ({:.0} s)", status_id(instance), took.as_secs_f64())).await;
+        ctx.event(
+            instance,
+            EventType::Normal,
+            Reason::Terminated.as_str(),
+            "Terminate",
+            format!("Released instance {} ({:.0} s)", status_id(instance), took.as_secs_f64()),
+        )
+        .await;
         return Ok(Action::await_change());
     }
 
-    if stuck(since, now, ctx) && !is_condition_true(&status.conditions, instance_condition::TERMINATION_STUCK) {
+    if stuck(since, now, ctx) && !is_condition_true(&status.conditions, instance_condition::TERMINATION_STUCK)
+    {
         let message = format!(
             "instance {} is still listed {} min after the first destroy call; still trying. Check it in the provider's console",
             status_id(instance),
             (now - since).num_minutes()
         );
-        set_condition(&mut status.conditions, instance_condition::TERMINATION_STUCK, ConditionStatus::True,
-            Reason::TerminationStuck, message.clone(), None, now);
-        ctx.event(instance, EventType::Warning, Reason::TerminationStuck.as_str(), "Terminate", message).await;
+        set_condition(
+            &mut status.conditions,
+            instance_condition::TERMINATION_STUCK,
+            ConditionStatus::True,
+            Reason::TerminationStuck,
+            message.clone(),
+            None,
+            now,
+        );
+        ctx.event(instance, EventType::Warning, Reason::TerminationStuck.as_str(), "Terminate", message)
+            .await;
     }
     if is_condition_true(&status.conditions, instance_condition::TERMINATION_STUCK) {
         ctx.stuck_terminations_insert(&instance.uid().unwrap_or_default());
@@ -101,11 +130,19 @@ pub async fn ensure_released(
 
 /// Destroys the recorded instance and every instance carrying this GpuInstance's label, then
 /// reports whether all of them are gone.
-async fn destroy_everything(instance: &GpuInstance, status: &GpuInstanceStatus, ctx: &Context) -> Result<bool, Error> {
+async fn destroy_everything(
+    instance: &GpuInstance,
+    status: &GpuInstanceStatus,
+    ctx: &Context,
+) -> Result<bool, Error> {
     let mut ids: Vec<InstanceId> = provider_id(status).ok().into_iter().collect();
     if let Some(uid) = instance.uid() {
         let label = status.label.clone().unwrap_or_else(|| instance_label(&ctx.config.installation_id, &uid));
-        let labelled = ctx.provider.list_instances_by_label(&label).await.map_err(provider_err("list instances by label"))?;
+        let labelled = ctx
+            .provider
+            .list_instances_by_label(&label)
+            .await
+            .map_err(provider_err("list instances by label"))?;
         ids.extend(labelled.iter().filter(|i| i.state != InstanceState::Released).map(|i| i.id));
     }
     ids.sort();

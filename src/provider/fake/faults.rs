@@ -102,7 +102,9 @@ impl Faults {
                         *count -= 1;
                     }
                 }
-                Fault::RateLimit { count, retry_after_secs, endpoint } if *count > 0 && applies(endpoint, name) => {
+                Fault::RateLimit { count, retry_after_secs, endpoint }
+                    if *count > 0 && applies(endpoint, name) =>
+                {
                     if decision.error_status.is_none() && decision.rate_limited.is_none() {
                         decision.rate_limited = Some(*retry_after_secs);
                         *count -= 1;
@@ -170,7 +172,8 @@ mod tests {
     fn faults_parse_from_json() {
         let f: Fault = serde_json::from_str(r#"{"kind":"create_leaves_contract","count":1}"#).unwrap();
         assert_eq!(f, Fault::CreateLeavesContract { count: 1, status: 500, report_contract: true });
-        let f: Fault = serde_json::from_str(r#"{"kind":"instance_becomes","id":5,"state":"outbid"}"#).unwrap();
+        let f: Fault =
+            serde_json::from_str(r#"{"kind":"instance_becomes","id":5,"state":"outbid"}"#).unwrap();
         assert_eq!(f, Fault::InstanceBecomes { id: 5, state: ForcedState::Outbid, after_secs: 0.0 });
         assert!(serde_json::from_str::<Fault>(r#"{"kind":"error_burst","status":503}"#).is_err());
     }

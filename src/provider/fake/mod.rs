@@ -246,7 +246,8 @@ fn build_shared(config: FakeConfig) -> Result<Shared, FakeError> {
         None => state::Persisted::default(),
     };
     if let Some(path) = &config.catalogue {
-        data.offers = state::load_catalogue(path).map_err(|source| FakeError::Catalogue { path: path.clone(), source })?;
+        data.offers = state::load_catalogue(path)
+            .map_err(|source| FakeError::Catalogue { path: path.clone(), source })?;
     } else if data.offers.is_empty() {
         data.offers = state::generated_catalogue(config.generated_offers);
     }

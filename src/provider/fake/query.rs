@@ -7,7 +7,8 @@ use std::cmp::Ordering;
 use serde_json::{Map, Value};
 
 /// Top-level keys of a search query that are not filters.
-const NOT_FILTERS: &[&str] = &["order", "type", "limit", "allocated_storage", "select_cols", "disable_bundling"];
+const NOT_FILTERS: &[&str] =
+    &["order", "type", "limit", "allocated_storage", "select_cols", "disable_bundling"];
 
 /// Whether `row` passes every filter. Fields the row does not have are ignored, as are unknown
 /// operators (the real server ignores unknown fields, and the CLI warns about them).
@@ -97,7 +98,8 @@ pub fn sort(rows: &mut [Map<String, Value>], order: &[(String, bool)]) {
                 return ord;
             }
         }
-        compare(a.get("id").unwrap_or(&Value::Null), b.get("id").unwrap_or(&Value::Null)).unwrap_or(Ordering::Equal)
+        compare(a.get("id").unwrap_or(&Value::Null), b.get("id").unwrap_or(&Value::Null))
+            .unwrap_or(Ordering::Equal)
     });
 }
 
@@ -115,7 +117,8 @@ mod tests {
     fn cli_style_string_numbers_and_codes() {
         let row = obj(json!({"num_gpus": 1, "gpu_ram": 24564, "gpu_name": "RTX 4090", "reliability": 0.99,
             "geolocation": "Texas, US", "verification": "verified", "rentable": true}));
-        let q = obj(json!({"num_gpus": {"eq": "1"}, "gpu_ram": {"gte": 20000.0}, "gpu_name": {"eq": "RTX 4090"},
+        let q =
+            obj(json!({"num_gpus": {"eq": "1"}, "gpu_ram": {"gte": 20000.0}, "gpu_name": {"eq": "RTX 4090"},
             "reliability": {"gt": "0.98"}, "geolocation": {"in": ["US", "CA"]}, "verified": {"eq": true},
             "rentable": {"eq": true}, "order": [["dph_total", "asc"]], "limit": 5}));
         assert!(matches(&row, &q));

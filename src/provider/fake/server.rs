@@ -103,9 +103,13 @@ impl Route {
             ("GET", ["api", "v0", "instances", n]) => id(n).map_or(Self::Unknown, Self::ShowInstance),
             ("PUT", ["api", "v0", "instances", n]) => id(n).map_or(Self::Unknown, Self::UpdateInstance),
             ("DELETE", ["api", "v0", "instances", n]) => id(n).map_or(Self::Unknown, Self::DestroyInstance),
-            ("PUT", ["api", "v0", "instances", "reboot", n]) => id(n).map_or(Self::Unknown, Self::RebootInstance),
+            ("PUT", ["api", "v0", "instances", "reboot", n]) => {
+                id(n).map_or(Self::Unknown, Self::RebootInstance)
+            }
             ("POST", ["api", "v0", "instances", n, "ssh"]) => id(n).map_or(Self::Unknown, Self::AttachSsh),
-            ("GET", ["api", "v0", "instances", n, "ssh"]) => id(n).map_or(Self::Unknown, Self::ShowInstanceSsh),
+            ("GET", ["api", "v0", "instances", n, "ssh"]) => {
+                id(n).map_or(Self::Unknown, Self::ShowInstanceSsh)
+            }
             _ => Self::Unknown,
         }
     }
@@ -248,11 +252,7 @@ fn injected_error(status: u16) -> Reply {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     match status.as_u16() {
         // What a proxy in front of the API answers: HTML, not JSON.
-        502 | 504 => Reply::Text(
-            status,
-            "text/html",
-            format!("<html><body><h1>{status}</h1></body></html>"),
-        ),
+        502 | 504 => Reply::Text(status, "text/html", format!("<html><body><h1>{status}</h1></body></html>")),
         _ => Reply::error(status, "server_error", format!("injected fault {}", status.as_u16())),
     }
 }
@@ -265,7 +265,8 @@ fn dispatch(shared: &Shared, route: Route, params: &[(String, String)], body: Op
     let body_map = body.and_then(Value::as_object).unwrap_or(&empty);
     match route {
         Route::GpuNames => {
-            let mut names: Vec<&str> = inner.data.offers.iter().filter_map(|o| o.get("gpu_name")?.as_str()).collect();
+            let mut names: Vec<&str> =
+                inner.data.offers.iter().filter_map(|o| o.get("gpu_name")?.as_str()).collect();
             names.sort_unstable();
             names.dedup();
             Reply::ok(json!({ "gpu_names": names }))
@@ -291,7 +292,10 @@ fn dispatch(shared: &Shared, route: Route, params: &[(String, String)], body: Op
             None => Reply::error(StatusCode::BAD_REQUEST, "invalid_args", "missing q"),
         },
         Route::SearchOffersGet => {
-            let q = params.iter().find(|(k, _)| k == "q").and_then(|(_, v)| serde_json::from_str::<Value>(v).ok());
+            let q = params
+                .iter()
+                .find(|(k, _)| k == "q")
+                .and_then(|(_, v)| serde_json::from_str::<Value>(v).ok());
             match q.as_ref().and_then(Value::as_object) {
                 Some(q) => search(&inner, q),
                 None => search(&inner, &Map::new()),
@@ -310,8 +314,12 @@ fn dispatch(shared: &Shared, route: Route, params: &[(String, String)], body: Op
         }
         Route::ListInstances => list_v1(&inner, &settings, params, shared.config.page_size, now),
         Route::ListInstancesV0 => {
-            let rows: Vec<Value> =
-                inner.data.instances.values().map(|i| Value::Object(instance_row(i, now, &settings))).collect();
+            let rows: Vec<Value> = inner
+                .data
+                .instances
+                .values()
+                .map(|i| Value::Object(instance_row(i, now, &settings)))
+                .collect();
             Reply::ok(json!({ "instances_found": rows.len(), "instances": rows }))
         }
         Route::UpdateInstance(id) => {
@@ -325,7 +333,13 @@ fn dispatch(shared: &Shared, route: Route, params: &[(String, String)], body: Op
                     }
                     Value::String(s) => inst.label = Some(s.clone()),
                     Value::Null => inst.label = None,
-                    _ => return Reply::error(StatusCode::BAD_REQUEST, "invalid_args", "label must be a string"),
+                    _ => {
+                        return Reply::error(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_args",
+                            "label must be a string",
+                        );
+                    }
                 }
             }
             if let Some(state) = body_map.get("state").and_then(Value::as_str) {
@@ -351,7 +365,8 @@ fn dispatch(shared: &Shared, route: Route, params: &[(String, String)], body: Op
                 .and_then(Value::as_array)
                 .map(|a| a.iter().filter_map(Value::as_i64).collect())
                 .unwrap_or_default();
-            let destroyed: Vec<i64> = ids.into_iter().filter(|id| inner.data.instances.remove(id).is_some()).collect();
+            let destroyed: Vec<i64> =
+                ids.into_iter().filter(|id| inner.data.instances.remove(id).is_some()).collect();
             inner.data.mark_rented();
             shared.persist(&inner);
             Reply::ok(json!({ "success": true, "destroyed": destroyed }))
@@ -389,8 +404,12 @@ fn dispatch(shared: &Shared, route: Route, params: &[(String, String)], body: Op
             let Some(inst) = inner.data.instances.get(&id) else {
                 return no_such_instance();
             };
-            let keys: Vec<Value> =
-                inst.ssh_keys.iter().enumerate().map(|(n, k)| json!({"id": n + 1, "public_key": k})).collect();
+            let keys: Vec<Value> = inst
+                .ssh_keys
+                .iter()
+                .enumerate()
+                .map(|(n, k)| json!({"id": n + 1, "public_key": k}))
+                .collect();
             // The API returns this list as a JSON-encoded string.
             Reply::ok(json!({ "success": true, "ssh_keys": Value::Array(keys).to_string() }))
         }
@@ -453,7 +472,8 @@ fn search(inner: &Inner, q: &Map<String, Value>) -> Reply {
 }
 
 fn create(inner: &mut Inner, offer_id: i64, body: &Map<String, Value>, now: f64) -> Reply {
-    let Some(offer) = inner.data.offer(offer_id).filter(|o| o.get("rented") != Some(&Value::Bool(true))).cloned()
+    let Some(offer) =
+        inner.data.offer(offer_id).filter(|o| o.get("rented") != Some(&Value::Bool(true))).cloned()
     else {
         return Reply::Json(
             StatusCode::NOT_FOUND,
@@ -464,7 +484,11 @@ fn create(inner: &mut Inner, offer_id: i64, body: &Map<String, Value>, now: f64)
     let image = body.get("image").and_then(Value::as_str).map(str::trim).filter(|s| !s.is_empty());
     let template = body.get("template_hash_id").and_then(Value::as_str);
     if image.is_none() && template.is_none() {
-        return Reply::error(StatusCode::BAD_REQUEST, "invalid_args", "Invalid image: an image or template is required");
+        return Reply::error(
+            StatusCode::BAD_REQUEST,
+            "invalid_args",
+            "Invalid image: an image or template is required",
+        );
     }
     let disk = body.get("disk").and_then(number).unwrap_or(10.0);
     if disk <= 0.0 {
@@ -524,7 +548,10 @@ fn list_v1(
 ) -> Reply {
     let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
     let bad = |msg: String| {
-        Reply::Json(StatusCode::BAD_REQUEST, json!({"error": "invalid_request", "msg": format!("Error in query parameters: {msg}")}))
+        Reply::Json(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "invalid_request", "msg": format!("Error in query parameters: {msg}")}),
+        )
     };
     let filters = match param("select_filters").map(serde_json::from_str::<Value>) {
         None => Map::new(),
@@ -535,7 +562,12 @@ fn list_v1(
         None => vec![("id".into(), false)],
         Some(Ok(Value::Array(items))) => items
             .iter()
-            .filter_map(|i| Some((i.get("col")?.as_str()?.to_string(), i.get("dir").and_then(Value::as_str) == Some("desc"))))
+            .filter_map(|i| {
+                Some((
+                    i.get("col")?.as_str()?.to_string(),
+                    i.get("dir").and_then(Value::as_str) == Some("desc"),
+                ))
+            })
             .collect(),
         Some(_) => return bad("order_by must be a JSON list".into()),
     };
@@ -557,10 +589,13 @@ fn list_v1(
             }
         },
     };
-    let all: Vec<Map<String, Value>> = inner.data.instances.values().map(|i| instance_row(i, now, settings)).collect();
+    let all: Vec<Map<String, Value>> =
+        inner.data.instances.values().map(|i| instance_row(i, now, settings)).collect();
     let mut label_counts: BTreeMap<String, u64> = BTreeMap::new();
     for row in &all {
-        *label_counts.entry(row.get("label").and_then(Value::as_str).unwrap_or("").to_string()).or_default() += 1;
+        *label_counts
+            .entry(row.get("label").and_then(Value::as_str).unwrap_or("").to_string())
+            .or_default() += 1;
     }
     let mut rows: Vec<Map<String, Value>> = all.into_iter().filter(|r| query::matches(r, &filters)).collect();
     query::sort(&mut rows, &order);
@@ -609,7 +644,9 @@ async fn get_faults(State(shared): State<Arc<Shared>>) -> Response {
 /// Accepts one fault or a list of them.
 async fn post_faults(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let faults = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Array(list)) => list.into_iter().map(serde_json::from_value::<Fault>).collect::<Result<Vec<_>, _>>(),
+        Ok(Value::Array(list)) => {
+            list.into_iter().map(serde_json::from_value::<Fault>).collect::<Result<Vec<_>, _>>()
+        }
         Ok(other) => serde_json::from_value::<Fault>(other).map(|f| vec![f]),
         Err(e) => Err(e),
     };
@@ -630,7 +667,11 @@ async fn delete_faults(State(shared): State<Arc<Shared>>) -> Response {
     Reply::ok(json!({"success": true})).into_response(None)
 }
 
-async fn post_instance_state(State(shared): State<Arc<Shared>>, Path(id): Path<i64>, body: Bytes) -> Response {
+async fn post_instance_state(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<i64>,
+    body: Bytes,
+) -> Response {
     #[derive(serde::Deserialize)]
     struct Body {
         state: ForcedState,

@@ -193,18 +193,30 @@ pub struct RowSettings {
 }
 
 /// `(actual_status, intended_status, cur_state, next_state, status_msg)` at `now`.
-pub fn statuses(inst: &FakeInstance, now: f64, s: &RowSettings) -> (&'static str, String, &'static str, &'static str, String) {
+pub fn statuses(
+    inst: &FakeInstance,
+    now: f64,
+    s: &RowSettings,
+) -> (&'static str, String, &'static str, &'static str, String) {
     let running_since = inst.created_at + s.running_after.as_secs_f64();
     let forced = inst.forced.filter(|(_, at)| now >= *at).map(|(state, _)| state).or_else(|| {
         let (state, after) = s.lifetime?;
         (now >= running_since + after.as_secs_f64()).then_some(state)
     });
     match forced {
-        Some(ForcedState::Outbid) => {
-            ("stopped", "stopped".into(), "stopped", "stopped", "Instance stopped: outbid by a higher bid".into())
+        Some(ForcedState::Outbid) => (
+            "stopped",
+            "stopped".into(),
+            "stopped",
+            "stopped",
+            "Instance stopped: outbid by a higher bid".into(),
+        ),
+        Some(ForcedState::Exited) => {
+            ("exited", inst.intended_status.clone(), "running", "running", "exited with code 137".into())
         }
-        Some(ForcedState::Exited) => ("exited", inst.intended_status.clone(), "running", "running", "exited with code 137".into()),
-        Some(ForcedState::Offline) => ("offline", inst.intended_status.clone(), "running", "running", "host offline".into()),
+        Some(ForcedState::Offline) => {
+            ("offline", inst.intended_status.clone(), "running", "running", "host offline".into())
+        }
         Some(ForcedState::Running) | None => {
             if inst.intended_status == "stopped" {
                 return ("stopped", "stopped".into(), "stopped", "stopped", "stopped on request".into());
@@ -231,9 +243,8 @@ pub fn instance_row(inst: &FakeInstance, now: f64, s: &RowSettings) -> Map<Strin
     let gpu_ram = inst.offer.get("gpu_ram").and_then(Value::as_f64).unwrap_or(0.0);
     let dph = inst.bid_price.or_else(|| inst.offer.get("dph_total").and_then(Value::as_f64)).unwrap_or(0.0);
     let running = actual == "running";
-    let ports = running.then(|| {
-        json!({"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": s.ssh_port.to_string()}]})
-    });
+    let ports =
+        running.then(|| json!({"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": s.ssh_port.to_string()}]}));
     let extra_env: Vec<Value> = inst.env.iter().map(|(k, v)| json!([k, v])).collect();
     let mut row = json!({
         "id": inst.id, "machine_id": o("machine_id"), "host_id": o("host_id"), "bundle_id": o("id"),

@@ -136,7 +136,9 @@ impl VastClient {
     /// A client for `base_url` (no trailing slash needed) authenticating with `api_key`.
     pub fn new(base_url: Url, api_key: &ApiKey, options: ClientOptions) -> Result<Self> {
         let mut auth = HeaderValue::from_str(&format!("Bearer {}", api_key.expose())).map_err(|_| {
-            Error::Unauthorized { message: "the API key contains characters not allowed in an HTTP header".into() }
+            Error::Unauthorized {
+                message: "the API key contains characters not allowed in an HTTP header".into(),
+            }
         })?;
         // Keeps the value out of hyper's and reqwest's own debug output.
         auth.set_sensitive(true);
@@ -186,7 +188,12 @@ impl VastClient {
             let status = response.status();
             let retry_after = retry::retry_after(response.headers());
             let body = response.bytes().await.map_err(AttemptError::Transport)?;
-            debug!(endpoint, status = status.as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "Vast.ai call");
+            debug!(
+                endpoint,
+                status = status.as_u16(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "Vast.ai call"
+            );
             let reply = Reply { status, retry_after, body };
             if retry::is_retryable_status(status) { Err(AttemptError::Response(reply)) } else { Ok(reply) }
         };
@@ -250,7 +257,10 @@ impl VastClient {
             }
             match page.next_token.filter(|t| !t.is_empty()) {
                 Some(next) if Some(&next) == token.as_ref() => {
-                    return Err(unexpected(endpoint::LIST_INSTANCES, "the listing returned the same page token twice"));
+                    return Err(unexpected(
+                        endpoint::LIST_INSTANCES,
+                        "the listing returned the same page token twice",
+                    ));
                 }
                 Some(next) => token = Some(next),
                 None => return Ok(instances),
@@ -287,15 +297,23 @@ impl VastClient {
         let failure = if reply.status.is_success() {
             match (parsed.success, parsed.new_contract) {
                 (Some(true) | None, Some(id)) => return Ok(InstanceId(id)),
-                (Some(true) | None, None) => return Err(unexpected(ep, "the create response has no new_contract")),
-                (Some(false), _) => create_failure(request.offer_id, reply.status, &parsed)
-                    .unwrap_or_else(|| Error::InvalidRequest { endpoint: ep, message: message_of(&reply.body) }),
+                (Some(true) | None, None) => {
+                    return Err(unexpected(ep, "the create response has no new_contract"));
+                }
+                (Some(false), _) => {
+                    create_failure(request.offer_id, reply.status, &parsed).unwrap_or_else(|| {
+                        Error::InvalidRequest { endpoint: ep, message: message_of(&reply.body) }
+                    })
+                }
             }
         } else {
-            create_failure(request.offer_id, reply.status, &parsed).unwrap_or_else(|| classify(ep, &reply, "offer"))
+            create_failure(request.offer_id, reply.status, &parsed)
+                .unwrap_or_else(|| classify(ep, &reply, "offer"))
         };
         match parsed.new_contract {
-            Some(id) => Err(Error::ContractLeftBehind { instance_id: InstanceId(id), source: Box::new(failure) }),
+            Some(id) => {
+                Err(Error::ContractLeftBehind { instance_id: InstanceId(id), source: Box::new(failure) })
+            }
             None => Err(failure),
         }
     }
@@ -405,7 +423,8 @@ pub fn search_body(q: &OfferQuery) -> Value {
 /// A `{"success": false, "error": "no_such_instance"}` answer.
 fn says_no_such_instance(body: &[u8]) -> bool {
     serde_json::from_slice::<StatusResponse>(body).is_ok_and(|r| {
-        let text = format!("{} {}", r.error.unwrap_or_default(), r.msg.unwrap_or_default()).to_ascii_lowercase();
+        let text =
+            format!("{} {}", r.error.unwrap_or_default(), r.msg.unwrap_or_default()).to_ascii_lowercase();
         text.contains("no_such_instance") || text.contains("not_found") || text.contains("not found")
     })
 }
@@ -455,7 +474,11 @@ impl GpuProvider for VastClient {
         let total = parsed.offers.len();
         let offers: Vec<Offer> = parsed.offers.into_iter().filter_map(|w| Offer::try_from(w).ok()).collect();
         if offers.len() < total {
-            warn!(endpoint = ep, skipped = total - offers.len(), "Skipped offers without id, machine, GPU or price");
+            warn!(
+                endpoint = ep,
+                skipped = total - offers.len(),
+                "Skipped offers without id, machine, GPU or price"
+            );
         }
         debug!(endpoint = ep, offers = offers.len(), "Searched offers");
         Ok(offers)
@@ -524,7 +547,8 @@ impl GpuProvider for VastClient {
     async fn attach_ssh_key(&self, id: InstanceId, public_key: &str) -> Result<()> {
         let ep = endpoint::ATTACH_SSH;
         let path = format!("/api/v0/instances/{id}/ssh/");
-        let reply = self.send(ep, Method::POST, &path, &[], Some(&json!({ "ssh_key": public_key })), true).await?;
+        let reply =
+            self.send(ep, Method::POST, &path, &[], Some(&json!({ "ssh_key": public_key })), true).await?;
         mutation_result(ep, &reply, id)
     }
 }
@@ -564,9 +588,15 @@ mod tests {
 
     #[test]
     fn error_messages_come_from_any_known_key_or_text() {
-        assert_eq!(message_of(br#"{"success":false,"error":"x","msg":"Invalid user key"}"#), "Invalid user key");
+        assert_eq!(
+            message_of(br#"{"success":false,"error":"x","msg":"Invalid user key"}"#),
+            "Invalid user key"
+        );
         assert_eq!(message_of(br#"{"detail":"API requests too frequent"}"#), "API requests too frequent");
-        assert_eq!(message_of(b"API requests too frequent: endpoint threshold=4.5"), "API requests too frequent: endpoint threshold=4.5");
+        assert_eq!(
+            message_of(b"API requests too frequent: endpoint threshold=4.5"),
+            "API requests too frequent: endpoint threshold=4.5"
+        );
         assert_eq!(message_of(&[b'a'; 400]).len(), 303);
     }
 }

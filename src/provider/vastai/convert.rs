@@ -35,7 +35,8 @@ impl TryFrom<WireOffer> for Offer {
     fn try_from(w: WireOffer) -> Result<Self, Self::Error> {
         let id = w.id.or(w.ask_contract_id).ok_or(ConvertError { what: "offer", field: "id" })?;
         let geolocation = clean(w.geolocation);
-        let verified = w.verified.unwrap_or_else(|| w.verification.as_deref().map(str::trim) == Some("verified"));
+        let verified =
+            w.verified.unwrap_or_else(|| w.verification.as_deref().map(str::trim) == Some("verified"));
         Ok(Offer {
             id,
             machine_id: w.machine_id.ok_or(ConvertError { what: "offer", field: "machine_id" })?,

@@ -237,7 +237,8 @@ mod tests {
     fn single_instance_null_is_none() {
         let r: ShowInstanceResponse = serde_json::from_str(r#"{"instances": null}"#).unwrap();
         assert!(r.instances.is_none());
-        let page: ListInstancesPage = serde_json::from_str(r#"{"instances": null, "next_token": null}"#).unwrap();
+        let page: ListInstancesPage =
+            serde_json::from_str(r#"{"instances": null, "next_token": null}"#).unwrap();
         assert!(page.instances.is_empty());
     }
 }
