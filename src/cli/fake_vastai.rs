@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::provider::fake::{self, FakeConfig, Fault};
+use crate::telemetry::{self, LogFormat};
 
 /// Serve a fake Vast.ai API for development and tests (the official `vastai` CLI works against
 /// it with `VAST_URL=http://ADDR`).
@@ -56,16 +57,13 @@ pub struct FakeVastaiArgs {
     /// '{"kind":"instances_become","state":"offline","after_running_secs":60}'.
     #[arg(long = "fault", value_name = "JSON")]
     faults: Vec<String>,
+    /// Log line format on stderr.
+    #[arg(long, value_enum, default_value = "pretty")]
+    log_format: LogFormat,
 }
 
 pub fn run(args: FakeVastaiArgs) -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    telemetry::init(args.log_format, "info");
     let faults = args
         .faults
         .iter()

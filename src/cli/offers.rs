@@ -147,6 +147,6 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0], "GPU              VRAM      $/H  RELIABILITY  LOCATION        OFFER");
-        assert_eq!(lines[1], "1x RTX 4090  24.6 GB    0.412        0.991  Texas, US     4000017");
+        assert_eq!(lines[1], "1x RTX 4090   24.6 GB    0.412        0.991  Texas, US     4000017");
     }
 }

@@ -94,7 +94,11 @@ impl ProviderConfig {
             Some(value) => match value.parse::<f64>() {
                 Ok(v) if v.is_finite() && v > 0.0 => v,
                 _ => {
-                    return Err(invalid(ENV_MAX_BID_PER_HOUR, value, "expected a positive number of dollars"));
+                    return Err(invalid(
+                        ENV_MAX_BID_PER_HOUR,
+                        value,
+                        "expected a positive number of dollars",
+                    ));
                 }
             },
         };

@@ -98,11 +98,11 @@ pub struct Selection {
 
 /// No offer passed the rules.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
-#[error("no offer matches the requirements: {}", describe_empty(*.considered, &.criteria, &.rejected))]
+#[error("no offer matches the requirements: {}", describe_empty(*.considered, .criteria, .rejected))]
 pub struct NoMatch {
     pub considered: usize,
     pub rejected: Rejections,
-    criteria: Criteria,
+    criteria: Box<Criteria>,
 }
 
 /// Chooses the best offer for `criteria`, or explains why none fits.
@@ -123,7 +123,7 @@ pub fn select_offer(offers: &[Offer], criteria: &Criteria) -> Result<Selection, 
             .then_with(|| a.id.cmp(&b.id))
     });
     let Some(&(rank, winner)) = candidates.first() else {
-        return Err(NoMatch { considered: offers.len(), rejected, criteria: criteria.clone() });
+        return Err(NoMatch { considered: offers.len(), rejected, criteria: Box::new(criteria.clone()) });
     };
     let same_rank = candidates.iter().filter(|(r, _)| *r == rank).count();
     let explanation = explain(winner, rank, same_rank, candidates.len(), offers.len(), criteria, &rejected);

@@ -28,7 +28,8 @@ pub enum Fault {
         #[serde(default)]
         endpoint: Option<String>,
     },
-    /// The next `count` requests are answered only after `delay_ms`.
+    /// The next `count` requests are answered only after `delay_ms` (the request takes effect
+    /// at once; only the answer is late).
     Slow {
         delay_ms: u64,
         count: u32,
@@ -89,26 +90,25 @@ impl Faults {
     pub fn decide(&mut self, name: &str) -> Decision {
         let mut decision = Decision::default();
         for fault in &mut self.active {
+            let answered = decision.error_status.is_some() || decision.rate_limited.is_some();
             match fault {
-                Fault::Slow { delay_ms, count, endpoint } if *count > 0 && applies(endpoint, name) => {
-                    if decision.delay.is_none() {
-                        decision.delay = Some(Duration::from_millis(*delay_ms));
-                        *count -= 1;
-                    }
+                Fault::Slow { delay_ms, count, endpoint }
+                    if *count > 0 && applies(endpoint, name) && decision.delay.is_none() =>
+                {
+                    decision.delay = Some(Duration::from_millis(*delay_ms));
+                    *count -= 1;
                 }
-                Fault::ErrorBurst { status, count, endpoint } if *count > 0 && applies(endpoint, name) => {
-                    if decision.error_status.is_none() && decision.rate_limited.is_none() {
-                        decision.error_status = Some(*status);
-                        *count -= 1;
-                    }
+                Fault::ErrorBurst { status, count, endpoint }
+                    if *count > 0 && applies(endpoint, name) && !answered =>
+                {
+                    decision.error_status = Some(*status);
+                    *count -= 1;
                 }
                 Fault::RateLimit { count, retry_after_secs, endpoint }
-                    if *count > 0 && applies(endpoint, name) =>
+                    if *count > 0 && applies(endpoint, name) && !answered =>
                 {
-                    if decision.error_status.is_none() && decision.rate_limited.is_none() {
-                        decision.rate_limited = Some(*retry_after_secs);
-                        *count -= 1;
-                    }
+                    decision.rate_limited = Some(*retry_after_secs);
+                    *count -= 1;
                 }
                 _ => {}
             }

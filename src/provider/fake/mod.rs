@@ -117,6 +117,7 @@ pub struct RequestRecord {
     pub endpoint: String,
     /// `bearer`, `query` (legacy `?api_key=`), `invalid` (a key that was refused) or `none`.
     pub auth: String,
+    /// 0 while unanswered, and for good when the client gave up first.
     pub status: u16,
     pub body: Option<Value>,
     pub user_agent: Option<String>,
@@ -125,15 +126,18 @@ pub struct RequestRecord {
 /// Requests per endpoint and status.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Counters {
+    /// Requests received.
     pub total: u64,
-    /// endpoint → status → count.
+    /// endpoint → requests received (answered or not).
+    pub arrived: BTreeMap<String, u64>,
+    /// endpoint → status → requests answered.
     pub by_endpoint: BTreeMap<String, BTreeMap<u16, u64>>,
 }
 
 impl Counters {
-    /// Requests to `endpoint`, any status.
+    /// Requests to `endpoint` received, answered or not.
     pub fn endpoint(&self, endpoint: &str) -> u64 {
-        self.by_endpoint.get(endpoint).map(|m| m.values().sum()).unwrap_or(0)
+        self.arrived.get(endpoint).copied().unwrap_or(0)
     }
 
     /// Requests to `endpoint` answered `status`.

@@ -182,10 +182,26 @@ async fn api(
     let (auth, authorized) = authenticate(&shared, &headers, &params);
     let authorized = authorized || route.anonymous();
 
-    // Decide rate limit and faults under the lock; sleep (slow fault) outside it.
-    let (decision, too_frequent) = {
+    // Record the request on arrival, so one the client gave up on (and whose handler was dropped)
+    // still shows, with status 0. Decide rate limit and faults under the lock; sleep (slow
+    // fault) outside it.
+    let (seq, decision, too_frequent) = {
         let mut inner = shared.lock();
-        if !authorized {
+        let seq = inner.log.len() as u64 + 1;
+        inner.counters.total += 1;
+        *inner.counters.arrived.entry(endpoint.to_string()).or_default() += 1;
+        inner.log.push(RequestRecord {
+            seq,
+            method: method.to_string(),
+            path,
+            query: raw_query,
+            endpoint: endpoint.to_string(),
+            auth: auth.to_string(),
+            status: 0,
+            body: body_json.clone(),
+            user_agent: headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_string),
+        });
+        let (decision, too_frequent) = if !authorized {
             (Default::default(), false)
         } else {
             let interval = shared.config.rate_limit_interval;
@@ -197,12 +213,10 @@ async fn api(
             }
             let decision = if too_frequent { Default::default() } else { inner.faults.decide(endpoint) };
             (decision, too_frequent)
-        }
+        };
+        (seq, decision, too_frequent)
     };
     let super::faults::Decision { delay, error_status, rate_limited } = decision;
-    if let Some(delay) = delay {
-        tokio::time::sleep(delay).await;
-    }
 
     let mut retry_after = None;
     let reply = if !authorized {
@@ -226,23 +240,19 @@ async fn api(
         dispatch(&shared, route, &params, body_json.as_ref())
     };
 
+    // A slow answer: the work is done at once and only the answer is held back, which is the
+    // case that matters for create (the client times out, yet the instance exists).
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
     let status = reply.status().as_u16();
     {
         let mut inner = shared.lock();
-        let seq = inner.counters.total + 1;
-        inner.counters.total = seq;
         *inner.counters.by_endpoint.entry(endpoint.to_string()).or_default().entry(status).or_default() += 1;
-        inner.log.push(RequestRecord {
-            seq,
-            method: method.to_string(),
-            path,
-            query: raw_query,
-            endpoint: endpoint.to_string(),
-            auth: auth.to_string(),
-            status,
-            body: body_json,
-            user_agent: headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_string),
-        });
+        // The log may have been cleared meanwhile; then there is nothing to update.
+        if let Some(record) = inner.log.iter_mut().rev().find(|r| r.seq == seq) {
+            record.status = status;
+        }
     }
     tracing::debug!(endpoint, status, auth, "Fake Vast.ai request");
     reply.into_response(retry_after)

@@ -303,3 +303,73 @@ fn merge_into<const N: usize>(target: &mut Value, parts: [Value; N]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance() -> FakeInstance {
+        FakeInstance {
+            id: 1,
+            offer: generated_catalogue(1).remove(0),
+            created_at: 1000.0,
+            label: None,
+            image: Some("img".into()),
+            disk: 10.0,
+            env: BTreeMap::new(),
+            onstart: None,
+            runtype: None,
+            args: None,
+            bid_price: None,
+            intended_status: "running".into(),
+            forced: None,
+            ssh_keys: vec![],
+        }
+    }
+
+    fn settings() -> RowSettings {
+        RowSettings {
+            loading_after: Duration::from_secs(2),
+            running_after: Duration::from_secs(5),
+            ssh_host: "127.0.0.1".into(),
+            ssh_port: 2222,
+            lifetime: None,
+        }
+    }
+
+    #[test]
+    fn created_then_loading_then_running_by_time() {
+        let (inst, s) = (instance(), settings());
+        assert_eq!(statuses(&inst, 1001.0, &s).0, "created");
+        assert_eq!(statuses(&inst, 1003.0, &s).0, "loading");
+        assert_eq!(statuses(&inst, 1005.0, &s).0, "running");
+        let row = instance_row(&inst, 1001.0, &s);
+        assert_eq!(row["ports"], Value::Null, "ports appear only when running");
+        let row = instance_row(&inst, 1006.0, &s);
+        assert_eq!(row["ports"]["22/tcp"][0]["HostPort"], json!("2222"));
+        assert_eq!(row["ssh_port"], json!(2222));
+    }
+
+    #[test]
+    fn forced_states_take_effect_at_their_time() {
+        let mut inst = instance();
+        inst.forced = Some((ForcedState::Outbid, 1010.0));
+        let s = settings();
+        assert_eq!(statuses(&inst, 1009.0, &s).0, "running");
+        let (actual, intended, cur, next, _) = statuses(&inst, 1010.0, &s);
+        assert_eq!((actual, intended.as_str(), cur, next), ("stopped", "stopped", "stopped", "stopped"));
+        let lifetime =
+            RowSettings { lifetime: Some((ForcedState::Offline, Duration::from_secs(60))), ..settings() };
+        assert_eq!(statuses(&instance(), 1064.0, &lifetime).0, "running");
+        assert_eq!(statuses(&instance(), 1065.0, &lifetime).0, "offline");
+    }
+
+    #[test]
+    fn catalogue_overrides_keep_defaults_for_the_rest() {
+        let offer = default_offer(3, &serde_json::from_value(json!({"id": 9, "gpu_name": "X"})).unwrap());
+        assert_eq!(offer["id"], json!(9));
+        assert_eq!(offer["ask_contract_id"], json!(9));
+        assert_eq!(offer["gpu_name"], json!("X"));
+        assert!(offer["dph_total"].is_number());
+    }
+}
