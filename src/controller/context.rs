@@ -13,6 +13,7 @@ use tracing::warn;
 use crate::metrics::Metrics;
 use crate::provider::GpuProvider;
 use crate::provider::config::ProviderConfig;
+use crate::remote::ssh::SshTarget;
 
 /// Operator-wide settings (flags and environment of `gpu-trainer run`).
 #[derive(Clone, Debug)]
@@ -62,14 +63,6 @@ pub fn parse_instance_label(label: &str) -> Option<(&str, &str)> {
     let rest = label.strip_prefix("gputrainer:")?;
     let (installation, uid) = rest.split_once(':')?;
     (installation.len() == 8 && !uid.is_empty()).then_some((installation, uid))
-}
-
-/// Where and as whom to reach a machine over SSH.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SshTarget {
-    pub host: String,
-    pub port: u16,
-    pub user: String,
 }
 
 /// Checks that a machine answers SSH with a key; returns the host key's SHA-256 fingerprint.

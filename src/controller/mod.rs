@@ -5,6 +5,7 @@ pub mod gpuinstance;
 pub mod http;
 pub mod leader;
 pub mod patch;
+pub mod probe;
 pub mod sweeper;
 
-pub use context::{Context, OperatorConfig, SshProbe, SshTarget, instance_label, parse_instance_label};
+pub use context::{Context, OperatorConfig, SshProbe, instance_label, parse_instance_label};

@@ -204,14 +204,16 @@ impl RemoteExec for LocalExec {
         self.copy_verified(&from, local_path).await
     }
 
-    async fn read_from(&self, remote_path: &str, offset: u64, max_len: u64) -> Result<FileChunk, RemoteError> {
+    async fn read_from(
+        &self,
+        remote_path: &str,
+        offset: u64,
+        max_len: u64,
+    ) -> Result<FileChunk, RemoteError> {
         let path = self.resolve(remote_path);
         let mut file = tokio::fs::File::open(&path).await.map_err(|e| super::open_error(&path, e))?;
-        let file_size = file
-            .metadata()
-            .await
-            .map_err(|e| RemoteError::io(format!("stat {}", path.display()), e))?
-            .len();
+        let file_size =
+            file.metadata().await.map_err(|e| RemoteError::io(format!("stat {}", path.display()), e))?.len();
         let mut data = Vec::new();
         if offset < file_size {
             file.seek(std::io::SeekFrom::Start(offset))
@@ -232,7 +234,12 @@ impl RemoteExec for LocalExec {
         if let Some(alive) = proc_alive(pid) {
             return Ok(alive);
         }
-        let out = self.run(&format!("kill -0 {pid}"), RunOptions { timeout: Duration::from_secs(10), ..Default::default() }).await?;
+        let out = self
+            .run(
+                &format!("kill -0 {pid}"),
+                RunOptions { timeout: Duration::from_secs(10), ..Default::default() },
+            )
+            .await?;
         Ok(out.success())
     }
 

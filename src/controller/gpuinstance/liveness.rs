@@ -15,8 +15,9 @@ use crate::api::{
     ConditionStatus, GpuInstance, GpuInstancePhase, GpuInstanceStatus, ProviderStatus, Reason,
     SshEndpointStatus, from_k8s_time, instance_condition, is_condition_true, set_condition, to_k8s_time,
 };
-use crate::controller::{Context, SshTarget};
+use crate::controller::Context;
 use crate::provider::{Instance, InstanceId};
+use crate::remote::ssh::SshTarget;
 
 /// Observes the instance once and updates `status`.
 pub async fn observe(
@@ -67,10 +68,8 @@ pub async fn observe(
         Verdict::Running => probe_ssh(instance, status, ctx, &observed, now).await,
         Verdict::Release { reason, lost, exclude_machine: exclude, message } => {
             ctx.provider.destroy_instance(id).await.map_err(provider_err("destroy a failed instance"))?;
-            if exclude {
-                if let Some(machine) = observed.machine_id {
-                    exclude_machine(status, machine);
-                }
+            if let (true, Some(machine)) = (exclude, observed.machine_id) {
+                exclude_machine(status, machine);
             }
             let phase = if lost { GpuInstancePhase::Lost } else { GpuInstancePhase::Failed };
             mark_released(status, phase, reason, &message, now);
