@@ -19,6 +19,9 @@ use crate::provider::vastai::VastClient;
 /// Settings of the operator itself.
 #[derive(Args, Debug, Clone)]
 pub struct OperatorArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "GPU_TRAINER_WATCH_NAMESPACE", value_name = "NAMESPACE")]
+    pub namespace: Option<String>,
     /// 8 hex characters that mark this installation's instances at the provider. Defaults to the
     /// start of the `kube-system` namespace's UID, so each cluster differs.
     #[arg(long, env = "GPU_TRAINER_INSTALLATION_ID", value_name = "HEX8")]
@@ -62,12 +65,13 @@ pub async fn start(args: &OperatorArgs, metrics: Arc<Metrics>) -> anyhow::Result
     let provider_config = ProviderConfig::from_env().context("invalid provider configuration")?;
     let provider =
         VastClient::from_config(&provider_config).context("failed to set up the Vast.ai client")?;
-    provider.check_credentials().await.context("the Vast.ai API key was not accepted (VASTAI_API_KEY)")?;
+    check_credentials(&provider).await?;
     let installation_id = match &args.installation_id {
         Some(id) => validate_installation_id(id)?,
         None => installation_id_from_cluster(&client).await?,
     };
     let mut config = OperatorConfig::new(installation_id);
+    config.watch_namespace = args.namespace.clone();
     config.default_boot_timeout = Duration::from_secs(args.boot_timeout_seconds);
     config.liveness_poll = Duration::from_secs(args.liveness_poll_seconds);
     config.boot_poll = Duration::from_secs(args.fast_poll_seconds);
@@ -78,6 +82,27 @@ pub async fn start(args: &OperatorArgs, metrics: Arc<Metrics>) -> anyhow::Result
     let ctx =
         Context::new(client, provider, provider_config, Arc::new(RusshProbe::default()), config, metrics);
     Ok(Operator { ctx: Arc::new(ctx) })
+}
+
+/// A rejected key stops start-up with a clear error; a provider that is only busy or briefly down
+/// is asked again (the pod stays unready meanwhile) rather than crash-looping.
+async fn check_credentials(provider: &VastClient) -> anyhow::Result<()> {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match provider.check_credentials().await {
+            Ok(()) => return Ok(()),
+            Err(err) if err.is_retryable() => {
+                tracing::warn!(error = %err, retry_in_s = delay.as_secs(), "Could not check the Vast.ai API key yet");
+                tokio::time::sleep(err.retry_after().unwrap_or(delay)).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            Err(err) => {
+                return Err(
+                    anyhow::Error::new(err).context("the Vast.ai API key was not accepted (VASTAI_API_KEY)")
+                );
+            }
+        }
+    }
 }
 
 fn validate_installation_id(id: &str) -> anyhow::Result<String> {

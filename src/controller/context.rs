@@ -20,6 +20,8 @@ use crate::remote::ssh::SshTarget;
 pub struct OperatorConfig {
     /// 8 hex characters that mark this installation's instances at the provider.
     pub installation_id: String,
+    /// Watch only this namespace; all namespaces when unset.
+    pub watch_namespace: Option<String>,
     /// Boot deadline when the GpuInstance does not set one.
     pub default_boot_timeout: Duration,
     /// Extra boot time per GB of image.
@@ -41,6 +43,7 @@ impl OperatorConfig {
     pub fn new(installation_id: impl Into<String>) -> Self {
         Self {
             installation_id: installation_id.into(),
+            watch_namespace: None,
             default_boot_timeout: Duration::from_secs(15 * 60),
             boot_time_per_image_gb: Duration::from_secs(30),
             create_pending_grace: Duration::from_secs(60),
@@ -109,6 +112,17 @@ impl Context {
         }
     }
 
+    /// An API for the watched namespace, or all namespaces.
+    pub fn scoped_api<K>(&self) -> kube::Api<K>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+    {
+        match &self.config.watch_namespace {
+            Some(ns) => kube::Api::namespaced(self.client.clone(), ns),
+            None => kube::Api::all(self.client.clone()),
+        }
+    }
+
     pub fn stuck_terminations_insert(&self, uid: &str) {
         let mut set = self.stuck_terminations.lock().unwrap_or_else(|p| p.into_inner());
         set.insert(uid.to_string());
@@ -160,5 +174,14 @@ mod tests {
         assert_eq!(parse_instance_label(&label), Some(("1a2b3c4d", uid)));
         assert_eq!(parse_instance_label("someone-else:1a2b3c4d:x"), None);
         assert_eq!(parse_instance_label("gputrainer:short:x"), None);
+    }
+}
+
+/// Crash points for the crash-safety tests: when `GPU_TRAINER_CRASH_AT` names this point, the
+/// process aborts here, as a killed controller would. Unset in normal operation.
+pub fn crash_point(name: &str) {
+    if std::env::var("GPU_TRAINER_CRASH_AT").is_ok_and(|at| at == name) {
+        eprintln!("GPU_TRAINER_CRASH_AT={name}: aborting");
+        std::process::abort();
     }
 }

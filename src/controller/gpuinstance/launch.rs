@@ -21,6 +21,7 @@ use crate::api::{
     CREATE_PENDING_ANNOTATION, CREATE_SUCCEEDED_ANNOTATION, ConditionStatus, GpuInstance, GpuInstancePhase,
     GpuInstanceStatus, OfferStatus, Reason, instance_condition, set_condition, to_k8s_time,
 };
+use crate::controller::context::crash_point;
 use crate::controller::patch::{is_conflict, set_annotations_locked};
 use crate::controller::{Context, instance_label};
 use crate::metrics::OutcomeLabels;
@@ -88,6 +89,7 @@ pub async fn ensure_launched(
     };
     let offer = selection.offer.clone();
 
+    crash_point("before-pending-mark");
     // The gate: persist the pending mark with the resourceVersion we read. A conflict means
     // someone changed the object (or another replica got here first): start over from a fresh read.
     let marked = match set_annotations_locked(
@@ -102,6 +104,7 @@ pub async fn ensure_launched(
         Err(err) => return Err(kube_err("persist the create-pending mark")(err)),
     };
 
+    crash_point("after-pending-mark");
     let request = LaunchRequest {
         offer_id: offer.id,
         image: instance.spec.image.clone(),
@@ -119,6 +122,7 @@ pub async fn ensure_launched(
     info!(gpuinstance = %instance.name_any(), offer.id = offer.id, offer.gpu = %offer.gpu_name, offer.price = offer.price_per_hour, "Renting");
     match ctx.provider.create_instance(&request).await {
         Ok(id) => {
+            crash_point("after-rent");
             ctx.metrics.launches.get_or_create(&OutcomeLabels { outcome: "success" }).inc();
             record_launch(status, id, &offer, now);
             set_reason(
@@ -129,6 +133,7 @@ pub async fn ensure_launched(
             // Persist the id before anything else can fail, then close the gate.
             super::write_status(api, &marked, &marked.status.clone().unwrap_or_default(), status.clone())
                 .await?;
+            crash_point("after-recording-id");
             let _ = set_annotations_locked(
                 api,
                 &fresh(api, &marked).await?,
@@ -229,6 +234,13 @@ async fn resolve_pending(
             )
             .await;
         }
+        // The rent's answer was lost, and with it possibly the key attachment that follows it.
+        let namespace = instance.namespace().ok_or(Error::Missing("namespace"))?;
+        let key = sshkey::ensure_key(&Api::namespaced(ctx.client.clone(), &namespace), instance).await?;
+        ctx.provider
+            .attach_ssh_key(survivor.id, &key.public_openssh)
+            .await
+            .map_err(provider_err("attach the SSH key to an adopted instance"))?;
         adopt(status, &survivor, now);
         set_reason(
             status,

@@ -158,7 +158,7 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
-    let api: Api<GpuInstance> = Api::all(ctx.client.clone());
+    let api: Api<GpuInstance> = ctx.scoped_api();
     info!(controller = CONTROLLER, "Starting controller");
     Controller::new(api, watcher::Config::default().any_semantic())
         .graceful_shutdown_on(shutdown)

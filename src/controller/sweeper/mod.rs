@@ -97,12 +97,12 @@ pub async fn sweep_once(
     suspects: &BTreeMap<InstanceId, Suspect>,
 ) -> Result<SweepReport, SweepError> {
     let instances = ctx.provider.list_instances().await.map_err(SweepError::Provider)?;
-    let gpu_instances: Api<GpuInstance> = Api::all(ctx.client.clone());
+    let gpu_instances: Api<GpuInstance> = ctx.scoped_api();
     let gpu_instances = gpu_instances
         .list(&ListParams::default())
         .await
         .map_err(|source| SweepError::List { what: "GpuInstances", source })?;
-    let jobs: Api<TrainingJob> = Api::all(ctx.client.clone());
+    let jobs: Api<TrainingJob> = ctx.scoped_api();
     let jobs = jobs
         .list(&ListParams::default())
         .await
