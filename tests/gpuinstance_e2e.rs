@@ -342,3 +342,93 @@ async fn of_two_replicas_exactly_one_acts() {
     assert!(live_instances(&fake, &prefix).await.is_empty());
     common::delete_namespace(&client, &ns).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn termination_stuck_is_raised_and_trying_goes_on() {
+    let client = common::kube_client().await;
+    common::install_crds(&client).await;
+    let ns = common::fresh_namespace(&client, "stuck").await;
+    let fake = start_fake(|_| {}).await;
+    let installation = installation_id();
+    let mut options = OperatorOptions::new(&ns, &fake, &installation);
+    options.args = vec!["--termination-stuck-seconds".into(), "2".into()];
+    let operator = OperatorProcess::start(&options);
+    let api: Api<GpuInstance> = Api::namespaced(client.clone(), &ns);
+    api.create(&PostParams::default(), &gpu_instance("stuck")).await.unwrap();
+    let ready = wait_ready(&api, "stuck", &operator).await;
+    let label = label_of(&installation, &ready);
+
+    // The provider refuses every destroy.
+    fake.add_fault(Fault::ErrorBurst {
+        status: 500,
+        count: 100_000,
+        endpoint: Some("destroy_instance".into()),
+    });
+    api.delete("stuck", &DeleteParams::default()).await.unwrap();
+    common::wait_until(TIMEOUT, "TerminationStuck", || {
+        let api = api.clone();
+        async move {
+            let gi = api.get("stuck").await.ok()?;
+            let stuck =
+                gi.status?.conditions.iter().any(|c| c.type_ == "TerminationStuck" && c.status == "True");
+            stuck.then_some(())
+        }
+    })
+    .await;
+    assert!(api.get("stuck").await.unwrap().finalizers().contains(&GPUINSTANCE_FINALIZER.to_string()));
+    assert_eq!(live_instances(&fake, &label).await.len(), 1, "still rented while the provider refuses");
+    assert!(event_reasons(&client, &ns, "stuck").await.iter().any(|r| r == "TerminationStuck"));
+    assert!(operator.metrics().await.contains("gputrainer_instance_termination_stuck 1"));
+
+    // The provider recovers: the operator never gave up.
+    fake.clear_faults();
+    wait_deleted(&api, "stuck", &operator).await;
+    assert!(live_instances(&fake, &label).await.is_empty());
+    assert!(operator.metrics().await.contains("gputrainer_instance_termination_stuck 0"));
+    common::delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn a_machine_that_never_boots_is_released_and_excluded() {
+    let client = common::kube_client().await;
+    common::install_crds(&client).await;
+    let ns = common::fresh_namespace(&client, "boot").await;
+    let fake = start_fake(|c| {
+        c.loading_after = Duration::from_millis(200);
+        c.running_after = Duration::from_secs(3600);
+    })
+    .await;
+    let installation = installation_id();
+    let mut options = OperatorOptions::new(&ns, &fake, &installation);
+    options.args = vec!["--boot-timeout-seconds".into(), "3".into()];
+    let operator = OperatorProcess::start(&options);
+    let api: Api<GpuInstance> = Api::namespaced(client.clone(), &ns);
+    api.create(&PostParams::default(), &gpu_instance("slow-boot")).await.unwrap();
+    let failed = common::wait_until(TIMEOUT, "BootTimeout", || {
+        let api = api.clone();
+        async move {
+            let gi = api.get("slow-boot").await.ok()?;
+            let status = gi.status.clone()?;
+            (status.phase == GpuInstancePhase::Failed).then_some(gi)
+        }
+    })
+    .await;
+    let status = failed.status.clone().unwrap();
+    assert_eq!(status.reason, Some(gpu_trainer::api::Reason::BootTimeout), "{status:?}");
+    assert_eq!(status.excluded_machine_ids.len(), 1, "the slow host is excluded");
+    let label = label_of(&installation, &failed);
+    common::wait_until(TIMEOUT, "the slow instance to be destroyed", || {
+        let fake = &fake;
+        let label = label.clone();
+        async move { live_instances(fake, &label).await.is_empty().then_some(()) }
+    })
+    .await;
+    assert!(
+        event_reasons(&client, &ns, "slow-boot").await.iter().any(|r| r == "BootTimeout"),
+        "{}",
+        operator.log_tail()
+    );
+    common::delete_namespace(&client, &ns).await;
+}

@@ -9,6 +9,7 @@ use clap::Args;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::{Api, Client};
 
+use crate::controller::metered::MeteredProvider;
 use crate::controller::probe::RusshProbe;
 use crate::controller::{Context, OperatorConfig};
 use crate::metrics::Metrics;
@@ -78,7 +79,7 @@ pub async fn start(args: &OperatorArgs, metrics: Arc<Metrics>) -> anyhow::Result
     config.termination_poll = Duration::from_secs(args.fast_poll_seconds);
     config.create_pending_grace = Duration::from_secs(args.create_pending_grace_seconds);
     config.termination_stuck_after = Duration::from_secs(args.termination_stuck_seconds);
-    let provider: Arc<dyn GpuProvider> = Arc::new(provider);
+    let provider: Arc<dyn GpuProvider> = Arc::new(MeteredProvider::new(Arc::new(provider), metrics.clone()));
     let ctx =
         Context::new(client, provider, provider_config, Arc::new(RusshProbe::default()), config, metrics);
     Ok(Operator { ctx: Arc::new(ctx) })

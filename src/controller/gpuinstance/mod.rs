@@ -160,7 +160,9 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let api: Api<GpuInstance> = ctx.scoped_api();
     info!(controller = CONTROLLER, "Starting controller");
-    Controller::new(api, watcher::Config::default().any_semantic())
+    let controller = Controller::new(api, watcher::Config::default().any_semantic());
+    tokio::spawn(refresh_gauges(controller.store(), ctx.clone()));
+    controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -169,4 +171,44 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             }
         })
         .await;
+}
+
+/// Keeps `instances{phase}` and `hourly_spend_dollars` current from the controller's cache, so
+/// the gauges cost no API calls.
+async fn refresh_gauges(store: kube::runtime::reflector::Store<GpuInstance>, ctx: Arc<Context>) {
+    use crate::metrics::PhaseLabels;
+    const PHASES: [(GpuInstancePhase, &str); 8] = [
+        (GpuInstancePhase::Pending, "Pending"),
+        (GpuInstancePhase::Creating, "Creating"),
+        (GpuInstancePhase::Booting, "Booting"),
+        (GpuInstancePhase::Running, "Running"),
+        (GpuInstancePhase::Terminating, "Terminating"),
+        (GpuInstancePhase::Terminated, "Terminated"),
+        (GpuInstancePhase::Lost, "Lost"),
+        (GpuInstancePhase::Failed, "Failed"),
+    ];
+    let mut ticker = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        ticker.tick().await;
+        let objects = store.state();
+        for (phase, label) in PHASES {
+            let count = objects
+                .iter()
+                .filter(|o| o.status.as_ref().map(|s| s.phase).unwrap_or_default() == phase)
+                .count();
+            ctx.metrics.instances_by_phase.get_or_create(&PhaseLabels { phase: label }).set(count as i64);
+        }
+        let spend: f64 = objects
+            .iter()
+            .filter_map(|o| o.status.as_ref())
+            .filter(|s| {
+                matches!(
+                    s.phase,
+                    GpuInstancePhase::Booting | GpuInstancePhase::Running | GpuInstancePhase::Terminating
+                )
+            })
+            .filter_map(|s| s.offer.as_ref().map(|o| o.price_per_hour))
+            .sum();
+        ctx.metrics.hourly_spend.set(spend);
+    }
 }

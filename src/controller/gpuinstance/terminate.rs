@@ -52,12 +52,25 @@ pub async fn cleanup(api: &Api<GpuInstance>, instance: &GpuInstance, ctx: &Conte
         .await;
     }
     status.phase = GpuInstancePhase::Terminating;
-    set_reason(&mut status, Reason::Terminating, "releasing the machine");
+    if status.reason != Some(Reason::Terminating) {
+        set_reason(&mut status, Reason::Terminating, "releasing the machine");
+    }
     let since = find_condition(&status.conditions, instance_condition::INSTANCE_TERMINATING)
         .map(|c| from_k8s_time(&c.last_transition_time))
         .unwrap_or(now);
 
-    let gone = destroy_everything(instance, &status, ctx).await?;
+    // A provider error must not stop the escalation below: record it and keep trying.
+    let gone = match destroy_everything(instance, &status, ctx).await {
+        Ok(gone) => gone,
+        Err(err) => {
+            let message =
+                format!("releasing the machine; the last attempt failed: {}", super::error_chain(&err));
+            tracing::warn!(gpuinstance = %instance.name_any(), error = %message, "Destroy attempt failed");
+            ctx.metrics.reconcile_failed(super::CONTROLLER, err.category());
+            set_reason(&mut status, Reason::Terminating, &message);
+            false
+        }
+    };
     // A second look before the finalizer goes: an instance must not reappear in the listing
     // after it seemed gone.
     if gone && destroy_everything(instance, &status, ctx).await? {
