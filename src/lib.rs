@@ -5,7 +5,7 @@ pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod metrics;
-pub mod provider;
 pub mod monitor;
+pub mod provider;
 pub mod remote;
 pub mod telemetry;

@@ -5,7 +5,10 @@ mod bench;
 mod crd;
 mod fake_vastai;
 mod offers;
+mod operator;
 mod parse_log;
+mod run;
+mod sweep;
 
 use std::process::ExitCode;
 
@@ -23,6 +26,10 @@ pub struct Cli {
 enum Command {
     /// Print the TrainingJob and GpuInstance CustomResourceDefinitions as YAML.
     Crd(crd::CrdArgs),
+    /// Run the operator: controllers, sweeper, health and metrics endpoints.
+    Run(run::RunArgs),
+    /// Find (and with --force, destroy) instances no GpuInstance accounts for.
+    Sweep(sweep::SweepArgs),
     /// Search the Vast.ai marketplace and print matching offers.
     Offers(offers::OffersArgs),
     /// Run a local server that speaks the Vast.ai API (for development and tests).
@@ -39,6 +46,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Crd(args) => crd::run(args),
+        Command::Run(args) => run::run(args),
+        Command::Sweep(args) => sweep::run(args),
         Command::Offers(args) => offers::run(args),
         Command::FakeVastai(args) => fake_vastai::run(args),
         Command::ParseLog(args) => parse_log::run(args),

@@ -1,4 +1,12 @@
 //! The controllers that `gpu-trainer run` starts, and what they share.
 
+pub mod context;
+pub mod gpuinstance;
 pub mod http;
 pub mod leader;
+pub mod metered;
+pub mod patch;
+pub mod probe;
+pub mod sweeper;
+
+pub use context::{Context, OperatorConfig, SshProbe, instance_label, parse_instance_label};

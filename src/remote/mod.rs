@@ -3,6 +3,19 @@
 //!
 //! The trait is deliberately narrow; the job engine, the monitor and the artifact uploader only
 //! ever see `dyn RemoteExec`.
+//!
+//! Around the trait: `dataset` (validate and pack a folder, stage it on the machine), `tool`
+//! (declarative training recipes rendered with shell-quoted values), `launch` (background start,
+//! idempotent, graceful stop) and `layout` (the remote work dir of one job).
+
+pub mod dataset;
+pub mod launch;
+pub mod local;
+pub mod ssh;
+pub mod tool;
+
+#[cfg(test)]
+mod conformance;
 
 use std::path::Path;
 use std::time::Duration;
@@ -69,6 +82,13 @@ pub struct TransferReport {
     pub skipped: bool,
 }
 
+/// One piece of a running command's output, as it arrives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OutputChunk {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+}
+
 /// Errors of remote execution.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
@@ -88,6 +108,8 @@ pub enum RemoteError {
     ChecksumMismatch { path: String, expected: String, actual: String },
     #[error("{path} does not exist")]
     NotFound { path: String },
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
     #[error("{operation} failed")]
     Io {
         operation: String,
@@ -101,6 +123,22 @@ pub enum RemoteError {
 pub trait RemoteExec: Send + Sync {
     /// Runs `command` with `sh -c` and waits for it, up to `opts.timeout`.
     async fn run(&self, command: &str, opts: RunOptions) -> Result<ExecOutput, RemoteError>;
+
+    /// Like [`RemoteExec::run`], and also sends each piece of output to `output` as it arrives
+    /// (the full output is still returned). The default sends everything at the end; both
+    /// implementations here stream for real.
+    async fn run_streaming(
+        &self,
+        command: &str,
+        opts: RunOptions,
+        output: tokio::sync::mpsc::Sender<OutputChunk>,
+    ) -> Result<ExecOutput, RemoteError> {
+        let out = self.run(command, opts).await?;
+        // A closed receiver only means nobody listens any more; the result still counts.
+        let _ = output.send(OutputChunk::Stdout(out.stdout.clone())).await;
+        let _ = output.send(OutputChunk::Stderr(out.stderr.clone())).await;
+        Ok(out)
+    }
 
     /// Uploads a local file to `remote_path` (parent folders are created). Skipped when the
     /// remote file already has the same SHA-256.
@@ -118,4 +156,66 @@ pub trait RemoteExec: Send + Sync {
 
     /// A short description for logs and errors, e.g. `root@1.2.3.4:22` or `local:/tmp/work`.
     fn describe(&self) -> String;
+}
+
+impl RemoteError {
+    pub(crate) fn io(
+        operation: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        RemoteError::Io { operation: operation.into(), source: source.into() }
+    }
+}
+
+/// Checks that `name` can be an environment variable name (letters, digits, `_`, not starting
+/// with a digit), so it can be written into a shell script without quoting.
+pub(crate) fn check_env_name(name: &str) -> Result<(), RemoteError> {
+    let mut chars = name.chars();
+    let ok = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(RemoteError::InvalidRequest(format!("invalid environment variable name {name:?}")))
+    }
+}
+
+/// Quotes `value` for a POSIX shell. Fails only on NUL bytes, which no shell word can hold.
+pub fn shell_quote(value: &str) -> Result<String, RemoteError> {
+    shlex::try_quote(value)
+        .map(|q| q.into_owned())
+        .map_err(|_| RemoteError::InvalidRequest("a value contains a NUL byte".to_string()))
+}
+
+/// Lower-case hex SHA-256 of a local file, computed off the async runtime.
+pub async fn sha256_file(path: &Path) -> Result<(String, u64), RemoteError> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use sha2::Digest;
+        use std::io::Read;
+        let mut file = std::fs::File::open(&path).map_err(|e| open_error(&path, e))?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            let n =
+                file.read(&mut buf).map_err(|e| RemoteError::io(format!("read {}", path.display()), e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            total += n as u64;
+        }
+        Ok((hex::encode(hasher.finalize()), total))
+    })
+    .await
+    .map_err(|e| RemoteError::io("hash a file", e))?
+}
+
+fn open_error(path: &Path, e: std::io::Error) -> RemoteError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        RemoteError::NotFound { path: path.display().to_string() }
+    } else {
+        RemoteError::io(format!("open {}", path.display()), e)
+    }
 }

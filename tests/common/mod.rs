@@ -2,6 +2,8 @@
 //! (through `tests/run.sh`). Such tests are `#[ignore = "needs tests/ environment"]`.
 #![allow(dead_code)]
 
+pub mod operator;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -1,0 +1,187 @@
+//! What every reconciler shares: the Kubernetes client, the provider, the SSH reachability
+//! check, configuration, metrics and the event recorder.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kube::Client;
+use kube::Resource;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use tracing::warn;
+
+use crate::metrics::Metrics;
+use crate::provider::GpuProvider;
+use crate::provider::config::ProviderConfig;
+use crate::remote::ssh::SshTarget;
+
+/// Operator-wide settings (flags and environment of `gpu-trainer run`).
+#[derive(Clone, Debug)]
+pub struct OperatorConfig {
+    /// 8 hex characters that mark this installation's instances at the provider.
+    pub installation_id: String,
+    /// Watch only this namespace; all namespaces when unset.
+    pub watch_namespace: Option<String>,
+    /// Boot deadline when the GpuInstance does not set one.
+    pub default_boot_timeout: Duration,
+    /// Extra boot time per GB of image.
+    pub boot_time_per_image_gb: Duration,
+    /// How long a create-pending mark without a matching instance is trusted before the rent is
+    /// retried (the provider's listing is eventually consistent).
+    pub create_pending_grace: Duration,
+    /// How often a terminating instance is checked.
+    pub termination_poll: Duration,
+    /// After this long terminating, `TerminationStuck` is raised (and trying goes on).
+    pub termination_stuck_after: Duration,
+    /// How often a running instance is checked with the provider.
+    pub liveness_poll: Duration,
+    /// How often a booting instance is checked.
+    pub boot_poll: Duration,
+}
+
+impl OperatorConfig {
+    pub fn new(installation_id: impl Into<String>) -> Self {
+        Self {
+            installation_id: installation_id.into(),
+            watch_namespace: None,
+            default_boot_timeout: Duration::from_secs(15 * 60),
+            boot_time_per_image_gb: Duration::from_secs(30),
+            create_pending_grace: Duration::from_secs(60),
+            termination_poll: Duration::from_secs(5),
+            termination_stuck_after: Duration::from_secs(10 * 60),
+            liveness_poll: Duration::from_secs(60),
+            boot_poll: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The provider label of a GpuInstance: `gputrainer:<installation id>:<uid>` (at most 60
+/// characters: 11 + 8 + 1 + 36 = 56).
+pub fn instance_label(installation_id: &str, uid: &str) -> String {
+    format!("gputrainer:{installation_id}:{uid}")
+}
+
+/// Parses a label made by [`instance_label`] into (installation id, uid).
+pub fn parse_instance_label(label: &str) -> Option<(&str, &str)> {
+    let rest = label.strip_prefix("gputrainer:")?;
+    let (installation, uid) = rest.split_once(':')?;
+    (installation.len() == 8 && !uid.is_empty()).then_some((installation, uid))
+}
+
+/// Checks that a machine answers SSH with a key; returns the host key's SHA-256 fingerprint.
+#[async_trait]
+pub trait SshProbe: Send + Sync {
+    async fn probe(&self, target: &SshTarget, private_key_openssh: &str) -> Result<String, String>;
+}
+
+/// Shared by all reconcilers.
+pub struct Context {
+    pub client: Client,
+    pub provider: Arc<dyn GpuProvider>,
+    /// Defaults for requirements a spec leaves unset (`VASTAI_*`).
+    pub provider_config: ProviderConfig,
+    pub ssh_probe: Arc<dyn SshProbe>,
+    pub config: OperatorConfig,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    /// UIDs of GpuInstances whose termination is stuck; its size is the `termination_stuck` gauge.
+    stuck_terminations: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        provider: Arc<dyn GpuProvider>,
+        provider_config: ProviderConfig,
+        ssh_probe: Arc<dyn SshProbe>,
+        config: OperatorConfig,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let reporter =
+            Reporter { controller: "gpu-trainer".into(), instance: std::env::var("POD_NAME").ok() };
+        let recorder = Recorder::new(client.clone(), reporter);
+        Self {
+            client,
+            provider,
+            provider_config,
+            ssh_probe,
+            config,
+            metrics,
+            recorder,
+            stuck_terminations: Default::default(),
+        }
+    }
+
+    /// An API for the watched namespace, or all namespaces.
+    pub fn scoped_api<K>(&self) -> kube::Api<K>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+    {
+        match &self.config.watch_namespace {
+            Some(ns) => kube::Api::namespaced(self.client.clone(), ns),
+            None => kube::Api::all(self.client.clone()),
+        }
+    }
+
+    pub fn stuck_terminations_insert(&self, uid: &str) {
+        let mut set = self.stuck_terminations.lock().unwrap_or_else(|p| p.into_inner());
+        set.insert(uid.to_string());
+        self.metrics.termination_stuck.set(set.len() as i64);
+    }
+
+    pub fn stuck_terminations_remove(&self, uid: &str) {
+        let mut set = self.stuck_terminations.lock().unwrap_or_else(|p| p.into_inner());
+        set.remove(uid);
+        self.metrics.termination_stuck.set(set.len() as i64);
+    }
+
+    /// Publishes an event about `obj`. Failing to publish is logged, never fatal.
+    pub async fn event<K>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: impl Into<String>,
+    ) where
+        K: Resource<DynamicType = ()>,
+    {
+        let mut note: String = note.into();
+        if note.len() > 1000 {
+            let mut cut = 1000;
+            while !note.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            note.truncate(cut);
+        }
+        let event =
+            Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+        if let Err(err) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            warn!(reason, error = %err, "Could not publish event");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_fits_vast_limit_and_parses_back() {
+        let uid = "0f8fad5b-d9cb-469f-a165-70867728950e";
+        let label = instance_label("1a2b3c4d", uid);
+        assert!(label.len() <= 60, "{label}");
+        assert_eq!(parse_instance_label(&label), Some(("1a2b3c4d", uid)));
+        assert_eq!(parse_instance_label("someone-else:1a2b3c4d:x"), None);
+        assert_eq!(parse_instance_label("gputrainer:short:x"), None);
+    }
+}
+
+/// Crash points for the crash-safety tests: when `GPU_TRAINER_CRASH_AT` names this point, the
+/// process aborts here, as a killed controller would. Unset in normal operation.
+pub fn crash_point(name: &str) {
+    if std::env::var("GPU_TRAINER_CRASH_AT").is_ok_and(|at| at == name) {
+        eprintln!("GPU_TRAINER_CRASH_AT={name}: aborting");
+        std::process::abort();
+    }
+}

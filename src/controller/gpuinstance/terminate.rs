@@ -1,0 +1,185 @@
+//! Releasing the machine: the delete protocol. Destroy by provider id (and by label, which also
+//! finds a rent whose result was never recorded); "no such instance" counts as gone; requeue
+//! until the provider no longer lists it, check once more, and only then remove the finalizer.
+//! Never give up: after `termination_stuck_after`, raise `TerminationStuck`, a Warning event and
+//! a metric, and keep trying.
+
+use chrono::{DateTime, Utc};
+use kube::ResourceExt;
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use tracing::info;
+
+use super::decide::is_gone;
+use super::launch::set_reason;
+use super::liveness::provider_id;
+use super::{Error, kube_err, provider_err, write_status};
+use crate::api::{
+    ConditionStatus, GPUINSTANCE_FINALIZER, GpuInstance, GpuInstancePhase, GpuInstanceStatus, Reason,
+    find_condition, from_k8s_time, instance_condition, is_condition_true, set_condition,
+};
+use crate::controller::patch::{is_conflict, set_finalizers_locked};
+use crate::controller::{Context, instance_label};
+use crate::metrics::OutcomeLabels;
+use crate::provider::{InstanceId, InstanceState};
+
+/// Runs the delete protocol for a GpuInstance being deleted.
+pub async fn cleanup(api: &Api<GpuInstance>, instance: &GpuInstance, ctx: &Context) -> Result<Action, Error> {
+    if !instance.finalizers().iter().any(|f| f == GPUINSTANCE_FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let now = Utc::now();
+    let before = instance.status.clone().unwrap_or_default();
+    let mut status = before.clone();
+    if !is_condition_true(&status.conditions, instance_condition::INSTANCE_TERMINATING) {
+        set_condition(
+            &mut status.conditions,
+            instance_condition::INSTANCE_TERMINATING,
+            ConditionStatus::True,
+            Reason::Terminating,
+            "releasing the machine",
+            None,
+            now,
+        );
+        ctx.event(
+            instance,
+            EventType::Normal,
+            Reason::Terminating.as_str(),
+            "Terminate",
+            format!("Releasing instance {}", status.provider_id.as_deref().unwrap_or("(not rented yet)")),
+        )
+        .await;
+    }
+    status.phase = GpuInstancePhase::Terminating;
+    if status.reason != Some(Reason::Terminating) {
+        set_reason(&mut status, Reason::Terminating, "releasing the machine");
+    }
+    let since = find_condition(&status.conditions, instance_condition::INSTANCE_TERMINATING)
+        .map(|c| from_k8s_time(&c.last_transition_time))
+        .unwrap_or(now);
+
+    // A provider error must not stop the escalation below: record it and keep trying.
+    let gone = match destroy_everything(instance, &status, ctx).await {
+        Ok(gone) => gone,
+        Err(err) => {
+            let message =
+                format!("releasing the machine; the last attempt failed: {}", super::error_chain(&err));
+            tracing::warn!(gpuinstance = %instance.name_any(), error = %message, "Destroy attempt failed");
+            ctx.metrics.reconcile_failed(super::CONTROLLER, err.category());
+            set_reason(&mut status, Reason::Terminating, &message);
+            false
+        }
+    };
+    // A second look before the finalizer goes: an instance must not reappear in the listing
+    // after it seemed gone.
+    if gone && destroy_everything(instance, &status, ctx).await? {
+        status.phase = GpuInstancePhase::Terminated;
+        set_reason(&mut status, Reason::Terminated, "the provider no longer lists the machine");
+        write_status(api, instance, &before, status).await?;
+        let finalizers =
+            instance.finalizers().iter().filter(|f| *f != GPUINSTANCE_FINALIZER).cloned().collect();
+        match set_finalizers_locked(api, instance, finalizers).await {
+            Ok(_) => {}
+            Err(err) if is_conflict(&err) => return Ok(Action::requeue(std::time::Duration::ZERO)),
+            Err(err) if crate::controller::patch::is_not_found(&err) => {}
+            Err(err) => return Err(kube_err("remove the finalizer")(err)),
+        }
+        let took = (now - since).to_std().unwrap_or_default();
+        ctx.metrics.terminations.get_or_create(&OutcomeLabels { outcome: "success" }).inc();
+        ctx.metrics.termination_duration.observe(took.as_secs_f64());
+        ctx.stuck_terminations_remove(&instance.uid().unwrap_or_default());
+        info!(gpuinstance = %instance.name_any(), seconds = took.as_secs_f64(), "Instance released");
+        ctx.event(
+            instance,
+            EventType::Normal,
+            Reason::Terminated.as_str(),
+            "Terminate",
+            format!("Released instance {} ({:.0} s)", status_id(instance), took.as_secs_f64()),
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
+
+    if stuck(since, now, ctx) && !is_condition_true(&status.conditions, instance_condition::TERMINATION_STUCK)
+    {
+        let message = format!(
+            "instance {} is still listed {} min after the first destroy call; still trying. Check it in the provider's console",
+            status_id(instance),
+            (now - since).num_minutes()
+        );
+        set_condition(
+            &mut status.conditions,
+            instance_condition::TERMINATION_STUCK,
+            ConditionStatus::True,
+            Reason::TerminationStuck,
+            message.clone(),
+            None,
+            now,
+        );
+        ctx.event(instance, EventType::Warning, Reason::TerminationStuck.as_str(), "Terminate", message)
+            .await;
+    }
+    if is_condition_true(&status.conditions, instance_condition::TERMINATION_STUCK) {
+        ctx.stuck_terminations_insert(&instance.uid().unwrap_or_default());
+    }
+    write_status(api, instance, &before, status).await?;
+    Ok(Action::requeue(ctx.config.termination_poll))
+}
+
+/// For an instance that failed or was lost while its GpuInstance stays: make sure the machine
+/// is destroyed, checking until the provider no longer lists it.
+pub async fn ensure_released(
+    instance: &GpuInstance,
+    status: &mut GpuInstanceStatus,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    if destroy_everything(instance, status, ctx).await? {
+        Ok(Action::await_change())
+    } else {
+        Ok(Action::requeue(ctx.config.termination_poll))
+    }
+}
+
+/// Destroys the recorded instance and every instance carrying this GpuInstance's label, then
+/// reports whether all of them are gone.
+async fn destroy_everything(
+    instance: &GpuInstance,
+    status: &GpuInstanceStatus,
+    ctx: &Context,
+) -> Result<bool, Error> {
+    let mut ids: Vec<InstanceId> = provider_id(status).ok().into_iter().collect();
+    if let Some(uid) = instance.uid() {
+        let label = status.label.clone().unwrap_or_else(|| instance_label(&ctx.config.installation_id, &uid));
+        let labelled = ctx
+            .provider
+            .list_instances_by_label(&label)
+            .await
+            .map_err(provider_err("list instances by label"))?;
+        ids.extend(labelled.iter().filter(|i| i.state != InstanceState::Released).map(|i| i.id));
+    }
+    ids.sort();
+    ids.dedup();
+    let mut all_gone = true;
+    for id in ids {
+        let observed = match ctx.provider.get_instance(id).await {
+            Ok(observed) => Some(observed),
+            Err(err) if err.is_not_found() => None,
+            Err(err) => return Err(provider_err("get the instance")(err)),
+        };
+        if is_gone(observed.as_ref()) {
+            continue;
+        }
+        all_gone = false;
+        ctx.provider.destroy_instance(id).await.map_err(provider_err("destroy the instance"))?;
+    }
+    Ok(all_gone)
+}
+
+fn stuck(since: DateTime<Utc>, now: DateTime<Utc>, ctx: &Context) -> bool {
+    now.signed_duration_since(since).to_std().is_ok_and(|d| d >= ctx.config.termination_stuck_after)
+}
+
+fn status_id(instance: &GpuInstance) -> String {
+    instance.status.as_ref().and_then(|s| s.provider_id.clone()).unwrap_or_else(|| "(none)".into())
+}

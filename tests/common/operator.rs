@@ -1,0 +1,211 @@
+//! Starting the operator as a real process (`gpu-trainer run`) against the test API server and an
+//! in-process `fake-vastai` whose instances point at the test sshd.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use gpu_trainer::provider::config::ApiKey;
+use gpu_trainer::provider::fake::{self, FakeConfig, FakeServer};
+use gpu_trainer::provider::vastai::{ClientOptions, VastClient};
+use gpu_trainer::provider::{GpuProvider, Instance, InstanceState};
+use url::Url;
+
+use super::{env_dir, kubeconfig_path};
+
+pub const API_KEY: &str = "e2e-key-7d41";
+
+/// The test sshd from `tests/env/up.sh`.
+pub struct SshEnv {
+    pub host: String,
+    pub port: u16,
+    pub authorized_keys: PathBuf,
+}
+
+pub fn ssh_env() -> SshEnv {
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set; run through tests/run.sh"))
+    };
+    SshEnv {
+        host: var("GPU_TRAINER_TEST_SSH_HOST"),
+        port: var("GPU_TRAINER_TEST_SSH_PORT").parse().expect("port"),
+        authorized_keys: env_dir().join("ssh").join("authorized_keys"),
+    }
+}
+
+/// A fake Vast.ai whose instances boot in about two seconds and whose SSH is the test sshd, which
+/// accepts every key attached to an instance.
+pub async fn start_fake(extra: impl FnOnce(&mut FakeConfig)) -> FakeServer {
+    let ssh = ssh_env();
+    let mut config = FakeConfig {
+        api_key: Some(API_KEY.into()),
+        ssh_host: ssh.host,
+        ssh_port: ssh.port,
+        loading_after: Duration::from_millis(500),
+        running_after: Duration::from_millis(1500),
+        authorized_keys_file: Some(ssh.authorized_keys),
+        ..FakeConfig::default()
+    };
+    extra(&mut config);
+    fake::spawn(config).await.expect("fake-vastai starts")
+}
+
+/// Our own client for the fake, to see what the provider sees.
+pub fn provider_client(fake: &FakeServer) -> VastClient {
+    VastClient::new(Url::parse(&fake.url()).unwrap(), &ApiKey::new(API_KEY), ClientOptions::default())
+        .unwrap()
+}
+
+/// Instances of the fake that are not released, with this label prefix.
+pub async fn live_instances(fake: &FakeServer, label_prefix: &str) -> Vec<Instance> {
+    provider_client(fake)
+        .list_instances()
+        .await
+        .expect("list instances")
+        .into_iter()
+        .filter(|i| i.state != InstanceState::Released)
+        .filter(|i| i.label.as_deref().is_some_and(|l| l.starts_with(label_prefix)))
+        .collect()
+}
+
+/// A random installation id, so concurrent tests never see each other's instances.
+pub fn installation_id() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+/// `gpu-trainer run` as a child process; killed when dropped.
+pub struct OperatorProcess {
+    child: Child,
+    pub log: PathBuf,
+    pub metrics_port: u16,
+}
+
+pub struct OperatorOptions<'a> {
+    pub namespace: &'a str,
+    pub fake_url: String,
+    pub installation_id: &'a str,
+    pub env: Vec<(&'a str, String)>,
+    pub args: Vec<String>,
+    pub leader_elect: bool,
+}
+
+impl<'a> OperatorOptions<'a> {
+    pub fn new(namespace: &'a str, fake: &FakeServer, installation_id: &'a str) -> Self {
+        Self {
+            namespace,
+            fake_url: fake.url(),
+            installation_id,
+            env: Vec::new(),
+            args: Vec::new(),
+            leader_elect: false,
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl OperatorProcess {
+    pub fn start(options: &OperatorOptions<'_>) -> Self {
+        let metrics_port = free_port();
+        let log = env_dir().join("logs").join(format!(
+            "operator-{}-{}.log",
+            options.namespace,
+            rand::random::<u16>()
+        ));
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_gpu-trainer"));
+        command
+            .arg("run")
+            .args(["--namespace", options.namespace])
+            .args(["--installation-id", options.installation_id])
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .args(["--log-format", "pretty"])
+            .arg(format!("--leader-elect={}", options.leader_elect))
+            .args(["--lease-namespace", options.namespace])
+            .args([
+                "--fast-poll-seconds",
+                "1",
+                "--liveness-poll-seconds",
+                "5",
+                "--create-pending-grace-seconds",
+                "3",
+            ])
+            .args(["--sweep-interval-seconds", "2", "--sweep-grace-seconds", "3"])
+            .args(&options.args)
+            .env("KUBECONFIG", kubeconfig_path())
+            .env("VASTAI_API_KEY", API_KEY)
+            .env("VASTAI_API_BASE_URL", &options.fake_url)
+            .env("RUST_LOG", "info,gpu_trainer=debug,kube=warn")
+            .env_remove("GPU_TRAINER_CRASH_AT")
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        for (k, v) in &options.env {
+            command.env(k, v);
+        }
+        let child = command.spawn().expect("gpu-trainer run starts");
+        Self { child, log, metrics_port }
+    }
+
+    /// Waits for the process to end by itself (e.g. at a crash point).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!("operator did not exit within {timeout:?}; log: {}", self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// SIGKILL, as a crashed node would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, as Kubernetes stops a pod.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Waits until `/readyz` answers 200 (start-up checks done).
+    pub async fn wait_ready(&self) {
+        let url = format!("http://127.0.0.1:{}/readyz", self.metrics_port);
+        super::wait_until(Duration::from_secs(60), "the operator to be ready", || {
+            let url = url.clone();
+            async move { reqwest::get(url).await.ok().filter(|r| r.status().is_success()).map(|_| ()) }
+        })
+        .await;
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+            .await
+            .expect("metrics endpoint")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
