@@ -162,6 +162,15 @@ impl Context {
     }
 }
 
+/// Crash points for the crash-safety tests: when `GPU_TRAINER_CRASH_AT` names this point, the
+/// process aborts here, as a killed controller would. Unset in normal operation.
+pub fn crash_point(name: &str) {
+    if std::env::var("GPU_TRAINER_CRASH_AT").is_ok_and(|at| at == name) {
+        eprintln!("GPU_TRAINER_CRASH_AT={name}: aborting");
+        std::process::abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,14 +183,5 @@ mod tests {
         assert_eq!(parse_instance_label(&label), Some(("1a2b3c4d", uid)));
         assert_eq!(parse_instance_label("someone-else:1a2b3c4d:x"), None);
         assert_eq!(parse_instance_label("gputrainer:short:x"), None);
-    }
-}
-
-/// Crash points for the crash-safety tests: when `GPU_TRAINER_CRASH_AT` names this point, the
-/// process aborts here, as a killed controller would. Unset in normal operation.
-pub fn crash_point(name: &str) {
-    if std::env::var("GPU_TRAINER_CRASH_AT").is_ok_and(|at| at == name) {
-        eprintln!("GPU_TRAINER_CRASH_AT={name}: aborting");
-        std::process::abort();
     }
 }
