@@ -1,7 +1,10 @@
 //! The `gpu-trainer` command line. Each subcommand lives in its own file; this one parses
 //! arguments, sets up logging and prints errors once, with their chain.
 
+mod bench_transfer;
 mod crd;
+mod dataset;
+mod tools;
 
 use std::process::ExitCode;
 
@@ -19,6 +22,12 @@ pub struct Cli {
 enum Command {
     /// Print the TrainingJob and GpuInstance CustomResourceDefinitions as YAML.
     Crd(crd::CrdArgs),
+    /// Check or pack a dataset folder.
+    Dataset(dataset::DatasetArgs),
+    /// List or show the declarative training tools.
+    Tools(tools::ToolsArgs),
+    /// Benchmarks (SSH transfer throughput against scp).
+    Bench(bench_transfer::BenchArgs),
 }
 
 /// Entry point of the binary: parse, run, report.
@@ -26,6 +35,9 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Crd(args) => crd::run(args),
+        Command::Dataset(args) => dataset::run(args),
+        Command::Tools(args) => tools::run(args),
+        Command::Bench(args) => bench_transfer::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
