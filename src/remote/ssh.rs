@@ -321,6 +321,13 @@ impl SshExec {
         Ok(conn)
     }
 
+    /// Forgets the current connection so the next call reconnects.
+    async fn drop_connection(&self) {
+        // Taken out under the lock, closed after it is released.
+        let old = self.conn.lock().await.take();
+        drop(old);
+    }
+
     /// Forgets `conn` (if still current) so the next call reconnects.
     async fn discard(&self, conn: &Arc<Connection>) {
         let mut guard = self.conn.lock().await;
@@ -517,9 +524,7 @@ impl SshExec {
                 Err((e, fatal)) if fatal || attempt >= self.options.transfer_attempts => return Err(e),
                 Err((e, _)) => {
                     tracing::warn!(target = %self.target, attempt, error = %e, "Upload interrupted, resuming");
-                    if let Some(conn) = self.conn.lock().await.clone() {
-                        self.discard(&conn).await;
-                    }
+                    self.drop_connection().await;
                 }
             }
         }
@@ -603,9 +608,7 @@ impl SshExec {
                 Err(e) if attempt >= self.options.transfer_attempts => return Err(e),
                 Err(e) => {
                     tracing::warn!(target = %self.target, attempt, error = %e, "Download interrupted, resuming");
-                    if let Some(conn) = self.conn.lock().await.clone() {
-                        self.discard(&conn).await;
-                    }
+                    self.drop_connection().await;
                 }
             }
         }
