@@ -240,6 +240,8 @@ impl Tool {
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         env.set_auto_escape_callback(escape_for);
         env.set_formatter(format_value);
+        // `"a,b" | split(",")`: list-valued settings arrive as comma-separated strings.
+        env.add_filter("split", |s: String, sep: String| s.split(sep.as_str()).map(str::to_string).collect::<Vec<_>>());
         let mut add = |name: String, source: String| {
             env.add_template_owned(name.clone(), source).map_err(|e| invalid(path, format!("template {name}: {e}")))
         };

@@ -121,7 +121,7 @@ files:
 bootstrap:
   - echo {{ params.v }} > bootstrap.txt
 run: printf '%s' {{ params.v }} > run.txt; printf '%s' "x"{{ params.v }}"y" > glued.txt
-healthCheck: test -n {{ params.v }}
+healthCheck: printf '%s' {{ params.v }} > health.txt
 outputs:
   finalModel: out.bin
 cleanup:
@@ -179,6 +179,7 @@ async fn hostile_parameter_values_never_execute() {
         assert_eq!(read("run.txt"), value, "run command changed the value");
         assert_eq!(read("glued.txt"), format!("x{value}y"));
         assert_eq!(read("cleanup.txt"), value);
+        assert_eq!(read("health.txt"), value);
         assert_eq!(read("bootstrap.txt"), format!("{value}\n"));
         let doc: serde_yaml::Value = serde_yaml::from_str(&read("conf.yaml")).unwrap();
         assert_eq!(doc["value"].as_str(), Some(value.as_str()), "YAML changed the value");
