@@ -22,7 +22,9 @@ pub struct BenchArgs {
 #[derive(Subcommand, Debug)]
 enum BenchCommand {
     /// Upload the same file with our transport and with `scp`, and compare throughput.
-    #[command(after_help = "Example:\n  gpu-trainer bench transfer --host 127.0.0.1 --port 2222 --user root --key ~/.ssh/id_ed25519")]
+    #[command(
+        after_help = "Example:\n  gpu-trainer bench transfer --host 127.0.0.1 --port 2222 --user root --key ~/.ssh/id_ed25519"
+    )]
     Transfer(TransferArgs),
 }
 
@@ -78,7 +80,8 @@ fn mib_s(bytes: u64, d: Duration) -> f64 {
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let BenchCommand::Transfer(args) = args.command;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("failed to start tokio")?;
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("failed to start tokio")?;
     rt.block_on(transfer(args))
 }
 
@@ -116,7 +119,16 @@ async fn transfer(args: TransferArgs) -> anyhow::Result<()> {
         exec.run(&cleanup, RunOptions::default()).await?;
         let start = Instant::now();
         let status = tokio::process::Command::new("scp")
-            .args(["-q", "-B", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"])
+            .args([
+                "-q",
+                "-B",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+            ])
             .arg("-P")
             .arg(args.port.to_string())
             .arg("-i")

@@ -43,8 +43,10 @@ enum DatasetCommand {
 pub fn run(args: DatasetArgs) -> anyhow::Result<()> {
     match args.command {
         DatasetCommand::Validate { dir, max_images, max_image_mib } => {
-            let limits = Limits { max_images, max_image_bytes: max_image_mib * 1024 * 1024, ..Limits::default() };
-            let report = dataset::validate(&dir, &limits).with_context(|| format!("failed to validate {}", dir.display()))?;
+            let limits =
+                Limits { max_images, max_image_bytes: max_image_mib * 1024 * 1024, ..Limits::default() };
+            let report = dataset::validate(&dir, &limits)
+                .with_context(|| format!("failed to validate {}", dir.display()))?;
             println!("{report}");
             if !report.is_ok() {
                 anyhow::bail!("{} has {} errors", dir.display(), report.errors());
@@ -57,10 +59,15 @@ pub fn run(args: DatasetArgs) -> anyhow::Result<()> {
                     .with_context(|| format!("failed to validate {}", dir.display()))?;
                 if !report.is_ok() {
                     eprintln!("{report}");
-                    anyhow::bail!("{} has {} errors (use --no-validate to pack anyway)", dir.display(), report.errors());
+                    anyhow::bail!(
+                        "{} has {} errors (use --no-validate to pack anyway)",
+                        dir.display(),
+                        report.errors()
+                    );
                 }
             }
-            let packed = dataset::pack(&dir, &output).with_context(|| format!("failed to pack {}", dir.display()))?;
+            let packed =
+                dataset::pack(&dir, &output).with_context(|| format!("failed to pack {}", dir.display()))?;
             eprintln!("packed {} files, {} bytes into {}", packed.files, packed.bytes, output.display());
             println!("{}", packed.sha256);
             Ok(())

@@ -30,13 +30,20 @@ enum ToolsCommand {
 
 pub fn run(args: ToolsArgs) -> anyhow::Result<()> {
     let dir = ToolRegistry::default_dir(args.tools_dir.as_deref());
-    let registry = ToolRegistry::load(&dir).with_context(|| format!("failed to load the tools in {}", dir.display()))?;
+    let registry =
+        ToolRegistry::load(&dir).with_context(|| format!("failed to load the tools in {}", dir.display()))?;
     match args.command {
         ToolsCommand::List => {
             println!("{:<16} {:<11} {:<44} DESCRIPTION", "TOOL", "PARSER", "IMAGE");
             for tool in registry.tools() {
                 let parser = serde_yaml::to_string(&tool.spec.parser).unwrap_or_default();
-                println!("{:<16} {:<11} {:<44} {}", tool.reference(), parser.trim(), tool.spec.image, tool.spec.description);
+                println!(
+                    "{:<16} {:<11} {:<44} {}",
+                    tool.reference(),
+                    parser.trim(),
+                    tool.spec.image,
+                    tool.spec.description
+                );
             }
         }
         ToolsCommand::Show { reference } => {

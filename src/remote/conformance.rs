@@ -146,7 +146,8 @@ pub(crate) mod cases {
 
     pub async fn timeout_kills_the_command_and_its_children(f: Fixture) {
         let pids = f.path("pids");
-        let cmd = format!("echo $$ > {pids}.tmp; sleep 300 & echo $! >> {pids}.tmp; mv {pids}.tmp {pids}; wait");
+        let cmd =
+            format!("echo $$ > {pids}.tmp; sleep 300 & echo $! >> {pids}.tmp; mv {pids}.tmp {pids}; wait");
         let err = f.exec.run(&cmd, opts(2)).await.unwrap_err();
         assert!(matches!(err, RemoteError::Timeout(_)), "{err:?}");
         let listed = f.exec.run(&format!("cat {pids}"), opts(30)).await.unwrap().stdout_lossy();
@@ -169,7 +170,8 @@ pub(crate) mod cases {
         let exec = f.exec.clone();
         let running = tokio::spawn(async move { exec.run_streaming(&cmd, opts(120), tx).await });
         // The first line must arrive before the command can finish (it waits for `go`).
-        let first = tokio::time::timeout(Duration::from_secs(60), rx.recv()).await.expect("no output streamed");
+        let first =
+            tokio::time::timeout(Duration::from_secs(60), rx.recv()).await.expect("no output streamed");
         assert_eq!(first, Some(OutputChunk::Stdout(b"first\n".to_vec())));
         f.exec.run(&format!("touch {go}"), opts(30)).await.unwrap();
         let out = running.await.unwrap().unwrap();
@@ -187,7 +189,10 @@ pub(crate) mod cases {
         let env = vec![("GT_SECRET".to_string(), secret.clone())];
         let out = f
             .exec
-            .run("printf '%s' \"$GT_SECRET\"", RunOptions { timeout: Duration::from_secs(30), env: env.clone() })
+            .run(
+                "printf '%s' \"$GT_SECRET\"",
+                RunOptions { timeout: Duration::from_secs(30), env: env.clone() },
+            )
             .await
             .unwrap();
         assert_eq!(out.stdout_lossy(), secret);
@@ -200,7 +205,10 @@ pub(crate) mod cases {
         assert!(!out.stdout_lossy().contains(&marker), "the secret is visible on a command line");
         let bad = f
             .exec
-            .run("true", RunOptions { timeout: Duration::from_secs(30), env: vec![("A;B".into(), "x".into())] })
+            .run(
+                "true",
+                RunOptions { timeout: Duration::from_secs(30), env: vec![("A;B".into(), "x".into())] },
+            )
             .await;
         assert!(matches!(bad, Err(RemoteError::InvalidRequest(_))));
     }
@@ -497,7 +505,10 @@ async fn ssh_host_key_is_recorded_then_pinned() {
     // Connecting with a pinned fingerprint to a machine with another key fails at once.
     let key = SshKey::from_file(&env.key_path).unwrap();
     let target = SshTarget { host: "127.0.0.1".into(), port: other.port, user: env.target.user.clone() };
-    let err = SshExec::connect(target.clone(), key.clone(), Some(expected.clone()), test_options()).await.err().unwrap();
+    let err = SshExec::connect(target.clone(), key.clone(), Some(expected.clone()), test_options())
+        .await
+        .err()
+        .unwrap();
     assert!(matches!(err, RemoteError::HostKeyChanged { .. }), "{err:?}");
     // Without a pin the other machine is fine (recorded on first contact).
     let fresh = SshExec::connect(target, key, None, test_options()).await.unwrap();

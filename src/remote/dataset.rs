@@ -156,7 +156,8 @@ fn dataset_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, DatasetError> {
             return Err(DatasetError::NotRegular { path: entry.path().to_path_buf() });
         }
         let rel = entry.path().strip_prefix(dir).unwrap_or(entry.path());
-        let rel: Vec<String> = rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
+        let rel: Vec<String> =
+            rel.components().map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
         files.push((rel.join("/"), entry.path().to_path_buf()));
     }
     // Byte order of the relative path: independent of the file system's directory order.
@@ -198,7 +199,11 @@ pub fn validate(dir: &Path, limits: &Limits) -> Result<ValidationReport, Dataset
         let is_image = IMAGE_EXTENSIONS.contains(&ext.as_str());
         let is_caption = ext == CAPTION_EXTENSION;
         if !is_image && !is_caption {
-            report.push(Severity::Warning, rel, "not an image or caption file; it is packed but trainers ignore it");
+            report.push(
+                Severity::Warning,
+                rel,
+                "not an image or caption file; it is packed but trainers ignore it",
+            );
         }
         let meta = match std::fs::metadata(path) {
             Ok(m) => m,
@@ -228,7 +233,11 @@ pub fn validate(dir: &Path, limits: &Limits) -> Result<ValidationReport, Dataset
                 report.push(Severity::Error, rel, format!("content is not a valid {ext} image"));
             }
             if meta.len() > limits.max_image_bytes {
-                report.push(Severity::Error, rel, format!("{} bytes, more than the limit of {}", meta.len(), limits.max_image_bytes));
+                report.push(
+                    Severity::Error,
+                    rel,
+                    format!("{} bytes, more than the limit of {}", meta.len(), limits.max_image_bytes),
+                );
             }
             if !captions.contains(&stem) {
                 report.push(Severity::Error, rel, format!("no caption file {stem}.{CAPTION_EXTENSION}"));
@@ -236,7 +245,15 @@ pub fn validate(dir: &Path, limits: &Limits) -> Result<ValidationReport, Dataset
         } else if is_caption {
             report.captions += 1;
             if meta.len() > limits.max_caption_bytes {
-                report.push(Severity::Error, rel, format!("caption of {} bytes, more than the limit of {}", meta.len(), limits.max_caption_bytes));
+                report.push(
+                    Severity::Error,
+                    rel,
+                    format!(
+                        "caption of {} bytes, more than the limit of {}",
+                        meta.len(),
+                        limits.max_caption_bytes
+                    ),
+                );
             } else if let Err(e) = std::fs::read(path).map(String::from_utf8) {
                 report.push(Severity::Error, rel, format!("unreadable: {e}"));
             } else if std::fs::read_to_string(path).is_err() {
@@ -248,16 +265,27 @@ pub fn validate(dir: &Path, limits: &Limits) -> Result<ValidationReport, Dataset
         }
     }
     if report.images < limits.min_images {
-        report.push(Severity::Error, "", format!("{} images, at least {} needed", report.images, limits.min_images));
+        report.push(
+            Severity::Error,
+            "",
+            format!("{} images, at least {} needed", report.images, limits.min_images),
+        );
     }
     if report.images > limits.max_images {
-        report.push(Severity::Error, "", format!("{} images, more than the limit of {}", report.images, limits.max_images));
+        report.push(
+            Severity::Error,
+            "",
+            format!("{} images, more than the limit of {}", report.images, limits.max_images),
+        );
     }
     if report.total_bytes > limits.max_total_bytes {
         report.push(
             Severity::Error,
             "",
-            format!("{} bytes in total, more than the limit of {}", report.total_bytes, limits.max_total_bytes),
+            format!(
+                "{} bytes in total, more than the limit of {}",
+                report.total_bytes, limits.max_total_bytes
+            ),
         );
     }
     Ok(report)
@@ -295,7 +323,8 @@ pub fn pack(dir: &Path, out: &Path) -> Result<PackReport, DatasetError> {
     let files = dataset_files(dir)?;
     let werr = |source| DatasetError::Write { path: out.to_path_buf(), source };
     let file = std::fs::File::create(out).map_err(werr)?;
-    let writer = HashingWriter { inner: std::io::BufWriter::new(file), hasher: sha2::Sha256::new(), written: 0 };
+    let writer =
+        HashingWriter { inner: std::io::BufWriter::new(file), hasher: sha2::Sha256::new(), written: 0 };
     let mut builder = tar::Builder::new(writer);
     for (rel, path) in &files {
         let rerr = |source| DatasetError::Read { path: path.clone(), source };
@@ -314,7 +343,11 @@ pub fn pack(dir: &Path, out: &Path) -> Result<PackReport, DatasetError> {
     }
     let mut writer = builder.into_inner().map_err(werr)?;
     writer.flush().map_err(werr)?;
-    Ok(PackReport { sha256: hex::encode(writer.hasher.finalize()), files: files.len(), bytes: writer.written })
+    Ok(PackReport {
+        sha256: hex::encode(writer.hasher.finalize()),
+        files: files.len(),
+        bytes: writer.written,
+    })
 }
 
 /// Outcome of staging a dataset on the machine.
@@ -334,7 +367,12 @@ const EXIT_MISMATCH: i32 = 65;
 
 /// Shell script that verifies `archive` against `sha256` (when given; otherwise prints it) and
 /// only then unpacks it into `dest` (replacing it atomically) and writes the marker.
-pub fn verify_and_unpack_script(archive: &str, sha256: Option<&str>, dest: &str, marker: &str) -> Result<String, RemoteError> {
+pub fn verify_and_unpack_script(
+    archive: &str,
+    sha256: Option<&str>,
+    dest: &str,
+    marker: &str,
+) -> Result<String, RemoteError> {
     if let Some(sha) = sha256
         && !(sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()))
     {
@@ -362,7 +400,12 @@ pub const URL_ENV: &str = "GPU_TRAINER_DATASET_URL";
 
 /// Shell script that downloads `$GPU_TRAINER_DATASET_URL` to `archive` with curl (retrying
 /// transient failures), then verifies and unpacks it like [`verify_and_unpack_script`].
-pub fn download_script(archive: &str, sha256: Option<&str>, dest: &str, marker: &str) -> Result<String, RemoteError> {
+pub fn download_script(
+    archive: &str,
+    sha256: Option<&str>,
+    dest: &str,
+    marker: &str,
+) -> Result<String, RemoteError> {
     let a = shell_quote(archive)?;
     Ok(format!(
         "set -e\ncommand -v curl >/dev/null || {{ echo 'curl is missing on the machine' >&2; exit 3; }}\n\
@@ -372,7 +415,11 @@ pub fn download_script(archive: &str, sha256: Option<&str>, dest: &str, marker: 
     ))
 }
 
-async fn marker_matches(exec: &dyn RemoteExec, layout: &RemoteLayout, sha256: &str) -> Result<bool, RemoteError> {
+async fn marker_matches(
+    exec: &dyn RemoteExec,
+    layout: &RemoteLayout,
+    sha256: &str,
+) -> Result<bool, RemoteError> {
     let marker = shell_quote(&layout.join(MARKER_NAME))?;
     let out = exec.run(&format!("cat {marker} 2>/dev/null || true"), RunOptions::default()).await?;
     Ok(out.stdout_lossy().trim() == sha256)
@@ -388,10 +435,17 @@ async fn run_stage_script(
     let stdout = out.stdout_lossy();
     if out.exit_code == Some(EXIT_MISMATCH) {
         let actual = stdout.split_whitespace().nth(1).unwrap_or_default().to_string();
-        return Err(DatasetError::ChecksumMismatch { expected: expected.unwrap_or_default().to_string(), actual });
+        return Err(DatasetError::ChecksumMismatch {
+            expected: expected.unwrap_or_default().to_string(),
+            actual,
+        });
     }
     if !out.success() {
-        return Err(DatasetError::Stage(format!("exit code {:?}: {}", out.exit_code, out.stderr_lossy().trim())));
+        return Err(DatasetError::Stage(format!(
+            "exit code {:?}: {}",
+            out.exit_code,
+            out.stderr_lossy().trim()
+        )));
     }
     stdout
         .lines()
@@ -415,7 +469,12 @@ pub async fn stage_archive(
     }
     let remote_archive = layout.join(ARCHIVE_NAME);
     exec.upload(archive, &remote_archive).await?;
-    let script = verify_and_unpack_script(&remote_archive, Some(&sha256), &layout.dataset_dir(), &layout.join(MARKER_NAME))?;
+    let script = verify_and_unpack_script(
+        &remote_archive,
+        Some(&sha256),
+        &layout.dataset_dir(),
+        &layout.join(MARKER_NAME),
+    )?;
     let got = run_stage_script(exec, &script, Vec::new(), Some(&sha256)).await?;
     Ok(StageReport { sha256: got, already_staged: false })
 }
@@ -435,8 +494,15 @@ pub async fn stage_url(
         return Ok(StageReport { sha256: sha.clone(), already_staged: true });
     }
     exec.run(&format!("mkdir -p {}", shell_quote(layout.work_dir())?), RunOptions::default()).await?;
-    let script = download_script(&layout.join(ARCHIVE_NAME), sha256.as_deref(), &layout.dataset_dir(), &layout.join(MARKER_NAME))?;
-    let got = run_stage_script(exec, &script, vec![(URL_ENV.to_string(), url.to_string())], sha256.as_deref()).await?;
+    let script = download_script(
+        &layout.join(ARCHIVE_NAME),
+        sha256.as_deref(),
+        &layout.dataset_dir(),
+        &layout.join(MARKER_NAME),
+    )?;
+    let got =
+        run_stage_script(exec, &script, vec![(URL_ENV.to_string(), url.to_string())], sha256.as_deref())
+            .await?;
     Ok(StageReport { sha256: got, already_staged: false })
 }
 
@@ -477,7 +543,12 @@ mod tests {
         fill(two.path(), &[4, 3, 2, 1, 0]);
         // Different modification times and permissions, and junk that is left out.
         let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        std::fs::File::options().write(true).open(two.path().join("a.jpg")).unwrap().set_modified(old).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(two.path().join("a.jpg"))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
         std::fs::set_permissions(two.path().join("a.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
         write(two.path(), ".DS_Store", b"junk");
         let out = tempfile::tempdir().unwrap();
@@ -496,7 +567,10 @@ mod tests {
         for e in archive.entries().unwrap() {
             let e = e.unwrap();
             let h = e.header();
-            assert_eq!((h.uid().unwrap(), h.gid().unwrap(), h.mode().unwrap(), h.mtime().unwrap()), (0, 0, 0o644, FIXED_MTIME));
+            assert_eq!(
+                (h.uid().unwrap(), h.gid().unwrap(), h.mode().unwrap(), h.mtime().unwrap()),
+                (0, 0, 0o644, FIXED_MTIME)
+            );
             names.push(e.path().unwrap().display().to_string());
         }
         assert_eq!(names, ["a.jpg", "a.txt", "sub/b.png", "sub/b.txt", "z.txt"]);
@@ -519,7 +593,8 @@ mod tests {
         write(dir.path(), "notes.md", b"hi");
         let bad = validate(dir.path(), &Limits { max_images: 3, ..Default::default() }).unwrap();
         assert!(!bad.is_ok());
-        let has = |path: &str, text: &str| bad.problems.iter().any(|p| p.path == path && p.message.contains(text));
+        let has =
+            |path: &str, text: &str| bad.problems.iter().any(|p| p.path == path && p.message.contains(text));
         assert!(has("nocap.jpg", "no caption file nocap.txt"), "{bad}");
         assert!(has("fake.png", "not a valid png"), "{bad}");
         assert!(has("empty.jpg", "empty file"), "{bad}");
@@ -530,7 +605,10 @@ mod tests {
 
         let none = tempfile::tempdir().unwrap();
         assert!(!validate(none.path(), &Limits::default()).unwrap().is_ok());
-        assert!(matches!(validate(&none.path().join("x"), &Limits::default()), Err(DatasetError::NotADir(_))));
+        assert!(matches!(
+            validate(&none.path().join("x"), &Limits::default()),
+            Err(DatasetError::NotADir(_))
+        ));
     }
 
     #[tokio::test]

@@ -72,21 +72,33 @@ pub struct LaunchSpec {
 pub enum TrainingState {
     /// Never started here.
     NotStarted,
-    Running { pid: u32 },
+    Running {
+        pid: u32,
+    },
     /// Ended with this exit code (from the `exit_code` file).
-    Exited { exit_code: i32 },
+    Exited {
+        exit_code: i32,
+    },
     /// A pid was recorded but the process is gone without an exit code (killed with -9, machine
     /// restarted).
-    Vanished { pid: u32 },
+    Vanished {
+        pid: u32,
+    },
 }
 
 /// Result of [`launch`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LaunchOutcome {
-    Started { pid: u32 },
-    AlreadyRunning { pid: u32 },
+    Started {
+        pid: u32,
+    },
+    AlreadyRunning {
+        pid: u32,
+    },
     /// Not started again: it already ran to an end.
-    AlreadyExited { exit_code: i32 },
+    AlreadyExited {
+        exit_code: i32,
+    },
 }
 
 /// Result of [`stop`].
@@ -191,14 +203,15 @@ pub async fn launch(
         TrainingState::NotStarted | TrainingState::Vanished { .. } => {}
     }
     let out = exec
-        .run(&launch_script(layout, &spec.command)?, RunOptions { timeout: Duration::from_secs(120), env: spec.env.clone() })
+        .run(
+            &launch_script(layout, &spec.command)?,
+            RunOptions { timeout: Duration::from_secs(120), env: spec.env.clone() },
+        )
         .await?;
     check(&out, "start training")?;
-    let pid = out
-        .stdout_lossy()
-        .trim()
-        .parse()
-        .map_err(|_| RemoteError::io("start training", format!("no pid recorded: {}", out.stdout_lossy().trim())))?;
+    let pid = out.stdout_lossy().trim().parse().map_err(|_| {
+        RemoteError::io("start training", format!("no pid recorded: {}", out.stdout_lossy().trim()))
+    })?;
     tracing::info!(machine = %exec.describe(), pid, "Started training");
     Ok(LaunchOutcome::Started { pid })
 }
@@ -216,7 +229,11 @@ pub async fn reset(exec: &dyn RemoteExec, layout: &RemoteLayout) -> Result<(), R
 
 /// Stops training: TERM to the process group, up to `grace` for it to end, then KILL. Records
 /// exit code 137 when the wrapper could not (it was killed too).
-pub async fn stop(exec: &dyn RemoteExec, layout: &RemoteLayout, grace: Duration) -> Result<StopOutcome, RemoteError> {
+pub async fn stop(
+    exec: &dyn RemoteExec,
+    layout: &RemoteLayout,
+    grace: Duration,
+) -> Result<StopOutcome, RemoteError> {
     let TrainingState::Running { pid } = state(exec, layout).await? else {
         return Ok(StopOutcome::NotRunning);
     };
@@ -259,7 +276,11 @@ pub(crate) mod tests {
     use super::*;
     use crate::remote::conformance::{Fixture, eventually};
 
-    async fn wait_state(f: &Fixture, layout: &RemoteLayout, want: fn(&TrainingState) -> bool) -> TrainingState {
+    async fn wait_state(
+        f: &Fixture,
+        layout: &RemoteLayout,
+        want: fn(&TrainingState) -> bool,
+    ) -> TrainingState {
         let mut last = TrainingState::NotStarted;
         for _ in 0..600 {
             last = state(f.exec.as_ref(), layout).await.unwrap();
@@ -286,7 +307,10 @@ pub(crate) mod tests {
         };
         assert!(f.exec.pid_alive(pid).await.unwrap());
         // A second launch sees the live pid and starts nothing.
-        assert_eq!(launch(f.exec.as_ref(), &layout, &spec).await.unwrap(), LaunchOutcome::AlreadyRunning { pid });
+        assert_eq!(
+            launch(f.exec.as_ref(), &layout, &spec).await.unwrap(),
+            LaunchOutcome::AlreadyRunning { pid }
+        );
         assert_eq!(state(f.exec.as_ref(), &layout).await.unwrap(), TrainingState::Running { pid });
         let exec = f.exec.clone();
         let token = layout.join("token.txt");
@@ -308,7 +332,10 @@ pub(crate) mod tests {
             LaunchOutcome::AlreadyExited { exit_code: 7 }
         );
         reset(f.exec.as_ref(), &layout).await.unwrap();
-        assert!(matches!(launch(f.exec.as_ref(), &layout, &spec).await.unwrap(), LaunchOutcome::Started { .. }));
+        assert!(matches!(
+            launch(f.exec.as_ref(), &layout, &spec).await.unwrap(),
+            LaunchOutcome::Started { .. }
+        ));
         wait_state(&f, &layout, |s| matches!(s, TrainingState::Exited { .. })).await;
         for dir in [layout.dataset_dir(), layout.output_dir()] {
             assert!(f.exec.run(&format!("test -d {dir}"), quick()).await.unwrap().success());
@@ -333,10 +360,16 @@ pub(crate) mod tests {
             .trim()
             .parse()
             .unwrap();
-        assert_eq!(stop(f.exec.as_ref(), &layout, Duration::from_secs(60)).await.unwrap(), StopOutcome::Terminated);
+        assert_eq!(
+            stop(f.exec.as_ref(), &layout, Duration::from_secs(60)).await.unwrap(),
+            StopOutcome::Terminated
+        );
         assert!(!f.exec.pid_alive(child).await.unwrap());
         assert_eq!(state(f.exec.as_ref(), &layout).await.unwrap(), TrainingState::Exited { exit_code: 143 });
-        assert_eq!(stop(f.exec.as_ref(), &layout, Duration::from_secs(1)).await.unwrap(), StopOutcome::NotRunning);
+        assert_eq!(
+            stop(f.exec.as_ref(), &layout, Duration::from_secs(1)).await.unwrap(),
+            StopOutcome::NotRunning
+        );
 
         // A trainer that ignores TERM is killed after the grace period.
         let layout = RemoteLayout::new(&f.base, "job-kill").unwrap();
@@ -352,7 +385,10 @@ pub(crate) mod tests {
             async move { exec.read_from(&p, 0, 100).await.is_ok() }
         })
         .await;
-        assert_eq!(stop(f.exec.as_ref(), &layout, Duration::from_secs(1)).await.unwrap(), StopOutcome::Killed);
+        assert_eq!(
+            stop(f.exec.as_ref(), &layout, Duration::from_secs(1)).await.unwrap(),
+            StopOutcome::Killed
+        );
         assert_eq!(state(f.exec.as_ref(), &layout).await.unwrap(), TrainingState::Exited { exit_code: 137 });
     }
 

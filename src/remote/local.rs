@@ -39,12 +39,11 @@ impl LocalExec {
 
     async fn copy_verified(&self, from: &Path, to: &Path) -> Result<TransferReport, RemoteError> {
         let (sha256, bytes) = super::sha256_file(from).await?;
-        if tokio::fs::try_exists(to).await.unwrap_or(false) {
-            if let Ok((existing, _)) = super::sha256_file(to).await {
-                if existing == sha256 {
-                    return Ok(TransferReport { bytes, sha256, skipped: true });
-                }
-            }
+        if tokio::fs::try_exists(to).await.unwrap_or(false)
+            && let Ok((existing, _)) = super::sha256_file(to).await
+            && existing == sha256
+        {
+            return Ok(TransferReport { bytes, sha256, skipped: true });
         }
         if let Some(parent) = to.parent() {
             tokio::fs::create_dir_all(parent)
@@ -204,14 +203,16 @@ impl RemoteExec for LocalExec {
         self.copy_verified(&from, local_path).await
     }
 
-    async fn read_from(&self, remote_path: &str, offset: u64, max_len: u64) -> Result<FileChunk, RemoteError> {
+    async fn read_from(
+        &self,
+        remote_path: &str,
+        offset: u64,
+        max_len: u64,
+    ) -> Result<FileChunk, RemoteError> {
         let path = self.resolve(remote_path);
         let mut file = tokio::fs::File::open(&path).await.map_err(|e| super::open_error(&path, e))?;
-        let file_size = file
-            .metadata()
-            .await
-            .map_err(|e| RemoteError::io(format!("stat {}", path.display()), e))?
-            .len();
+        let file_size =
+            file.metadata().await.map_err(|e| RemoteError::io(format!("stat {}", path.display()), e))?.len();
         let mut data = Vec::new();
         if offset < file_size {
             file.seek(std::io::SeekFrom::Start(offset))
@@ -232,7 +233,12 @@ impl RemoteExec for LocalExec {
         if let Some(alive) = proc_alive(pid) {
             return Ok(alive);
         }
-        let out = self.run(&format!("kill -0 {pid}"), RunOptions { timeout: Duration::from_secs(10), ..Default::default() }).await?;
+        let out = self
+            .run(
+                &format!("kill -0 {pid}"),
+                RunOptions { timeout: Duration::from_secs(10), ..Default::default() },
+            )
+            .await?;
         Ok(out.success())
     }
 

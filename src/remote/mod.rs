@@ -159,7 +159,10 @@ pub trait RemoteExec: Send + Sync {
 }
 
 impl RemoteError {
-    pub(crate) fn io(operation: impl Into<String>, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+    pub(crate) fn io(
+        operation: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
         RemoteError::Io { operation: operation.into(), source: source.into() }
     }
 }
@@ -170,7 +173,11 @@ pub(crate) fn check_env_name(name: &str) -> Result<(), RemoteError> {
     let mut chars = name.chars();
     let ok = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if ok { Ok(()) } else { Err(RemoteError::InvalidRequest(format!("invalid environment variable name {name:?}"))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(RemoteError::InvalidRequest(format!("invalid environment variable name {name:?}")))
+    }
 }
 
 /// Quotes `value` for a POSIX shell. Fails only on NUL bytes, which no shell word can hold.
@@ -191,7 +198,8 @@ pub async fn sha256_file(path: &Path) -> Result<(String, u64), RemoteError> {
         let mut buf = vec![0u8; 1 << 20];
         let mut total = 0u64;
         loop {
-            let n = file.read(&mut buf).map_err(|e| RemoteError::io(format!("read {}", path.display()), e))?;
+            let n =
+                file.read(&mut buf).map_err(|e| RemoteError::io(format!("read {}", path.display()), e))?;
             if n == 0 {
                 break;
             }

@@ -25,7 +25,6 @@ use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertifi
 use russh::{ChannelMsg, Disconnect};
 use russh_sftp::client::SftpSession;
 use russh_sftp::protocol::{OpenFlags, StatusCode};
-use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::{OnceCell, mpsc};
 
@@ -76,7 +75,8 @@ pub enum KeyError {
 impl SshKey {
     /// Reads an OpenSSH private key file (unencrypted).
     pub fn from_file(path: &Path) -> Result<Self, KeyError> {
-        let bytes = std::fs::read(path).map_err(|source| KeyError::Read { path: path.to_path_buf(), source })?;
+        let bytes =
+            std::fs::read(path).map_err(|source| KeyError::Read { path: path.to_path_buf(), source })?;
         Self::from_bytes(&bytes)
     }
 
@@ -149,10 +149,15 @@ struct Client {
 impl client::Handler for Client {
     type Error = russh::Error;
 
-    async fn check_server_key(&mut self, server_public_key: &PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+    async fn check_server_key(
+        &mut self,
+        server_public_key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
         let fingerprint = match server_public_key {
             PublicKeyOrCertificate::PublicKey { key, .. } => key.fingerprint(HashAlg::Sha256).to_string(),
-            PublicKeyOrCertificate::Certificate(cert) => cert.public_key().fingerprint(HashAlg::Sha256).to_string(),
+            PublicKeyOrCertificate::Certificate(cert) => {
+                cert.public_key().fingerprint(HashAlg::Sha256).to_string()
+            }
         };
         let accept = self.expected.as_deref().is_none_or(|e| e == fingerprint);
         if let Ok(mut seen) = self.seen.lock() {
@@ -239,9 +244,11 @@ impl SshExec {
         let seen = Arc::new(StdMutex::new(None));
         let handler = Client { expected: expected.clone(), seen: seen.clone() };
         let addr = (self.target.host.clone(), self.target.port);
-        let connected =
-            tokio::time::timeout(self.options.attempt_timeout, client::connect(self.config.clone(), addr, handler))
-                .await;
+        let connected = tokio::time::timeout(
+            self.options.attempt_timeout,
+            client::connect(self.config.clone(), addr, handler),
+        )
+        .await;
         let seen = seen.lock().ok().and_then(|g| g.clone());
         let mut handle = match connected {
             Err(_) => return Err(AttemptError::Retry("timed out".into())),
@@ -293,13 +300,19 @@ impl SshExec {
             if tokio::time::Instant::now() + backoff >= deadline {
                 return Err(match err {
                     AttemptError::Auth => RemoteError::AuthRefused { target: self.target.to_string() },
-                    AttemptError::Retry(source) => RemoteError::Connect { target: self.target.to_string(), source },
+                    AttemptError::Retry(source) => {
+                        RemoteError::Connect { target: self.target.to_string(), source }
+                    }
                     AttemptError::Fatal(e) => e,
                 });
             }
             match &err {
-                AttemptError::Auth => tracing::debug!(target = %self.target, attempt, "Key not accepted yet, retrying"),
-                AttemptError::Retry(e) => tracing::debug!(target = %self.target, attempt, error = %e, "Connect failed, retrying"),
+                AttemptError::Auth => {
+                    tracing::debug!(target = %self.target, attempt, "Key not accepted yet, retrying")
+                }
+                AttemptError::Retry(e) => {
+                    tracing::debug!(target = %self.target, attempt, error = %e, "Connect failed, retrying")
+                }
                 AttemptError::Fatal(_) => {}
             }
             tokio::time::sleep(backoff).await;
@@ -445,7 +458,8 @@ impl SshExec {
     }
 
     async fn run_checked(&self, command: &str, what: &str) -> Result<ExecOutput, RemoteError> {
-        let out = self.run(command, RunOptions { timeout: Duration::from_secs(600), env: Vec::new() }).await?;
+        let out =
+            self.run(command, RunOptions { timeout: Duration::from_secs(600), env: Vec::new() }).await?;
         if !out.success() {
             return Err(RemoteError::io(
                 format!("{what} on {}", self.target),
@@ -470,17 +484,23 @@ impl SshExec {
     }
 
     /// Uploads like [`RemoteExec::upload`] and also says where a resumed transfer started.
-    pub async fn upload_resumable(&self, local_path: &Path, remote_path: &str) -> Result<UploadOutcome, RemoteError> {
-        let size = tokio::fs::metadata(local_path)
-            .await
-            .map_err(|e| super::open_error(local_path, e))?
-            .len();
+    pub async fn upload_resumable(
+        &self,
+        local_path: &Path,
+        remote_path: &str,
+    ) -> Result<UploadOutcome, RemoteError> {
+        let size = tokio::fs::metadata(local_path).await.map_err(|e| super::open_error(local_path, e))?.len();
         let q = shell_quote(remote_path)?;
-        let parent = Path::new(remote_path).parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-        let mkdir = if parent.is_empty() { String::new() } else { format!("mkdir -p {} && ", shell_quote(&parent)?) };
+        let parent =
+            Path::new(remote_path).parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        let mkdir =
+            if parent.is_empty() { String::new() } else { format!("mkdir -p {} && ", shell_quote(&parent)?) };
         // One round trip: create the folder and learn the size of any existing file.
         let out = self
-            .run_checked(&format!("{mkdir}if [ -f {q} ]; then wc -c < {q}; else echo -1; fi"), "prepare an upload")
+            .run_checked(
+                &format!("{mkdir}if [ -f {q} ]; then wc -c < {q}; else echo -1; fi"),
+                "prepare an upload",
+            )
             .await?;
         let existing: i64 = out.stdout_lossy().trim().parse().unwrap_or(-1);
         // Hash the local file on another core while the bytes travel.
@@ -537,11 +557,21 @@ impl SshExec {
         if remote != local {
             // A corrupt part must not be resumed again.
             let _ = self.run(&format!("rm -f {}", shell_quote(&part)?), RunOptions::default()).await;
-            return Err(RemoteError::ChecksumMismatch { path: remote_path.to_string(), expected: local, actual: remote });
+            return Err(RemoteError::ChecksumMismatch {
+                path: remote_path.to_string(),
+                expected: local,
+                actual: remote,
+            });
         }
-        self.run_checked(&format!("mv -f {} {}", shell_quote(&part)?, shell_quote(remote_path)?), "rename an upload")
-            .await?;
-        Ok(UploadOutcome { report: TransferReport { bytes: size, sha256: local, skipped: false }, resumed_from })
+        self.run_checked(
+            &format!("mv -f {} {}", shell_quote(&part)?, shell_quote(remote_path)?),
+            "rename an upload",
+        )
+        .await?;
+        Ok(UploadOutcome {
+            report: TransferReport { bytes: size, sha256: local, skipped: false },
+            resumed_from,
+        })
     }
 
     /// Sends the missing tail of `part`; returns the offset it started at. The error says whether
@@ -563,15 +593,20 @@ impl SshExec {
             flags |= OpenFlags::TRUNCATE;
         }
         let mut remote = sftp.open_with_flags(part, flags).await.map_err(|e| retryable("open", e))?;
-        let mut local = tokio::fs::File::open(local_path).await.map_err(|e| (super::open_error(local_path, e), true))?;
+        let mut local =
+            tokio::fs::File::open(local_path).await.map_err(|e| (super::open_error(local_path, e), true))?;
         let io = |op: &str, e: std::io::Error| (RemoteError::io(format!("{op} {part}"), e), false);
         if start > 0 {
             remote.seek(std::io::SeekFrom::Start(start)).await.map_err(|e| io("seek", e))?;
-            local.seek(std::io::SeekFrom::Start(start)).await.map_err(|e| (RemoteError::io("seek the local file", e), true))?;
+            local
+                .seek(std::io::SeekFrom::Start(start))
+                .await
+                .map_err(|e| (RemoteError::io("seek the local file", e), true))?;
         }
         let mut buf = vec![0u8; 4 << 20];
         loop {
-            let n = local.read(&mut buf).await.map_err(|e| (RemoteError::io("read the local file", e), true))?;
+            let n =
+                local.read(&mut buf).await.map_err(|e| (RemoteError::io("read the local file", e), true))?;
             if n == 0 {
                 break;
             }
@@ -581,10 +616,15 @@ impl SshExec {
         Ok(start)
     }
 
-    async fn transfer_down(&self, remote_path: &str, local_path: &Path) -> Result<TransferReport, RemoteError> {
-        let remote_sha = self.remote_sha256(remote_path).await?.ok_or_else(|| RemoteError::NotFound {
-            path: remote_path.to_string(),
-        })?;
+    async fn transfer_down(
+        &self,
+        remote_path: &str,
+        local_path: &Path,
+    ) -> Result<TransferReport, RemoteError> {
+        let remote_sha = self
+            .remote_sha256(remote_path)
+            .await?
+            .ok_or_else(|| RemoteError::NotFound { path: remote_path.to_string() })?;
         if let Ok((local, bytes)) = super::sha256_file(local_path).await
             && local == remote_sha
         {
@@ -615,7 +655,11 @@ impl SshExec {
         let (local, bytes) = super::sha256_file(&part).await?;
         if local != remote_sha {
             let _ = tokio::fs::remove_file(&part).await;
-            return Err(RemoteError::ChecksumMismatch { path: remote_path.to_string(), expected: remote_sha, actual: local });
+            return Err(RemoteError::ChecksumMismatch {
+                path: remote_path.to_string(),
+                expected: remote_sha,
+                actual: local,
+            });
         }
         tokio::fs::rename(&part, local_path)
             .await
@@ -642,11 +686,15 @@ impl SshExec {
         }
         let mut buf = vec![0u8; 4 << 20];
         loop {
-            let n = remote.read(&mut buf).await.map_err(|e| RemoteError::io(format!("read {remote_path}"), e))?;
+            let n =
+                remote.read(&mut buf).await.map_err(|e| RemoteError::io(format!("read {remote_path}"), e))?;
             if n == 0 {
                 break;
             }
-            local.write_all(&buf[..n]).await.map_err(|e| RemoteError::io(format!("write {}", part.display()), e))?;
+            local
+                .write_all(&buf[..n])
+                .await
+                .map_err(|e| RemoteError::io(format!("write {}", part.display()), e))?;
         }
         local.flush().await.map_err(|e| RemoteError::io(format!("write {}", part.display()), e))?;
         Ok(())
@@ -661,7 +709,9 @@ pub struct UploadOutcome {
     pub resumed_from: Option<u64>,
 }
 
-async fn join_hash(handle: tokio::task::JoinHandle<Result<(String, u64), RemoteError>>) -> Result<String, RemoteError> {
+async fn join_hash(
+    handle: tokio::task::JoinHandle<Result<(String, u64), RemoteError>>,
+) -> Result<String, RemoteError> {
     Ok(handle.await.map_err(|e| RemoteError::io("hash the local file", e))??.0)
 }
 
@@ -710,7 +760,12 @@ impl RemoteExec for SshExec {
         self.transfer_down(remote_path, local_path).await
     }
 
-    async fn read_from(&self, remote_path: &str, offset: u64, max_len: u64) -> Result<FileChunk, RemoteError> {
+    async fn read_from(
+        &self,
+        remote_path: &str,
+        offset: u64,
+        max_len: u64,
+    ) -> Result<FileChunk, RemoteError> {
         let (conn, sftp) = self.sftp().await?;
         let result = async {
             let mut file = sftp.open(remote_path).await.map_err(|e| map_sftp(remote_path, "open", e))?;
@@ -740,7 +795,9 @@ impl RemoteExec for SshExec {
         if pid == 0 {
             return Ok(false);
         }
-        let out = self.run(&pid_alive_command(pid), RunOptions { timeout: Duration::from_secs(30), env: Vec::new() }).await?;
+        let out = self
+            .run(&pid_alive_command(pid), RunOptions { timeout: Duration::from_secs(30), env: Vec::new() })
+            .await?;
         match out.exit_code {
             Some(0) => Ok(true),
             Some(1) => Ok(false),
@@ -759,9 +816,4 @@ pub(crate) fn pid_alive_command(pid: u32) -> String {
         "if [ -r /proc/self/stat ]; then s=$(cat /proc/{pid}/stat 2>/dev/null) || exit 1; \
          case \"${{s##*) }}\" in Z*|X*) exit 1;; esac; exit 0; fi; kill -0 {pid} 2>/dev/null || exit 1"
     )
-}
-
-/// Computes a SHA-256 while bytes stream by (used by the benchmark and tests).
-pub fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(sha2::Sha256::digest(data))
 }

@@ -194,7 +194,11 @@ fn escape_for(name: &str) -> AutoEscape {
     }
 }
 
-fn format_value(out: &mut minijinja::Output, state: &minijinja::State, value: &Value) -> Result<(), minijinja::Error> {
+fn format_value(
+    out: &mut minijinja::Output,
+    state: &minijinja::State,
+    value: &Value,
+) -> Result<(), minijinja::Error> {
     let fail = |msg: &str| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg.to_string());
     match state.auto_escape() {
         AutoEscape::Custom("shell") if !value.is_safe() => {
@@ -203,7 +207,8 @@ fn format_value(out: &mut minijinja::Output, state: &minijinja::State, value: &V
             out.write_str(&quoted).map_err(|_| fail("write failed"))
         }
         AutoEscape::Custom("json") if !value.is_safe() => {
-            let text = serde_json::to_string(value).map_err(|e| fail(&format!("cannot write a value as JSON: {e}")))?;
+            let text = serde_json::to_string(value)
+                .map_err(|e| fail(&format!("cannot write a value as JSON: {e}")))?;
             out.write_str(&text).map_err(|_| fail("write failed"))
         }
         AutoEscape::Custom("path") => {
@@ -230,7 +235,8 @@ impl Tool {
     /// Reads `dir/tool.yaml` and the files it refers to, and compiles every template.
     pub fn load(dir: &Path) -> Result<Self, ToolError> {
         let path = dir.join("tool.yaml");
-        let text = std::fs::read_to_string(&path).map_err(|source| ToolError::Read { path: path.clone(), source })?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| ToolError::Read { path: path.clone(), source })?;
         let spec: ToolSpec = serde_yaml::from_str(&text).map_err(|e| invalid(&path, e.to_string()))?;
         Self::from_spec(spec, dir, &path)
     }
@@ -241,9 +247,12 @@ impl Tool {
         env.set_auto_escape_callback(escape_for);
         env.set_formatter(format_value);
         // `"a,b" | split(",")`: list-valued settings arrive as comma-separated strings.
-        env.add_filter("split", |s: String, sep: String| s.split(sep.as_str()).map(str::to_string).collect::<Vec<_>>());
+        env.add_filter("split", |s: String, sep: String| {
+            s.split(sep.as_str()).map(str::to_string).collect::<Vec<_>>()
+        });
         let mut add = |name: String, source: String| {
-            env.add_template_owned(name.clone(), source).map_err(|e| invalid(path, format!("template {name}: {e}")))
+            env.add_template_owned(name.clone(), source)
+                .map_err(|e| invalid(path, format!("template {name}: {e}")))
         };
         for (i, cmd) in spec.bootstrap.iter().enumerate() {
             add(format!("cmd:bootstrap[{i}]"), cmd.clone())?;
@@ -268,21 +277,31 @@ impl Tool {
         let mut sources = Vec::new();
         for file in &spec.files {
             if !relative_ok(&file.path) {
-                return Err(invalid(path, format!("file path {:?} must be relative, without '..'", file.path)));
+                return Err(invalid(
+                    path,
+                    format!("file path {:?} must be relative, without '..'", file.path),
+                ));
             }
             match (&file.source, &file.template) {
                 (Some(src), None) | (None, Some(src)) if relative_ok(src) => {
                     let full = dir.join(src);
-                    let bytes = std::fs::read(&full).map_err(|source| ToolError::Read { path: full.clone(), source })?;
+                    let bytes = std::fs::read(&full)
+                        .map_err(|source| ToolError::Read { path: full.clone(), source })?;
                     if file.template.is_some() {
-                        let text = String::from_utf8(bytes).map_err(|_| invalid(&full, "template is not UTF-8"))?;
+                        let text =
+                            String::from_utf8(bytes).map_err(|_| invalid(&full, "template is not UTF-8"))?;
                         // The template is registered under its destination, which picks the escaping.
                         add(format!("file:{}", file.path), text)?;
                     } else {
                         sources.push((file.clone(), bytes));
                     }
                 }
-                _ => return Err(invalid(path, format!("file {:?} needs exactly one relative `source` or `template`", file.path))),
+                _ => {
+                    return Err(invalid(
+                        path,
+                        format!("file {:?} needs exactly one relative `source` or `template`", file.path),
+                    ));
+                }
             }
         }
         let tool = Self { spec, dir: dir.to_path_buf(), env, sources };
@@ -301,7 +320,8 @@ impl Tool {
                 return Err(invalid(path, format!("parameter {:?} is listed twice", p.name)));
             }
             if let Some(pattern) = &p.pattern {
-                regex::Regex::new(pattern).map_err(|e| invalid(path, format!("parameter {:?}: bad pattern: {e}", p.name)))?;
+                regex::Regex::new(pattern)
+                    .map_err(|e| invalid(path, format!("parameter {:?}: bad pattern: {e}", p.name)))?;
             }
             if let Some(default) = &p.default {
                 self.check_value(p, default).map_err(|e| invalid(path, format!("default: {e}")))?;
@@ -319,7 +339,11 @@ impl Tool {
     }
 
     fn param_error(&self, name: &str, message: impl Into<String>) -> ToolError {
-        ToolError::InvalidParameter { tool: self.reference(), name: name.to_string(), message: message.into() }
+        ToolError::InvalidParameter {
+            tool: self.reference(),
+            name: name.to_string(),
+            message: message.into(),
+        }
     }
 
     fn check_value(&self, p: &ParamSpec, value: &Json) -> Result<Json, ToolError> {
@@ -370,7 +394,8 @@ impl Tool {
                     return Err(err(format!("{s:?} is not one of {}", choices.join(", "))));
                 }
                 if let Some(pattern) = &p.pattern {
-                    let re = regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| err(e.to_string()))?;
+                    let re =
+                        regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| err(e.to_string()))?;
                     if !re.is_match(s) {
                         return Err(err(format!("{s:?} does not match {pattern}")));
                     }
@@ -382,11 +407,18 @@ impl Tool {
 
     /// Checks `given` against the parameter list and fills in defaults. Unknown keys, missing
     /// required values, wrong types and out-of-range values are errors naming the parameter.
-    pub fn resolve_params(&self, given: &BTreeMap<String, Json>) -> Result<BTreeMap<String, Json>, ToolError> {
+    pub fn resolve_params(
+        &self,
+        given: &BTreeMap<String, Json>,
+    ) -> Result<BTreeMap<String, Json>, ToolError> {
         for name in given.keys() {
             if !self.spec.parameters.iter().any(|p| &p.name == name) {
                 let known: Vec<&str> = self.spec.parameters.iter().map(|p| p.name.as_str()).collect();
-                return Err(ToolError::UnknownParameter { tool: self.reference(), name: name.clone(), known: known.join(", ") });
+                return Err(ToolError::UnknownParameter {
+                    tool: self.reference(),
+                    name: name.clone(),
+                    known: known.join(", "),
+                });
             }
         }
         let mut out = BTreeMap::new();
@@ -416,7 +448,11 @@ impl Tool {
     }
 
     /// Renders everything for one job. `params` are the job's raw parameters (validated here).
-    pub fn render(&self, params: &BTreeMap<String, Json>, job: &JobContext) -> Result<RenderedTool, ToolError> {
+    pub fn render(
+        &self,
+        params: &BTreeMap<String, Json>,
+        job: &JobContext,
+    ) -> Result<RenderedTool, ToolError> {
         let params = self.resolve_params(params)?;
         let ctx = minijinja::context! {
             params => Value::from_serialize(&params),
@@ -430,18 +466,27 @@ impl Tool {
             tool => minijinja::context! { name => self.spec.name.clone(), version => self.spec.version.clone() },
         };
         let render = |name: &str| -> Result<String, ToolError> {
-            self.env
-                .get_template(name)
-                .and_then(|t| t.render(&ctx))
-                .map_err(|source| ToolError::Render { tool: self.reference(), template: name.to_string(), source })
+            self.env.get_template(name).and_then(|t| t.render(&ctx)).map_err(|source| ToolError::Render {
+                tool: self.reference(),
+                template: name.to_string(),
+                source,
+            })
         };
         let mut files = Vec::new();
         for (spec, bytes) in &self.sources {
-            files.push(RenderedFile { path: spec.path.clone(), content: bytes.clone(), executable: spec.executable });
+            files.push(RenderedFile {
+                path: spec.path.clone(),
+                content: bytes.clone(),
+                executable: spec.executable,
+            });
         }
         for spec in self.spec.files.iter().filter(|f| f.template.is_some()) {
             let content = render(&format!("file:{}", spec.path))?;
-            files.push(RenderedFile { path: spec.path.clone(), content: content.into_bytes(), executable: spec.executable });
+            files.push(RenderedFile {
+                path: spec.path.clone(),
+                content: content.into_bytes(),
+                executable: spec.executable,
+            });
         }
         let mut rendered_paths = Vec::new();
         for name in ["path:finalModel", "path:checkpoints", "path:samples"] {
@@ -450,9 +495,15 @@ impl Tool {
         let [final_model, checkpoints, samples]: [Option<String>; 3] =
             rendered_paths.try_into().unwrap_or([None, None, None]);
         let outputs = Outputs { final_model: final_model.unwrap_or_default(), checkpoints, samples };
-        for p in [Some(&outputs.final_model), outputs.checkpoints.as_ref(), outputs.samples.as_ref()].into_iter().flatten() {
+        for p in [Some(&outputs.final_model), outputs.checkpoints.as_ref(), outputs.samples.as_ref()]
+            .into_iter()
+            .flatten()
+        {
             if !relative_ok(p) {
-                return Err(ToolError::Invalid { path: self.dir.join("tool.yaml"), message: format!("output path {p:?} must be relative") });
+                return Err(ToolError::Invalid {
+                    path: self.dir.join("tool.yaml"),
+                    message: format!("output path {p:?} must be relative"),
+                });
             }
         }
         Ok(RenderedTool {
@@ -461,11 +512,15 @@ impl Tool {
             parser: self.spec.parser,
             params,
             files,
-            bootstrap: (0..self.spec.bootstrap.len()).map(|i| render(&format!("cmd:bootstrap[{i}]"))).collect::<Result<_, _>>()?,
+            bootstrap: (0..self.spec.bootstrap.len())
+                .map(|i| render(&format!("cmd:bootstrap[{i}]")))
+                .collect::<Result<_, _>>()?,
             run: render("cmd:run")?,
             resume: self.spec.resume.as_ref().map(|_| render("cmd:resume")).transpose()?,
             health_check: self.spec.health_check.as_ref().map(|_| render("cmd:healthCheck")).transpose()?,
-            cleanup: (0..self.spec.cleanup.len()).map(|i| render(&format!("cmd:cleanup[{i}]"))).collect::<Result<_, _>>()?,
+            cleanup: (0..self.spec.cleanup.len())
+                .map(|i| render(&format!("cmd:cleanup[{i}]")))
+                .collect::<Result<_, _>>()?,
             outputs,
             secrets: self.spec.secrets.clone(),
         })
@@ -509,22 +564,37 @@ pub struct RenderedTool {
 impl RenderedTool {
     /// Writes the tool's files into the work dir (through temporary local files and uploads).
     pub async fn install_files(&self, exec: &dyn RemoteExec, layout: &RemoteLayout) -> Result<(), ToolError> {
-        let tmp = std::env::temp_dir().join(format!("gpu-trainer-files-{}", hex::encode(rand::random::<[u8; 8]>())));
+        let tmp = std::env::temp_dir()
+            .join(format!("gpu-trainer-files-{}", hex::encode(rand::random::<[u8; 8]>())));
         tokio::fs::create_dir_all(&tmp).await.map_err(|e| RemoteError::io("create a temporary folder", e))?;
         let result = self.install_from(exec, layout, &tmp).await;
         let _ = tokio::fs::remove_dir_all(&tmp).await;
         result
     }
 
-    async fn install_from(&self, exec: &dyn RemoteExec, layout: &RemoteLayout, tmp: &Path) -> Result<(), ToolError> {
+    async fn install_from(
+        &self,
+        exec: &dyn RemoteExec,
+        layout: &RemoteLayout,
+        tmp: &Path,
+    ) -> Result<(), ToolError> {
         for (i, file) in self.files.iter().enumerate() {
             let local = tmp.join(format!("f{i}"));
-            tokio::fs::write(&local, &file.content).await.map_err(|e| RemoteError::io("write a temporary file", e))?;
+            tokio::fs::write(&local, &file.content)
+                .await
+                .map_err(|e| RemoteError::io("write a temporary file", e))?;
             let dest = layout.join(&file.path);
             exec.upload(&local, &dest).await?;
             if file.executable {
-                self.step(exec, layout, &format!("chmod +x {}", shell_quote(&dest)?), &[], &format!("chmod {}", file.path), Duration::from_secs(60))
-                    .await?;
+                self.step(
+                    exec,
+                    layout,
+                    &format!("chmod +x {}", shell_quote(&dest)?),
+                    &[],
+                    &format!("chmod {}", file.path),
+                    Duration::from_secs(60),
+                )
+                .await?;
             }
         }
         Ok(())
@@ -545,14 +615,26 @@ impl RenderedTool {
         let out = exec.run(&full, RunOptions { timeout, env: env.to_vec() }).await?;
         if !out.success() {
             let stderr = out.stderr_lossy();
-            let tail: String = stderr.chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
-            return Err(ToolError::StepFailed { tool: self.tool.clone(), what: what.to_string(), exit_code: out.exit_code, stderr: tail.trim().to_string() });
+            let tail: String =
+                stderr.chars().rev().take(2000).collect::<Vec<_>>().into_iter().rev().collect();
+            return Err(ToolError::StepFailed {
+                tool: self.tool.clone(),
+                what: what.to_string(),
+                exit_code: out.exit_code,
+                stderr: tail.trim().to_string(),
+            });
         }
         Ok(out)
     }
 
     /// Runs the bootstrap commands in order, then the health check.
-    pub async fn bootstrap(&self, exec: &dyn RemoteExec, layout: &RemoteLayout, env: &[(String, String)], timeout: Duration) -> Result<(), ToolError> {
+    pub async fn bootstrap(
+        &self,
+        exec: &dyn RemoteExec,
+        layout: &RemoteLayout,
+        env: &[(String, String)],
+        timeout: Duration,
+    ) -> Result<(), ToolError> {
         for (i, cmd) in self.bootstrap.iter().enumerate() {
             self.step(exec, layout, cmd, env, &format!("bootstrap step {}", i + 1), timeout).await?;
         }
@@ -584,7 +666,8 @@ pub const TOOLS_DIR_ENV: &str = "GPU_TRAINER_TOOLS_DIR";
 
 impl ToolRegistry {
     pub fn load(dir: &Path) -> Result<Self, ToolError> {
-        let entries = std::fs::read_dir(dir).map_err(|source| ToolError::Read { path: dir.to_path_buf(), source })?;
+        let entries =
+            std::fs::read_dir(dir).map_err(|source| ToolError::Read { path: dir.to_path_buf(), source })?;
         let mut dirs: Vec<PathBuf> = entries
             .filter_map(Result::ok)
             .map(|e| e.path())
@@ -608,10 +691,13 @@ impl ToolRegistry {
 
     /// Looks up `name@version`.
     pub fn get(&self, reference: &str) -> Result<&Tool, ToolError> {
-        let (name, version) = reference.split_once('@').ok_or_else(|| ToolError::BadReference(reference.to_string()))?;
-        self.tools.iter().find(|t| t.spec.name == name && t.spec.version == version).ok_or_else(|| ToolError::UnknownTool {
-            reference: reference.to_string(),
-            available: self.tools.iter().map(Tool::reference).collect::<Vec<_>>().join(", "),
+        let (name, version) =
+            reference.split_once('@').ok_or_else(|| ToolError::BadReference(reference.to_string()))?;
+        self.tools.iter().find(|t| t.spec.name == name && t.spec.version == version).ok_or_else(|| {
+            ToolError::UnknownTool {
+                reference: reference.to_string(),
+                available: self.tools.iter().map(Tool::reference).collect::<Vec<_>>().join(", "),
+            }
         })
     }
 

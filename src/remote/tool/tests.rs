@@ -16,7 +16,11 @@ fn shipped() -> ToolRegistry {
 }
 
 fn job(base: &str) -> JobContext {
-    JobContext { name: "my-job".into(), uid: "uid-1".into(), layout: RemoteLayout::new(base, "uid-1").unwrap() }
+    JobContext {
+        name: "my-job".into(),
+        uid: "uid-1".into(),
+        layout: RemoteLayout::new(base, "uid-1").unwrap(),
+    }
 }
 
 fn params(v: serde_json::Value) -> BTreeMap<String, Json> {
@@ -45,7 +49,10 @@ fn flux_config_renders_to_the_ai_toolkit_layout() {
     let reg = shipped();
     let flux = reg.get("flux-lora@1").unwrap();
     let r = flux
-        .render(&params(json!({"triggerWord": "sks dog", "steps": 2000, "name": "dog_v1"})), &job("/workspace/gputrainer"))
+        .render(
+            &params(json!({"triggerWord": "sks dog", "steps": 2000, "name": "dog_v1"})),
+            &job("/workspace/gputrainer"),
+        )
         .unwrap();
     let config = r.files.iter().find(|f| f.path == "config.yaml").unwrap();
     let doc: serde_yaml::Value = serde_yaml::from_slice(&config.content).unwrap();
@@ -201,7 +208,11 @@ async fn hostile_values_in_the_shipped_tools_never_execute() {
     let flux = reg.get("flux-lora@1").unwrap();
     for (i, value) in hostile_values(&canary.display().to_string()).into_iter().enumerate() {
         // demo: the free-text note reaches the trainer's command line and its log verbatim.
-        let ctx = JobContext { name: "j".into(), uid: format!("d{i}"), layout: RemoteLayout::new(&base, &format!("d{i}")).unwrap() };
+        let ctx = JobContext {
+            name: "j".into(),
+            uid: format!("d{i}"),
+            layout: RemoteLayout::new(&base, &format!("d{i}")).unwrap(),
+        };
         let r = demo
             .render(&params(json!({"note": value, "steps": 2, "secondsPerStep": 0, "saveEvery": 1})), &ctx)
             .unwrap();
@@ -229,7 +240,9 @@ async fn demo_runs_in_the_background_and_resumes_from_its_checkpoint() {
     let machine = tempfile::tempdir().unwrap();
     let exec = LocalExec::new(machine.path()).unwrap();
     let ctx = job(&machine.path().display().to_string());
-    let r = demo.render(&params(json!({"steps": 6, "secondsPerStep": 0.01, "saveEvery": 2, "failAtStep": 5})), &ctx).unwrap();
+    let r = demo
+        .render(&params(json!({"steps": 6, "secondsPerStep": 0.01, "saveEvery": 2, "failAtStep": 5})), &ctx)
+        .unwrap();
     r.install_files(&exec, &ctx.layout).await.unwrap();
     r.bootstrap(&exec, &ctx.layout, &[], Duration::from_secs(60)).await.unwrap();
     use crate::remote::launch::{self, LaunchOutcome, TrainingState};
