@@ -23,6 +23,11 @@ use crate::monitor::{LogEvent, ParserKind};
 pub enum BenchCommand {
     /// Parser throughput in MB/s and peak memory on a synthetic ai-toolkit log.
     Parser(ParserBenchArgs),
+    /// Upload the same file with our SSH transport and with `scp`, and compare throughput.
+    #[command(
+        after_help = "Example:\n  gpu-trainer bench transfer --host 127.0.0.1 --port 2222 --user root --key ~/.ssh/id_ed25519"
+    )]
+    Transfer(super::bench_transfer::TransferArgs),
 }
 
 #[derive(Args, Debug)]
@@ -54,6 +59,7 @@ struct ParserBenchResult {
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Parser(args) => parser(args),
+        BenchCommand::Transfer(args) => super::bench_transfer::run_transfer(args),
     }
 }
 

@@ -2,13 +2,16 @@
 //! arguments, sets up logging and prints errors once, with their chain.
 
 mod bench;
+mod bench_transfer;
 mod crd;
+mod dataset;
 mod fake_vastai;
 mod offers;
 mod operator;
 mod parse_log;
 mod run;
 mod sweep;
+mod tools;
 
 use std::process::ExitCode;
 
@@ -36,9 +39,13 @@ enum Command {
     FakeVastai(fake_vastai::FakeVastaiArgs),
     /// Print what the monitor makes of a saved training log, as JSON.
     ParseLog(parse_log::ParseLogArgs),
-    /// Measure the monitor's log parser.
+    /// Benchmarks that print numbers: log parser throughput, SSH transfer against scp.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Check or pack a dataset folder.
+    Dataset(dataset::DatasetArgs),
+    /// List or show the declarative training tools.
+    Tools(tools::ToolsArgs),
 }
 
 /// Entry point of the binary: parse, run, report.
@@ -52,6 +59,8 @@ pub fn main() -> ExitCode {
         Command::FakeVastai(args) => fake_vastai::run(args),
         Command::ParseLog(args) => parse_log::run(args),
         Command::Bench(command) => bench::run(command),
+        Command::Dataset(args) => dataset::run(args),
+        Command::Tools(args) => tools::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -39,12 +39,11 @@ impl LocalExec {
 
     async fn copy_verified(&self, from: &Path, to: &Path) -> Result<TransferReport, RemoteError> {
         let (sha256, bytes) = super::sha256_file(from).await?;
-        if tokio::fs::try_exists(to).await.unwrap_or(false) {
-            if let Ok((existing, _)) = super::sha256_file(to).await {
-                if existing == sha256 {
-                    return Ok(TransferReport { bytes, sha256, skipped: true });
-                }
-            }
+        if tokio::fs::try_exists(to).await.unwrap_or(false)
+            && let Ok((existing, _)) = super::sha256_file(to).await
+            && existing == sha256
+        {
+            return Ok(TransferReport { bytes, sha256, skipped: true });
         }
         if let Some(parent) = to.parent() {
             tokio::fs::create_dir_all(parent)

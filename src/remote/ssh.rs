@@ -25,7 +25,6 @@ use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKeyOrCertifi
 use russh::{ChannelMsg, Disconnect};
 use russh_sftp::client::SftpSession;
 use russh_sftp::protocol::{OpenFlags, StatusCode};
-use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::{OnceCell, mpsc};
 
@@ -335,6 +334,13 @@ impl SshExec {
         Ok(conn)
     }
 
+    /// Forgets the current connection so the next call reconnects.
+    async fn drop_connection(&self) {
+        // Taken out under the lock, closed after it is released.
+        let old = self.conn.lock().await.take();
+        drop(old);
+    }
+
     /// Forgets `conn` (if still current) so the next call reconnects.
     async fn discard(&self, conn: &Arc<Connection>) {
         let mut guard = self.conn.lock().await;
@@ -538,9 +544,7 @@ impl SshExec {
                 Err((e, fatal)) if fatal || attempt >= self.options.transfer_attempts => return Err(e),
                 Err((e, _)) => {
                     tracing::warn!(target = %self.target, attempt, error = %e, "Upload interrupted, resuming");
-                    if let Some(conn) = self.conn.lock().await.clone() {
-                        self.discard(&conn).await;
-                    }
+                    self.drop_connection().await;
                 }
             }
         }
@@ -644,9 +648,7 @@ impl SshExec {
                 Err(e) if attempt >= self.options.transfer_attempts => return Err(e),
                 Err(e) => {
                     tracing::warn!(target = %self.target, attempt, error = %e, "Download interrupted, resuming");
-                    if let Some(conn) = self.conn.lock().await.clone() {
-                        self.discard(&conn).await;
-                    }
+                    self.drop_connection().await;
                 }
             }
         }
@@ -814,9 +816,4 @@ pub(crate) fn pid_alive_command(pid: u32) -> String {
         "if [ -r /proc/self/stat ]; then s=$(cat /proc/{pid}/stat 2>/dev/null) || exit 1; \
          case \"${{s##*) }}\" in Z*|X*) exit 1;; esac; exit 0; fi; kill -0 {pid} 2>/dev/null || exit 1"
     )
-}
-
-/// Computes a SHA-256 while bytes stream by (used by the benchmark and tests).
-pub fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(sha2::Sha256::digest(data))
 }
