@@ -4,6 +4,7 @@
 pub mod api;
 pub mod cli;
 pub mod controller;
+pub mod engine;
 pub mod metrics;
 pub mod monitor;
 pub mod provider;

@@ -6,6 +6,7 @@ mod bench_transfer;
 mod crd;
 mod dataset;
 mod fake_vastai;
+mod launch;
 mod offers;
 mod operator;
 mod parse_log;
@@ -29,6 +30,8 @@ pub struct Cli {
 enum Command {
     /// Print the TrainingJob and GpuInstance CustomResourceDefinitions as YAML.
     Crd(crd::CrdArgs),
+    /// Run one TrainingJob from a terminal, without a cluster.
+    Launch(launch::LaunchArgs),
     /// Run the operator: controllers, sweeper, health and metrics endpoints.
     Run(run::RunArgs),
     /// Find (and with --force, destroy) instances no GpuInstance accounts for.
@@ -53,6 +56,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Crd(args) => crd::run(args),
+        Command::Launch(args) => launch::run(args),
         Command::Run(args) => run::run(args),
         Command::Sweep(args) => sweep::run(args),
         Command::Offers(args) => offers::run(args),

@@ -1,0 +1,197 @@
+//! `gpu-trainer launch`: run one TrainingJob from a terminal with the same engine the operator
+//! uses, without Kubernetes.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::api::{TrainingJob, TrainingJobPhase, TrainingJobStatus};
+use crate::engine::local::LocalRun;
+use crate::monitor::poller::TrainingStatus;
+use crate::remote::tool::ToolRegistry;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Provider {
+    /// This machine: the trainer runs in a work dir next to the job file.
+    Local,
+}
+
+/// Run one TrainingJob without a cluster. State is kept next to the job file, so Ctrl-C and a
+/// second `launch` continue the same run.
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  gpu-trainer launch examples/quickstart.yaml --watch\n  \
+    gpu-trainer launch examples/quickstart.yaml --dry-run\n  gpu-trainer launch examples/quickstart.yaml --cancel")]
+pub struct LaunchArgs {
+    /// The TrainingJob YAML file.
+    file: PathBuf,
+    /// Where the GPU comes from.
+    #[arg(long, value_enum, default_value = "local")]
+    provider: Provider,
+    /// Show a live progress bar (step, loss, rate, ETA, cost). On by default in a terminal.
+    #[arg(long)]
+    watch: bool,
+    /// Print what would run and what it would cost, and stop.
+    #[arg(long)]
+    dry_run: bool,
+    /// Stop the run of this job and release its machine.
+    #[arg(long, conflicts_with = "dry_run")]
+    cancel: bool,
+    /// Start over, forgetting an earlier finished run of this job.
+    #[arg(long, conflicts_with_all = ["dry_run", "cancel"])]
+    restart: bool,
+    /// Folder for state and work dirs [default: `.gpu-trainer` next to the job file].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Folder of the tool registry [default: config/tools].
+    #[arg(long, env = "GPU_TRAINER_TOOLS_DIR", value_name = "DIR")]
+    tools_dir: Option<PathBuf>,
+}
+
+pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("failed to read {}", args.file.display()))?;
+    let job: TrainingJob = serde_yaml::from_str(&text)
+        .with_context(|| format!("{} is not a valid TrainingJob", args.file.display()))?;
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| args.file.parent().unwrap_or(Path::new(".")).join(".gpu-trainer"));
+    // Commands run with the work dir as their current directory, so every path must be absolute.
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("failed to create {}", state_dir.display()))?;
+    let state_dir =
+        state_dir.canonicalize().with_context(|| format!("failed to resolve {}", state_dir.display()))?;
+    let tools_dir = ToolRegistry::default_dir(args.tools_dir.as_deref());
+    let Provider::Local = args.provider;
+    let name = job.metadata.name.clone().unwrap_or_default();
+    if args.restart {
+        let state = state_dir.join(format!("{name}.json"));
+        if state.exists() {
+            std::fs::remove_file(&state).with_context(|| format!("failed to remove {}", state.display()))?;
+        }
+    }
+    let mut run = LocalRun::prepare(job, &args.file, &state_dir, &tools_dir)
+        .with_context(|| format!("job {} cannot run", args.file.display()))?;
+
+    if args.dry_run {
+        let tool = run.tool();
+        println!("job:       {name} ({})", tool.tool);
+        println!("machine:   this machine (local provider), $0.00/h, estimated cost $0.00");
+        println!("work dir:  {}", run.layout().work_dir());
+        println!("params:    {}", serde_json::to_string(&tool.params)?);
+        for (i, cmd) in tool.bootstrap.iter().enumerate() {
+            println!("bootstrap {}: {cmd}", i + 1);
+        }
+        println!("run:       {}", tool.run);
+        println!("model:     {}", run.final_model_path());
+        return Ok(());
+    }
+
+    let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
+    if args.cancel {
+        runtime.block_on(run.cancel())?;
+        println!("cancelled {name}; the trainer is stopped");
+        return Ok(());
+    }
+    if run.state.status.phase.is_finished() {
+        report(&name, &run.state.status, &run.final_model_path());
+        println!("(already finished; `--restart` runs it again)");
+        return exit_for(&run.state.status);
+    }
+
+    let watch = args.watch || std::io::stderr().is_terminal();
+    let bar = if watch { ProgressBar::new(0) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} steps  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let mut last_line = String::new();
+    let mut observer = |status: &TrainingJobStatus, polled: Option<&TrainingStatus>| {
+        let Some(progress) = &status.progress else { return };
+        if let Some(total) = progress.total_steps {
+            bar.set_length(total);
+        }
+        bar.set_position(progress.step);
+        let cost = status.cost.as_ref().map(|c| c.accrued).unwrap_or_default();
+        let mut msg = String::new();
+        if let Some(loss) = progress.loss {
+            msg.push_str(&format!("loss {loss:.4}  "));
+        }
+        if let Some(rate) = progress.steps_per_second {
+            msg.push_str(&format!("{rate:.2} it/s  "));
+        }
+        if let Some(eta) = progress.eta_seconds {
+            msg.push_str(&format!("ETA {}  ", fmt_duration(eta)));
+        }
+        msg.push_str(&format!("${cost:.2}"));
+        if let Some(stall) = polled.map(|p| &p.stall).filter(|s| s.stalling) {
+            msg.push_str(&format!("  stall: {}", stall.reason));
+        }
+        bar.set_message(msg.clone());
+        if !watch && progress.total_steps.is_some() {
+            let line = format!("step {}/{} {msg}", progress.step, progress.total_steps.unwrap_or(0));
+            if line != last_line {
+                eprintln!("{line}");
+                last_line = line;
+            }
+        }
+    };
+    let poll_every = Duration::from_secs(1);
+    let result = runtime.block_on(async {
+        tokio::select! {
+            result = run.run(poll_every, &mut observer) => Some(result),
+            _ = tokio::signal::ctrl_c() => None,
+        }
+    });
+    bar.finish_and_clear();
+    match result {
+        None => {
+            println!(
+                "interrupted; the trainer keeps running. `gpu-trainer launch {}` continues, `--cancel` stops it",
+                args.file.display()
+            );
+            Ok(())
+        }
+        Some(result) => {
+            let status = result?;
+            report(&name, &status, &run.final_model_path());
+            exit_for(&status)
+        }
+    }
+}
+
+fn report(name: &str, status: &TrainingJobStatus, model: &str) {
+    let phase = status.phase;
+    let reason = status.reason.map(|r| r.as_str()).unwrap_or("");
+    let message = status.message.clone().unwrap_or_default();
+    println!("{name}: {phase:?} ({reason}) {message}");
+    if phase == TrainingJobPhase::Succeeded {
+        if let Some(model) = status.artifacts.iter().find(|a| a.name == "model") {
+            println!("model: {model}", model = model.uri.trim_start_matches("file://"));
+            println!("  {} bytes, sha256 {}", model.size_bytes, model.sha256.clone().unwrap_or_default());
+        } else {
+            println!("model: {model}");
+        }
+    }
+}
+
+fn exit_for(status: &TrainingJobStatus) -> anyhow::Result<()> {
+    if status.phase == TrainingJobPhase::Failed {
+        bail!("the job failed: {}", status.message.clone().unwrap_or_default());
+    }
+    Ok(())
+}
+
+fn fmt_duration(seconds: i64) -> String {
+    let s = seconds.max(0);
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}

@@ -1,0 +1,10 @@
+//! The job engine shared by the TrainingJob controller and `gpu-trainer launch`: the phase
+//! machine `Pending → Provisioning → Staging → Training → Uploading → Succeeded` (with `Failed`
+//! and `Suspended`) as a pure decision over the spec, the status and what was just observed,
+//! taking `now`. Drivers execute the step it returns and record the result in status, so every
+//! step is resumable from status alone.
+
+pub mod decide;
+pub mod local;
+
+pub use decide::{MachineObservation, Observations, Step, TrainingObservation, next_step};
