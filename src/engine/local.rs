@@ -39,8 +39,15 @@ pub enum LocalError {
     Dataset(#[from] crate::remote::dataset::DatasetError),
     #[error(transparent)]
     Remote(#[from] crate::remote::RemoteError),
+    // Boxed: the monitor's error is large and every `Result` here would carry its size.
     #[error(transparent)]
-    Monitor(#[from] crate::monitor::poller::MonitorError),
+    Monitor(Box<crate::monitor::poller::MonitorError>),
+}
+
+impl From<crate::monitor::poller::MonitorError> for LocalError {
+    fn from(err: crate::monitor::poller::MonitorError) -> Self {
+        LocalError::Monitor(Box::new(err))
+    }
 }
 
 /// What is kept between invocations.
