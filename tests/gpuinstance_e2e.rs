@@ -432,3 +432,65 @@ async fn a_machine_that_never_boots_is_released_and_excluded() {
     );
     common::delete_namespace(&client, &ns).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn sweep_command_reports_then_destroys_with_force() {
+    let client = common::kube_client().await;
+    common::install_crds(&client).await;
+    let ns = common::fresh_namespace(&client, "sweep-cli").await;
+    let fake = start_fake(|_| {}).await;
+    let installation = installation_id();
+    let orphan = rent_directly(&fake, Some(format!("gputrainer:{installation}:no-such-uid"))).await;
+    let foreign = rent_directly(&fake, Some("gputrainer:ffffffff:other".into())).await;
+    let sweep = |extra: &'static [&'static str]| {
+        let url = fake.url();
+        let installation = installation.clone();
+        let ns = ns.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_gpu-trainer"))
+                    .args([
+                        "sweep",
+                        "--grace-seconds",
+                        "0",
+                        "--namespace",
+                        &ns,
+                        "--installation-id",
+                        &installation,
+                    ])
+                    .args(extra)
+                    .env("KUBECONFIG", common::kubeconfig_path())
+                    .env("VASTAI_API_KEY", common::operator::API_KEY)
+                    .env("VASTAI_API_BASE_URL", url)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let dry = sweep(&[]).await;
+    let dry_text = String::from_utf8_lossy(&dry.stdout).into_owned();
+    assert!(dry.status.success(), "{dry_text}{}", String::from_utf8_lossy(&dry.stderr));
+    assert!(dry_text.contains("dry run") && dry_text.contains(&orphan.to_string()), "{dry_text}");
+    assert!(dry_text.contains("would destroy"), "{dry_text}");
+    assert!(
+        !dry_text.contains(&foreign.to_string()),
+        "another installation's instance is not listed: {dry_text}"
+    );
+    let provider = provider_client(&fake);
+    assert!(
+        provider.get_instance(gpu_trainer::provider::InstanceId(orphan)).await.is_ok(),
+        "a dry run changes nothing"
+    );
+
+    let forced = sweep(&["--force"]).await;
+    let forced_text = String::from_utf8_lossy(&forced.stdout).into_owned();
+    assert!(forced.status.success(), "{forced_text}");
+    assert!(forced_text.contains("destroyed"), "{forced_text}");
+    let gone = provider.get_instance(gpu_trainer::provider::InstanceId(orphan)).await;
+    assert!(gone.is_err_and(|e| e.is_not_found()));
+    assert!(provider.get_instance(gpu_trainer::provider::InstanceId(foreign)).await.is_ok());
+    common::delete_namespace(&client, &ns).await;
+}
