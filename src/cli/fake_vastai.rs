@@ -94,29 +94,8 @@ pub fn run(args: FakeVastaiArgs) -> anyhow::Result<()> {
             .with_context(|| format!("failed to listen on {}", args.listen))?;
         let server = fake::start(listener, config)?;
         println!("{}", server.url());
-        shutdown_signal().await;
+        super::shutdown_signal().await;
         server.shutdown().await?;
         Ok(())
     })
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
 }

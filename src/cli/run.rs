@@ -149,22 +149,7 @@ async fn finish(
 
 /// SIGTERM (Kubernetes) and Ctrl-C both start a graceful shutdown.
 async fn forward_signals(stop: watch::Sender<bool>) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
-    }
+    super::shutdown_signal().await;
     info!("Shutting down");
     stop.send_replace(true);
 }
