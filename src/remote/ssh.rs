@@ -619,7 +619,8 @@ impl SshExec {
         let q = shell_quote(part).map_err(|e| (e, true))?;
         // The writer's process group (the session sshd made for this channel) is recorded, so a
         // writer orphaned by a dropped connection is stopped before the next attempt measures
-        // the part. The marker argument makes sure we only ever signal our own writers.
+        // the part. The marker argument makes sure we only ever signal our own writers (and is why
+        // the shell runs `cat` as a child instead of `exec`ing it: the shell keeps the marker).
         let script = format!(
             "part={q}\nw=\"$part.writer\"\n\
              old=$(cat \"$w\" 2>/dev/null) || old=\n\
@@ -631,7 +632,7 @@ impl SshExec {
              size=$(wc -c < \"$part\")\n\
              if [ \"$size\" -gt {size} ]; then : > \"$part\"; size=0; fi\n\
              echo \"$size\"\n\
-             exec cat >> \"$part\"\n"
+             cat >> \"$part\"\n"
         );
         let (_conn, mut channel) = self.open_channel().await.map_err(|e| (e, false))?;
         let command = format!("sh -c {} {MARKER}", shell_quote(&script).map_err(|e| (e, true))?);
