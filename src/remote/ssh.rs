@@ -634,7 +634,7 @@ impl SshExec {
              echo \"$size\"\n\
              cat >> \"$part\"\n"
         );
-        let (_conn, mut channel) = self.open_channel().await.map_err(|e| (e, false))?;
+        let (conn, mut channel) = self.open_channel().await.map_err(|e| (e, false))?;
         let command = format!("sh -c {} {MARKER}", shell_quote(&script).map_err(|e| (e, true))?);
         channel.exec(true, command).await.map_err(|e| retry("start writing", e))?;
         let mut first = Vec::new();
@@ -664,7 +664,17 @@ impl SshExec {
                 .map_err(|e| (RemoteError::io("seek the local file", e), true))?;
         }
         let reader = tokio::io::BufReader::with_capacity(1 << 20, local);
-        channel.data(reader).await.map_err(|e| retry("send", e))?;
+        // russh does not wake a sender waiting for window space when the connection dies, so a
+        // watchdog ends the send once the connection is gone.
+        let dead = async {
+            while !conn.handle.is_closed() {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        };
+        tokio::select! {
+            sent = channel.data(reader) => sent.map_err(|e| retry("send", e))?,
+            () = dead => return Err((RemoteError::io(format!("write {part}"), "the connection was lost"), false)),
+        }
         channel.eof().await.map_err(|e| retry("finish", e))?;
         loop {
             match channel.wait().await {
