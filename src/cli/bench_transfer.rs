@@ -1,4 +1,4 @@
-//! `gpu-trainer bench transfer`: upload throughput of our SSH transport (russh + pipelined SFTP,
+//! `gpu-trainer bench transfer`: upload throughput of our SSH transport (russh, streamed exec channel,
 //! with the checksum verification every upload does) against OpenSSH's `scp` for the same file to
 //! the same server. Prints a table and one JSON line.
 
@@ -63,6 +63,13 @@ fn mib_s(bytes: u64, d: Duration) -> f64 {
 }
 
 pub fn run_transfer(args: TransferArgs) -> anyhow::Result<()> {
+    if std::env::var_os("RUST_LOG").is_some() {
+        // Phase timings of the upload (debug level) go to stderr.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let rt =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("failed to start tokio")?;
     rt.block_on(transfer(args))
@@ -134,7 +141,7 @@ async fn transfer(args: TransferArgs) -> anyhow::Result<()> {
 
     let (o, s) = (mib_s(bytes, ours), mib_s(bytes, scp));
     println!("{:<34} {:>10} {:>10}", "transport", "seconds", "MiB/s");
-    println!("{:<34} {:>10.2} {:>10.1}", "gpu-trainer (russh SFTP, verified)", ours.as_secs_f64(), o);
+    println!("{:<34} {:>10.2} {:>10.1}", "gpu-trainer (russh, verified)", ours.as_secs_f64(), o);
     println!("{:<34} {:>10.2} {:>10.1}", "scp (OpenSSH)", scp.as_secs_f64(), s);
     println!("ratio gpu-trainer/scp: {:.2}", o / s);
     println!(

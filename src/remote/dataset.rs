@@ -381,7 +381,7 @@ pub fn verify_and_unpack_script(
     let want = sha256.map(str::to_ascii_lowercase).unwrap_or_default();
     Ok(format!(
         "set -e\narchive={archive}\ndest={dest}\nmarker={marker}\nwant={want}\n\
-         got=$(sha256sum < \"$archive\" | cut -d' ' -f1)\n\
+         got=$({hash})\n\
          if [ -n \"$want\" ] && [ \"$got\" != \"$want\" ]; then echo \"CHECKSUM_MISMATCH $got\"; exit {EXIT_MISMATCH}; fi\n\
          rm -rf \"$dest.tmp\"\nmkdir -p \"$dest.tmp\"\n\
          tar -xf \"$archive\" -C \"$dest.tmp\" --no-same-owner\n\
@@ -391,6 +391,7 @@ pub fn verify_and_unpack_script(
         dest = shell_quote(dest)?,
         marker = shell_quote(marker)?,
         want = shell_quote(&want)?,
+        hash = super::sha256_shell("\"$archive\""),
     ))
 }
 

@@ -187,6 +187,16 @@ pub fn shell_quote(value: &str) -> Result<String, RemoteError> {
         .map_err(|_| RemoteError::InvalidRequest("a value contains a NUL byte".to_string()))
 }
 
+/// Shell snippet printing the lower-case hex SHA-256 of the file `quoted_path` (already quoted
+/// or a quoted variable reference). Prefers OpenSSL, which uses the CPU's SHA instructions and is
+/// several times faster than coreutils' `sha256sum` on multi-gigabyte files.
+pub(crate) fn sha256_shell(quoted_path: &str) -> String {
+    format!(
+        "if command -v openssl >/dev/null 2>&1; then openssl dgst -sha256 -r < {quoted_path} | cut -d' ' -f1; \
+         else sha256sum < {quoted_path} | cut -d' ' -f1; fi"
+    )
+}
+
 /// Lower-case hex SHA-256 of a local file, computed off the async runtime.
 pub async fn sha256_file(path: &Path) -> Result<(String, u64), RemoteError> {
     let path = path.to_path_buf();
