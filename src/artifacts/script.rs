@@ -192,12 +192,14 @@ pub struct FileReport {
     pub md5: Option<String>,
     /// Part number → (MD5, uploaded in this run).
     pub parts: BTreeMap<u64, (String, bool)>,
+    /// The file's closing line came: every part was handled. A script that died half way
+    /// leaves the parts it did report, so a retry resends only the rest.
+    pub complete: bool,
 }
 
 /// Parses the upload report: file index → report.
 pub fn parse_upload(stdout: &str) -> Result<BTreeMap<usize, FileReport>, ArtifactError> {
     let mut reports: BTreeMap<usize, FileReport> = BTreeMap::new();
-    let mut done = std::collections::BTreeSet::new();
     for line in stdout.lines().filter(|l| l.starts_with("gt-")) {
         let fields: Vec<&str> = line.split('\t').collect();
         let bad = || ArtifactError::Report { step: "upload", message: format!("unexpected line {line:?}") };
@@ -213,12 +215,11 @@ pub fn parse_upload(stdout: &str) -> Result<BTreeMap<usize, FileReport>, Artifac
                 entry.size = size.parse().map_err(|_| bad())?;
                 entry.sha256 = hex(sha, 64).ok_or_else(bad)?;
                 entry.md5 = if *md5 == "-" { None } else { Some(hex(md5, 32).ok_or_else(bad)?) };
-                done.insert(index);
+                entry.complete = true;
             }
             _ => return Err(bad()),
         }
     }
-    reports.retain(|i, _| done.contains(i));
     Ok(reports)
 }
 
@@ -301,8 +302,10 @@ mod tests {
         assert_eq!(r[&1].parts.len(), 2);
         assert!(r[&1].parts[&1].1 && !r[&1].parts[&2].1);
         assert!(parse_upload("gt-file\t0\tx\ty\tz\n").is_err());
-        // A file whose gt-file line never came (the script died) is not reported.
-        assert!(parse_upload(&format!("gt-part\t3\t1\t{md5}\tuploaded\n")).unwrap().is_empty());
+        assert!(r[&0].complete && r[&1].complete);
+        // A file whose gt-file line never came (the script died) is reported incomplete.
+        let partial = parse_upload(&format!("gt-part\t3\t1\t{md5}\tuploaded\n")).unwrap();
+        assert!(!partial[&3].complete && partial[&3].parts.len() == 1);
     }
 
     #[test]

@@ -275,8 +275,10 @@ impl<'a> Uploader<'a> {
     async fn settle(&self, p: &mut Planned, report: FileReport) -> Result<(), ArtifactError> {
         match (&p.transfer, &p.upload_id) {
             (Transfer::Single, _) => {
-                p.report = Some(report);
-                p.done = true;
+                if report.complete {
+                    p.report = Some(report);
+                    p.done = true;
+                }
             }
             (Transfer::Multipart { parts, .. }, Some(upload_id)) => {
                 let stored: BTreeMap<i64, String> = self
@@ -298,12 +300,15 @@ impl<'a> Uploader<'a> {
                         _ => pending.push(n),
                     }
                 }
+                let complete = report.complete;
                 p.report = Some(report);
-                if pending.is_empty() {
+                if complete && pending.is_empty() {
                     self.store.complete_multipart(&p.object, upload_id, &completed).await?;
                     p.done = true;
                 } else {
-                    warn!(object = %p.object.uri(), missing = pending.len(), "Parts missing or different; sending them again");
+                    if !pending.is_empty() {
+                        warn!(object = %p.object.uri(), missing = pending.len(), "Parts missing or different; sending them again");
+                    }
                     p.pending_parts = pending;
                 }
             }
@@ -317,4 +322,98 @@ impl<'a> Uploader<'a> {
 
 fn is_md5(etag: &str) -> bool {
     etag.len() == 32 && etag.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifacts::fake::FakeObjectStore;
+    use crate::remote::local::LocalExec;
+
+    const MIB: usize = 1024 * 1024;
+
+    fn settings() -> UploadSettings {
+        UploadSettings { multipart_threshold: 8 * MIB as u64, part_size: 5 * MIB as u64, ..Default::default() }
+    }
+
+    fn data(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    }
+
+    #[tokio::test]
+    async fn files_and_folders_are_uploaded_and_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = LocalExec::new(dir.path().join("work")).unwrap();
+        std::fs::create_dir_all(dir.path().join("work/output/ckpt-5/sub")).unwrap();
+        std::fs::write(dir.path().join("work/output/m.safetensors"), b"model bytes").unwrap();
+        std::fs::write(dir.path().join("work/output/ckpt-5/a.bin"), b"aaa").unwrap();
+        std::fs::write(dir.path().join("work/output/ckpt-5/sub/b.bin"), b"bb").unwrap();
+        let store = FakeObjectStore::new(&dir.path().join("store"));
+        let items = vec![
+            UploadItem {
+                name: "model".into(),
+                path: "output/m.safetensors".into(),
+                object: ObjectRef::new("b", "job/m.safetensors"),
+            },
+            UploadItem {
+                name: "checkpoint-5".into(),
+                path: "output/ckpt-5".into(),
+                object: ObjectRef::new("b", "job/checkpoints/ckpt-5"),
+            },
+        ];
+        let statuses = Uploader::new(&store, settings()).upload(&remote, &items).await.unwrap();
+        assert_eq!(statuses[0].uri, "s3://b/job/m.safetensors");
+        assert_eq!(statuses[0].size_bytes, 11);
+        use sha2::Digest;
+        assert_eq!(statuses[0].sha256.as_deref(), Some(hex::encode(sha2::Sha256::digest(b"model bytes")).as_str()));
+        assert_eq!(statuses[1].uri, "s3://b/job/checkpoints/ckpt-5/");
+        assert_eq!(statuses[1].size_bytes, 5);
+        let stored = std::fs::read(store.object_path(&ObjectRef::new("b", "job/checkpoints/ckpt-5/sub/b.bin"))).unwrap();
+        assert_eq!(stored, b"bb");
+    }
+
+    #[tokio::test]
+    async fn multipart_upload_resumes_only_the_failed_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = LocalExec::new(dir.path().join("work")).unwrap();
+        let content = data(12 * MIB + 123, 7);
+        std::fs::write(dir.path().join("work/big.bin"), &content).unwrap();
+        let store = FakeObjectStore::new(&dir.path().join("store"));
+        store.fail_part_once(2);
+        let object = ObjectRef::new("b", "job/big.bin");
+        let items = vec![UploadItem { name: "model".into(), path: "big.bin".into(), object: object.clone() }];
+        let statuses = Uploader::new(&store, settings()).upload(&remote, &items).await.unwrap();
+        assert_eq!(statuses[0].size_bytes, content.len() as u64);
+        // Three parts of 5 MiB; the script stops at the failed part 2, the retry sends 2 and 3.
+        assert_eq!(store.presigned_parts(), [1, 2, 3, 2, 3]);
+        assert_eq!(std::fs::read(store.object_path(&object)).unwrap(), content);
+    }
+
+    #[tokio::test]
+    async fn a_part_that_keeps_failing_aborts_the_multipart_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = LocalExec::new(dir.path().join("work")).unwrap();
+        std::fs::write(dir.path().join("work/big.bin"), data(9 * MIB, 1)).unwrap();
+        let store = FakeObjectStore::new(&dir.path().join("store"));
+        for _ in 0..2 {
+            store.fail_part_once(1);
+        }
+        let items = vec![UploadItem { name: "m".into(), path: "big.bin".into(), object: ObjectRef::new("b", "k") }];
+        let s = UploadSettings { attempts: 2, ..settings() };
+        let err = Uploader::new(&store, s).upload(&remote, &items).await.unwrap_err();
+        assert!(matches!(err, ArtifactError::StepFailed { .. }), "{err}");
+        assert_eq!(store.aborted(), ["upload-1"]);
+        assert!(store.head(&ObjectRef::new("b", "k")).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_missing_result_is_an_error_before_anything_is_presigned() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = LocalExec::new(dir.path().join("work")).unwrap();
+        let store = FakeObjectStore::new(&dir.path().join("store"));
+        let items = vec![UploadItem { name: "m".into(), path: "output/none".into(), object: ObjectRef::new("b", "k") }];
+        let err = Uploader::new(&store, settings()).upload(&remote, &items).await.unwrap_err();
+        assert!(matches!(err, ArtifactError::Missing { ref path } if path == "output/none"), "{err}");
+        assert!(store.presigned_parts().is_empty());
+    }
 }

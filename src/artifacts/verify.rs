@@ -57,7 +57,7 @@ mod tests {
     use super::*;
 
     fn report(size: u64, md5: &str) -> FileReport {
-        FileReport { size, sha256: "00".repeat(32), md5: Some(md5.into()), parts: Default::default() }
+        FileReport { size, sha256: "00".repeat(32), md5: Some(md5.into()), parts: Default::default(), complete: true }
     }
 
     fn head(size: u64, etag: &str) -> ObjectHead {
@@ -95,7 +95,7 @@ mod tests {
     fn multipart_etag_is_checked_from_part_md5s() {
         let parts: std::collections::BTreeMap<u64, (String, bool)> =
             [(1, ("0cc175b9c0f1b6a831c399e269772661".to_string(), true))].into();
-        let r = FileReport { size: 1, sha256: "00".repeat(32), md5: None, parts };
+        let r = FileReport { size: 1, sha256: "00".repeat(32), md5: None, parts, complete: true };
         let expected = multipart_etag(&["0cc175b9c0f1b6a831c399e269772661".into()]).unwrap();
         assert!(verify_object("u", Some(&head(1, &expected)), &r).is_ok());
         assert!(verify_object("u", Some(&head(1, "0cc175b9c0f1b6a831c399e269772662-1")), &r).is_err());
