@@ -109,7 +109,8 @@ mod tests {
             size_bytes: Some(20),
             uri: Some("s3://b/k".into()),
         }];
-        let ready = sync.ready(&inv(&[("a_500.safetensors", 500, 20), ("a_1000.safetensors", 1000, 5)]), &synced);
+        let ready =
+            sync.ready(&inv(&[("a_500.safetensors", 500, 20), ("a_1000.safetensors", 1000, 5)]), &synced);
         assert_eq!(ready.iter().map(|c| c.path.as_str()).collect::<Vec<_>>(), ["a_1000.safetensors"]);
     }
 

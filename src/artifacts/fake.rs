@@ -74,14 +74,22 @@ fn md5_file(path: &Path) -> String {
 
 #[async_trait]
 impl ObjectStore for FakeObjectStore {
-    async fn presign_put(&self, object: &ObjectRef, validity: Validity) -> Result<PresignedRequest, ArtifactError> {
+    async fn presign_put(
+        &self,
+        object: &ObjectRef,
+        validity: Validity,
+    ) -> Result<PresignedRequest, ArtifactError> {
         let mut r = Self::request(&self.object_path(object), validity);
         // curl's file:// upload ignores the query; strip it so the file name stays the key.
         r.url = r.url.replace("?X-Amz-Signature=fake", "");
         Ok(r)
     }
 
-    async fn presign_get(&self, object: &ObjectRef, validity: Validity) -> Result<PresignedRequest, ArtifactError> {
+    async fn presign_get(
+        &self,
+        object: &ObjectRef,
+        validity: Validity,
+    ) -> Result<PresignedRequest, ArtifactError> {
         let mut r = Self::request(&self.object_path(object), validity);
         r.method = "GET".into();
         Ok(r)

@@ -19,7 +19,9 @@ use crate::remote::{RemoteExec, RunOptions};
 const MIB: usize = 1024 * 1024;
 
 fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run `source $GPU_TRAINER_ENV_DIR/env` after tests/env/up.sh"))
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run `source $GPU_TRAINER_ENV_DIR/env` after tests/env/up.sh")
+    })
 }
 
 fn settings() -> S3Settings {
@@ -72,7 +74,10 @@ impl Fixture {
             .remote
             .run(
                 &format!("curl -s -o body.xml -w '%{{http_code}}' -T {file} \"$URL\""),
-                RunOptions { timeout: Duration::from_secs(60), env: vec![("URL".into(), request.url.clone())] },
+                RunOptions {
+                    timeout: Duration::from_secs(60),
+                    env: vec![("URL".into(), request.url.clone())],
+                },
             )
             .await
             .unwrap();
@@ -85,7 +90,10 @@ impl Fixture {
             .remote
             .run(
                 "curl -sS --fail \"$URL\"",
-                RunOptions { timeout: Duration::from_secs(60), env: vec![("URL".into(), request.url.clone())] },
+                RunOptions {
+                    timeout: Duration::from_secs(60),
+                    env: vec![("URL".into(), request.url.clone())],
+                },
             )
             .await
             .unwrap();
@@ -109,8 +117,13 @@ async fn presigned_put_from_shell_curl_is_stored_and_verified() {
     let content = b"lora weights, small".to_vec();
     f.write("output/demo.safetensors", &content);
     let object = f.dest.object("demo.safetensors");
-    let items = vec![UploadItem { name: "model".into(), path: "output/demo.safetensors".into(), object: object.clone() }];
-    let statuses = Uploader::new(&f.store, UploadSettings::default()).upload(&f.remote, &items).await.unwrap();
+    let items = vec![UploadItem {
+        name: "model".into(),
+        path: "output/demo.safetensors".into(),
+        object: object.clone(),
+    }];
+    let statuses =
+        Uploader::new(&f.store, UploadSettings::default()).upload(&f.remote, &items).await.unwrap();
     assert_eq!(statuses.len(), 1);
     assert_eq!(statuses[0].uri, object.uri());
     assert_eq!(statuses[0].size_bytes, content.len() as u64);
@@ -128,7 +141,11 @@ async fn file_above_the_threshold_goes_up_in_parts() {
     let content = data(12 * MIB + 4321, 3);
     f.write("output/big.safetensors", &content);
     let object = f.dest.object("big.safetensors");
-    let items = vec![UploadItem { name: "model".into(), path: "output/big.safetensors".into(), object: object.clone() }];
+    let items = vec![UploadItem {
+        name: "model".into(),
+        path: "output/big.safetensors".into(),
+        object: object.clone(),
+    }];
     let statuses = Uploader::new(&f.store, small_parts()).upload(&f.remote, &items).await.unwrap();
     assert_eq!(statuses[0].size_bytes, content.len() as u64);
     let head = f.store.head(&object).await.unwrap().unwrap();
@@ -152,9 +169,10 @@ async fn folder_checkpoint_is_uploaded_file_by_file() {
         size_bytes: 13,
     };
     let uploader = Uploader::new(&f.store, UploadSettings::default());
-    let synced = super::checkpoints::sync_checkpoints(&uploader, &f.remote, &f.dest, "output", &[inventory_cp])
-        .await
-        .unwrap();
+    let synced =
+        super::checkpoints::sync_checkpoints(&uploader, &f.remote, &f.dest, "output", &[inventory_cp])
+            .await
+            .unwrap();
     assert_eq!(synced[0].step, 500);
     assert_eq!(synced[0].size_bytes, Some(13));
     let uri = synced[0].uri.clone().unwrap();
@@ -170,7 +188,8 @@ async fn expired_url_is_refused() {
     f.write("m.bin", b"x");
     let object = f.dest.object("expired.bin");
     // Valid for one second, two hours ago.
-    let validity = Validity { start: SystemTime::now() - Duration::from_secs(7200), expires_in: Duration::from_secs(1) };
+    let validity =
+        Validity { start: SystemTime::now() - Duration::from_secs(7200), expires_in: Duration::from_secs(1) };
     let request = f.store.presign_put(&object, validity).await.unwrap();
     // AWS answers 403 "Request has expired"; Garage 2.5 answers 400 "Date is too old". Either
     // way the upload is refused, and the message is about the age of the signature.
@@ -258,14 +277,29 @@ async fn credentials_never_reach_the_machine() {
     f.write("output/m.safetensors", b"small model");
     f.write("output/big.safetensors", &data(9 * MIB, 1));
     let items = vec![
-        UploadItem { name: "model".into(), path: "output/m.safetensors".into(), object: f.dest.object("m.safetensors") },
-        UploadItem { name: "big".into(), path: "output/big.safetensors".into(), object: f.dest.object("big.safetensors") },
+        UploadItem {
+            name: "model".into(),
+            path: "output/m.safetensors".into(),
+            object: f.dest.object("m.safetensors"),
+        },
+        UploadItem {
+            name: "big".into(),
+            path: "output/big.safetensors".into(),
+            object: f.dest.object("big.safetensors"),
+        },
     ];
     Uploader::new(&f.store, small_parts()).upload(&recording, &items).await.unwrap();
     // A dataset download as the machine would do it.
-    let get = f.store.presign_get(&f.dest.object("m.safetensors"), Validity::from_now(Duration::from_secs(60))).await.unwrap();
+    let get = f
+        .store
+        .presign_get(&f.dest.object("m.safetensors"), Validity::from_now(Duration::from_secs(60)))
+        .await
+        .unwrap();
     recording
-        .run("curl -sS --fail -o dataset.tar \"$URL\"", RunOptions { timeout: Duration::from_secs(60), env: vec![("URL".into(), get.url)] })
+        .run(
+            "curl -sS --fail -o dataset.tar \"$URL\"",
+            RunOptions { timeout: Duration::from_secs(60), env: vec![("URL".into(), get.url)] },
+        )
         .await
         .unwrap();
 
@@ -275,7 +309,11 @@ async fn credentials_never_reach_the_machine() {
     assert!(sent.len() >= 4, "nothing recorded");
     for bytes in &sent {
         let text = String::from_utf8_lossy(bytes);
-        assert!(!text.contains(&secret), "the S3 secret key was sent to the machine: {}", super::redact_url(&text));
+        assert!(
+            !text.contains(&secret),
+            "the S3 secret key was sent to the machine: {}",
+            super::redact_url(&text)
+        );
         assert!(!text.contains("AWS_SECRET_ACCESS_KEY") && !text.contains("AWS_ACCESS_KEY_ID"), "{text}");
     }
     // Command texts carry no presigned URL either (they travel in the environment only).

@@ -61,7 +61,9 @@ pub fn render_hf_upload(upload: &HfUpload) -> Result<String, ArtifactError> {
         "set -u\ngt_fail() { printf 'gt-error\\t%s\\n' \"$*\" >&2; exit 1; }\n\
          gt_sha() { if command -v sha256sum >/dev/null 2>&1; then sha256sum \"$1\"; else shasum -a 256 \"$1\"; fi | { read -r h _ && printf '%s' \"$h\"; }; }\n",
     );
-    s.push_str(&format!("rm -rf {stage} && mkdir -p {stage} || gt_fail 'cannot create the staging folder'\n"));
+    s.push_str(&format!(
+        "rm -rf {stage} && mkdir -p {stage} || gt_fail 'cannot create the staging folder'\n"
+    ));
     for (i, (_, src, dst)) in upload.files.iter().enumerate() {
         if dst.is_empty() || dst.starts_with('/') || dst.split('/').any(|p| p == "..") {
             return Err(ArtifactError::Invalid(format!("invalid path in repository {dst:?}")));
@@ -115,9 +117,8 @@ pub async fn upload_to_hub(
     let mut statuses = Vec::new();
     for (i, (name, _, dst)) in upload.files.iter().enumerate() {
         let prefix = format!("gt-file\t{i}\t");
-        let line = stdout.lines().find_map(|l| l.strip_prefix(&prefix)).ok_or_else(|| ArtifactError::Report {
-            step: "hf upload",
-            message: format!("no report for {dst}"),
+        let line = stdout.lines().find_map(|l| l.strip_prefix(&prefix)).ok_or_else(|| {
+            ArtifactError::Report { step: "hf upload", message: format!("no report for {dst}") }
         })?;
         let (size, sha) = line.split_once('\t').ok_or_else(|| ArtifactError::Report {
             step: "hf upload",
@@ -170,5 +171,86 @@ mod tests {
         upload.repo = "me/x".into();
         upload.files = vec![("m".into(), "a".into(), "../b".into())];
         assert!(render_hf_upload(&upload).is_err());
+    }
+}
+
+#[cfg(test)]
+mod exec_tests {
+    use super::*;
+    use crate::artifacts::recording::RecordingExec;
+    use crate::remote::local::LocalExec;
+
+    const TOKEN: &str = "hf_TestTokenValue123";
+
+    /// A stand-in for the `hf` CLI: records its arguments and whether it saw the token.
+    const FAKE_HF: &str = "#!/bin/sh\nprintf '%s\\n' \"$@\" > hf-args.txt\n\
+        [ \"$HF_TOKEN\" = 'hf_TestTokenValue123' ] && echo yes > hf-token-seen\n\
+        ls \"$3\" > hf-staged.txt\necho \"https://huggingface.co/$2\"\n";
+
+    #[tokio::test]
+    async fn token_reaches_only_the_environment_of_the_upload_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("work");
+        let remote = RecordingExec::new(LocalExec::new(&work).unwrap());
+        std::fs::create_dir_all(work.join("output")).unwrap();
+        std::fs::write(work.join("output/m.safetensors"), b"weights").unwrap();
+        std::fs::write(work.join("output/README.md"), b"card").unwrap();
+        std::fs::write(work.join("fake-hf"), FAKE_HF).unwrap();
+        std::process::Command::new("chmod").args(["+x"]).arg(work.join("fake-hf")).status().unwrap();
+        let upload = HfUpload {
+            repo: "me/my-lora".into(),
+            private: true,
+            files: vec![
+                ("model".into(), "output/m.safetensors".into(), "m.safetensors".into()),
+                ("model-card".into(), "output/README.md".into(), "README.md".into()),
+            ],
+            commit_message: "gpu-trainer: step 40".into(),
+            staging_dir: "hf-upload".into(),
+            cli: "./fake-hf".into(),
+        };
+        let token = HfToken::new(TOKEN).unwrap();
+        let statuses = upload_to_hub(&remote, &upload, &token, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(statuses[0].uri, "hf://me/my-lora/m.safetensors");
+        assert_eq!(statuses[0].size_bytes, 7);
+        assert_eq!(statuses[1].name, "model-card");
+        assert!(work.join("hf-token-seen").exists(), "the CLI did not get HF_TOKEN");
+        let args = std::fs::read_to_string(work.join("hf-args.txt")).unwrap();
+        assert!(args.starts_with("upload\nme/my-lora\nhf-upload\n.\n"), "{args}");
+        assert!(args.contains("--private") && !args.contains(TOKEN), "{args}");
+        // Exactly one command got the token, as HF_TOKEN, and no command text names it.
+        let commands = remote.commands();
+        let with_token: Vec<_> =
+            commands.iter().filter(|c| c.env.iter().any(|(_, v)| v.contains(TOKEN))).collect();
+        assert_eq!(with_token.len(), 1);
+        assert_eq!(with_token[0].env, vec![("HF_TOKEN".to_string(), TOKEN.to_string())]);
+        assert!(commands.iter().all(|c| !c.command.contains(TOKEN)));
+    }
+
+    #[tokio::test]
+    async fn a_failing_cli_is_an_error_whose_message_never_shows_the_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("work");
+        let remote = LocalExec::new(&work).unwrap();
+        std::fs::write(work.join("m.bin"), b"x").unwrap();
+        std::fs::write(
+            work.join("bad-hf"),
+            "#!/bin/sh\necho \"401 Unauthorized for token $HF_TOKEN\" >&2\nexit 1\n",
+        )
+        .unwrap();
+        std::process::Command::new("chmod").args(["+x"]).arg(work.join("bad-hf")).status().unwrap();
+        let upload = HfUpload {
+            repo: "me/x".into(),
+            private: false,
+            files: vec![("model".into(), "m.bin".into(), "m.bin".into())],
+            commit_message: "m".into(),
+            staging_dir: "stage".into(),
+            cli: "./bad-hf".into(),
+        };
+        let err = upload_to_hub(&remote, &upload, &HfToken::new(TOKEN).unwrap(), Duration::from_secs(30))
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("hf upload failed"), "{text}");
+        assert!(!text.contains(TOKEN), "{text}");
     }
 }

@@ -5,6 +5,9 @@
 
 use std::fmt::Write as _;
 
+use super::ArtifactError;
+use crate::remote::RemoteExec;
+
 /// What the card says.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ModelCard {
@@ -102,6 +105,34 @@ impl ModelCard {
     }
 }
 
+/// Writes `text` to `remote_path` on the machine (through a local temporary file), so the card
+/// can be uploaded with the model.
+pub async fn write_to_machine(
+    remote: &dyn RemoteExec,
+    text: &str,
+    remote_path: &str,
+) -> Result<(), ArtifactError> {
+    let dir = tempfile_dir()?;
+    let local = dir.join("README.md");
+    let result = async {
+        tokio::fs::write(&local, text)
+            .await
+            .map_err(|e| ArtifactError::Invalid(format!("cannot write the model card locally: {e}")))?;
+        remote.upload(&local, remote_path).await.map_err(|e| ArtifactError::remote("model card", e))?;
+        Ok(())
+    }
+    .await;
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    result
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf, ArtifactError> {
+    let dir = std::env::temp_dir().join(format!("gpu-trainer-card-{}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| ArtifactError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
+    Ok(dir)
+}
+
 fn one_line(s: &str) -> String {
     s.replace(['\n', '\r'], " ")
 }
@@ -139,7 +170,8 @@ mod tests {
         let text = card().render();
         let front: serde_yaml::Value =
             serde_yaml::from_str(text.trim_start_matches("---\n").split("\n---\n").next().unwrap()).unwrap();
-        let tags: Vec<&str> = front["tags"].as_sequence().unwrap().iter().filter_map(|t| t.as_str()).collect();
+        let tags: Vec<&str> =
+            front["tags"].as_sequence().unwrap().iter().filter_map(|t| t.as_str()).collect();
         assert_eq!(tags, ["flux", "lora", "incomplete"]);
         assert_eq!(front["base_model"].as_str(), Some("black-forest-labs/FLUX.1-dev"));
         assert!(text.contains("step 1200 of 4000 target steps (30.0% complete)"), "{text}");
@@ -154,6 +186,15 @@ mod tests {
         let text = c.render();
         assert!(!text.contains("incomplete"), "{text}");
         assert!(!text.contains("Warning"));
+    }
+
+    #[tokio::test]
+    async fn card_is_written_to_the_machine() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = crate::remote::local::LocalExec::new(dir.path()).unwrap();
+        write_to_machine(&remote, &card().render(), "output/README.md").await.unwrap();
+        let text = std::fs::read_to_string(dir.path().join("output/README.md")).unwrap();
+        assert!(text.starts_with("---\ntags:\n- flux\n- lora\n- incomplete\n"), "{text}");
     }
 
     #[test]

@@ -74,9 +74,13 @@ pub struct Notification {
 /// How a delivery went.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NotifyOutcome {
-    Delivered { status: u16 },
+    Delivered {
+        status: u16,
+    },
     /// Gave up; the text never contains the URL.
-    Failed { error: String },
+    Failed {
+        error: String,
+    },
 }
 
 /// A webhook URL (from a Secret). `Debug` hides everything but the scheme and host.

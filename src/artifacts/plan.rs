@@ -105,7 +105,10 @@ mod tests {
     fn job_prefix_puts_jobs_under_the_configured_prefix() {
         assert_eq!(job_prefix(&output(None), "lora", "u1"), "lora-u1");
         assert_eq!(job_prefix(&output(Some("/runs/")), "lora", "u1"), "runs/lora-u1");
-        assert_eq!(join_key("runs/lora-u1", "/checkpoints/a.safetensors"), "runs/lora-u1/checkpoints/a.safetensors");
+        assert_eq!(
+            join_key("runs/lora-u1", "/checkpoints/a.safetensors"),
+            "runs/lora-u1/checkpoints/a.safetensors"
+        );
     }
 
     #[test]

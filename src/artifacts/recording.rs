@@ -6,7 +6,9 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use crate::remote::{ExecOutput, FileChunk, OutputChunk, RemoteError, RemoteExec, RunOptions, TransferReport};
+use crate::remote::{
+    ExecOutput, FileChunk, OutputChunk, RemoteError, RemoteExec, RunOptions, TransferReport,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sent {
@@ -75,7 +77,12 @@ impl<R: RemoteExec> RemoteExec for RecordingExec<R> {
         self.inner.download(remote_path, local_path).await
     }
 
-    async fn read_from(&self, remote_path: &str, offset: u64, max_len: u64) -> Result<FileChunk, RemoteError> {
+    async fn read_from(
+        &self,
+        remote_path: &str,
+        offset: u64,
+        max_len: u64,
+    ) -> Result<FileChunk, RemoteError> {
         self.inner.read_from(remote_path, offset, max_len).await
     }
 

@@ -73,7 +73,11 @@ fn convert(presigned: SdkPresigned, validity: Validity) -> PresignedRequest {
     }
 }
 
-fn storage(operation: &'static str, object: &ObjectRef, e: impl std::error::Error + Send + Sync + 'static) -> ArtifactError {
+fn storage(
+    operation: &'static str,
+    object: &ObjectRef,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> ArtifactError {
     ArtifactError::Storage { operation, uri: object.uri(), source: Box::new(e) }
 }
 
@@ -91,7 +95,11 @@ fn unquote(etag: &str) -> String {
 
 #[async_trait]
 impl ObjectStore for S3Store {
-    async fn presign_put(&self, object: &ObjectRef, validity: Validity) -> Result<PresignedRequest, ArtifactError> {
+    async fn presign_put(
+        &self,
+        object: &ObjectRef,
+        validity: Validity,
+    ) -> Result<PresignedRequest, ArtifactError> {
         let config = presigning_config(object, validity)?;
         let presigned = self
             .client
@@ -104,7 +112,11 @@ impl ObjectStore for S3Store {
         Ok(convert(presigned, validity))
     }
 
-    async fn presign_get(&self, object: &ObjectRef, validity: Validity) -> Result<PresignedRequest, ArtifactError> {
+    async fn presign_get(
+        &self,
+        object: &ObjectRef,
+        validity: Validity,
+    ) -> Result<PresignedRequest, ArtifactError> {
         let config = presigning_config(object, validity)?;
         let presigned = self
             .client
@@ -178,7 +190,9 @@ impl ObjectStore for S3Store {
                 }
             }
             match (out.is_truncated(), out.next_part_number_marker()) {
-                (Some(true), Some(next)) if marker.as_deref() != Some(next) => marker = Some(next.to_string()),
+                (Some(true), Some(next)) if marker.as_deref() != Some(next) => {
+                    marker = Some(next.to_string())
+                }
                 _ => break,
             }
         }
@@ -241,8 +255,9 @@ impl ObjectStore for S3Store {
                 server_side_encryption: out.server_side_encryption().map(|s| s.as_str().to_string()),
                 customer_encryption: out.sse_customer_algorithm().is_some(),
             })),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found())
-                || e.raw_response().is_some_and(|r| r.status().as_u16() == 404) =>
+            Err(e)
+                if e.as_service_error().is_some_and(|s| s.is_not_found())
+                    || e.raw_response().is_some_and(|r| r.status().as_u16() == 404) =>
             {
                 Ok(None)
             }
@@ -275,20 +290,22 @@ mod tests {
     async fn presigned_put_has_no_checksum_headers_or_parameters() {
         let store = r2_like();
         let validity = Validity { start: SystemTime::now(), expires_in: Duration::from_secs(900) };
-        let p = store.presign_put(&ObjectRef::new("models", "job/model.safetensors"), validity).await.unwrap();
+        let p =
+            store.presign_put(&ObjectRef::new("models", "job/model.safetensors"), validity).await.unwrap();
         assert_eq!(p.method, "PUT");
         let lower = p.url.to_ascii_lowercase();
         assert!(!lower.contains("x-amz-checksum"), "{}", p.url);
         assert!(!lower.contains("x-amz-sdk-checksum-algorithm"), "{}", p.url);
-        assert!(p.headers.iter().all(|(k, _)| !k.to_ascii_lowercase().contains("checksum")), "{:?}", p.headers);
+        assert!(
+            p.headers.iter().all(|(k, _)| !k.to_ascii_lowercase().contains("checksum")),
+            "{:?}",
+            p.headers
+        );
         assert!(lower.contains("x-amz-expires=900"), "{}", p.url);
         // Virtual-hosted style unless path-style is forced.
         assert!(p.url.starts_with("https://models.acct.r2.cloudflarestorage.com/job/model.safetensors?"));
         assert!(!p.url.contains("wJalrXUtnFEMI-secret"));
-        let part = store
-            .presign_part(&ObjectRef::new("models", "k"), "upload-1", 2, validity)
-            .await
-            .unwrap();
+        let part = store.presign_part(&ObjectRef::new("models", "k"), "upload-1", 2, validity).await.unwrap();
         let lower = part.url.to_ascii_lowercase();
         assert!(!lower.contains("x-amz-checksum") && !lower.contains("x-amz-sdk-checksum"), "{}", part.url);
         assert!(part.url.contains("partNumber=2") && part.url.contains("uploadId=upload-1"), "{}", part.url);

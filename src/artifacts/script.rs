@@ -163,9 +163,10 @@ pub fn render_upload(files: &[ScriptFile]) -> Result<RenderedUpload, ArtifactErr
         let path = quote(&file.path)?;
         match &file.transfer {
             Transfer::Single => {
-                let request = file.requests.get(&1).ok_or_else(|| {
-                    ArtifactError::Invalid(format!("no presigned PUT for {}", file.path))
-                })?;
+                let request = file
+                    .requests
+                    .get(&1)
+                    .ok_or_else(|| ArtifactError::Invalid(format!("no presigned PUT for {}", file.path)))?;
                 env.push((env_name(i, None), curl_config(request)));
                 script.push_str(&format!("gt_single {i} {path}\n"));
             }
@@ -203,11 +204,16 @@ pub fn parse_upload(stdout: &str) -> Result<BTreeMap<usize, FileReport>, Artifac
     for line in stdout.lines().filter(|l| l.starts_with("gt-")) {
         let fields: Vec<&str> = line.split('\t').collect();
         let bad = || ArtifactError::Report { step: "upload", message: format!("unexpected line {line:?}") };
-        let hex = |s: &str, len: usize| (s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit())).then(|| s.to_ascii_lowercase());
+        let hex = |s: &str, len: usize| {
+            (s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit())).then(|| s.to_ascii_lowercase())
+        };
         match fields.as_slice() {
             ["gt-part", i, n, md5, state] => {
                 let entry = reports.entry(i.parse().map_err(|_| bad())?).or_default();
-                entry.parts.insert(n.parse().map_err(|_| bad())?, (hex(md5, 32).ok_or_else(bad)?, *state == "uploaded"));
+                entry.parts.insert(
+                    n.parse().map_err(|_| bad())?,
+                    (hex(md5, 32).ok_or_else(bad)?, *state == "uploaded"),
+                );
             }
             ["gt-file", i, size, sha, md5] => {
                 let index = i.parse().map_err(|_| bad())?;
@@ -225,8 +231,7 @@ pub fn parse_upload(stdout: &str) -> Result<BTreeMap<usize, FileReport>, Artifac
 
 /// The `gt-error` message of a failed step, or the tail of its stderr.
 pub fn failure_message(stderr: &str) -> String {
-    let errors: Vec<&str> =
-        stderr.lines().filter_map(|l| l.strip_prefix("gt-error\t")).collect();
+    let errors: Vec<&str> = stderr.lines().filter_map(|l| l.strip_prefix("gt-error\t")).collect();
     let message = if errors.is_empty() {
         let lines: Vec<&str> = stderr.lines().collect();
         lines[lines.len().saturating_sub(5)..].join("\n")
@@ -260,7 +265,12 @@ mod tests {
     use super::*;
 
     fn request(url: &str) -> PresignedRequest {
-        PresignedRequest { method: "PUT".into(), url: url.into(), headers: vec![], expires_at: SystemTime::now() }
+        PresignedRequest {
+            method: "PUT".into(),
+            url: url.into(),
+            headers: vec![],
+            expires_at: SystemTime::now(),
+        }
     }
 
     #[test]
@@ -322,6 +332,9 @@ mod tests {
     fn failure_messages_never_carry_signatures() {
         let m = failure_message("curl: (22) https://h/b/k?X-Amz-Signature=abc&x=1 returned 403\n");
         assert!(!m.contains("abc"), "{m}");
-        assert_eq!(failure_message("x\ngt-error\tupload of a failed (HTTP 403)\n"), "upload of a failed (HTTP 403)");
+        assert_eq!(
+            failure_message("x\ngt-error\tupload of a failed (HTTP 403)\n"),
+            "upload of a failed (HTTP 403)"
+        );
     }
 }

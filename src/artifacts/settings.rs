@@ -49,8 +49,9 @@ impl S3Credentials {
             }
             Ok(None)
         };
-        let access_key_id = get(&ACCESS_KEY_NAMES)?
-            .ok_or_else(|| ArtifactError::Settings("the credentials Secret has no AWS_ACCESS_KEY_ID".into()))?;
+        let access_key_id = get(&ACCESS_KEY_NAMES)?.ok_or_else(|| {
+            ArtifactError::Settings("the credentials Secret has no AWS_ACCESS_KEY_ID".into())
+        })?;
         let secret_access_key = get(&SECRET_KEY_NAMES)?.ok_or_else(|| {
             ArtifactError::Settings("the credentials Secret has no AWS_SECRET_ACCESS_KEY".into())
         })?;
@@ -173,7 +174,8 @@ mod tests {
     use super::*;
 
     fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: BTreeMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: BTreeMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |name| map.get(name).cloned()
     }
 

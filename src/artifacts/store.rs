@@ -91,10 +91,18 @@ pub struct PartInfo {
 pub trait ObjectStore: Send + Sync {
     /// A presigned PUT of one whole object, with no checksum headers signed in (R2 rejects
     /// them, and a checksum of the empty body would be baked in).
-    async fn presign_put(&self, object: &ObjectRef, validity: Validity) -> Result<PresignedRequest, ArtifactError>;
+    async fn presign_put(
+        &self,
+        object: &ObjectRef,
+        validity: Validity,
+    ) -> Result<PresignedRequest, ArtifactError>;
 
     /// A presigned GET (datasets).
-    async fn presign_get(&self, object: &ObjectRef, validity: Validity) -> Result<PresignedRequest, ArtifactError>;
+    async fn presign_get(
+        &self,
+        object: &ObjectRef,
+        validity: Validity,
+    ) -> Result<PresignedRequest, ArtifactError>;
 
     /// Starts a multipart upload; returns its upload id.
     async fn create_multipart(&self, object: &ObjectRef) -> Result<String, ArtifactError>;

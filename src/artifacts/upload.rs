@@ -51,6 +51,16 @@ impl Default for UploadSettings {
     }
 }
 
+/// A presigned GET of a dataset archive, for the machine to download (default lifetime: pass
+/// [`UploadSettings::url_ttl`]). The URL goes to the machine in a command's environment.
+pub async fn presign_dataset(
+    store: &dyn ObjectStore,
+    dataset: &crate::api::S3Dataset,
+    ttl: Duration,
+) -> Result<super::PresignedRequest, ArtifactError> {
+    store.presign_get(&ObjectRef::new(&dataset.bucket, &dataset.key), Validity::from_now(ttl)).await
+}
+
 /// One result to upload: a file, or a folder (every file under it, keys below `object.key`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UploadItem {
@@ -139,7 +149,11 @@ impl<'a> Uploader<'a> {
         Ok(statuses)
     }
 
-    async fn inspect(&self, remote: &dyn RemoteExec, items: &[UploadItem]) -> Result<Vec<Planned>, ArtifactError> {
+    async fn inspect(
+        &self,
+        remote: &dyn RemoteExec,
+        items: &[UploadItem],
+    ) -> Result<Vec<Planned>, ArtifactError> {
         let paths: Vec<String> = items.iter().map(|i| i.path.clone()).collect();
         let command = script::render_inspect(&paths)?;
         let out = remote
@@ -172,7 +186,8 @@ impl<'a> Uploader<'a> {
                     ObjectRef::new(&item.object.bucket, join_key(&item.object.key, &f.rel)),
                 )
             };
-            let transfer = choose_transfer(f.size, self.settings.multipart_threshold, self.settings.part_size)?;
+            let transfer =
+                choose_transfer(f.size, self.settings.multipart_threshold, self.settings.part_size)?;
             let pending_parts = match transfer {
                 Transfer::Multipart { parts, .. } => (1..=parts).collect(),
                 Transfer::Single => Vec::new(),
@@ -262,8 +277,10 @@ impl<'a> Uploader<'a> {
                     }
                 };
                 for &n in &p.pending_parts {
-                    let number = i32::try_from(n).map_err(|_| ArtifactError::Invalid("too many parts".into()))?;
-                    requests.insert(n, self.store.presign_part(&p.object, &upload_id, number, validity).await?);
+                    let number =
+                        i32::try_from(n).map_err(|_| ArtifactError::Invalid("too many parts".into()))?;
+                    requests
+                        .insert(n, self.store.presign_part(&p.object, &upload_id, number, validity).await?);
                 }
             }
         }
@@ -333,7 +350,11 @@ mod tests {
     const MIB: usize = 1024 * 1024;
 
     fn settings() -> UploadSettings {
-        UploadSettings { multipart_threshold: 8 * MIB as u64, part_size: 5 * MIB as u64, ..Default::default() }
+        UploadSettings {
+            multipart_threshold: 8 * MIB as u64,
+            part_size: 5 * MIB as u64,
+            ..Default::default()
+        }
     }
 
     fn data(len: usize, seed: u8) -> Vec<u8> {
@@ -365,10 +386,15 @@ mod tests {
         assert_eq!(statuses[0].uri, "s3://b/job/m.safetensors");
         assert_eq!(statuses[0].size_bytes, 11);
         use sha2::Digest;
-        assert_eq!(statuses[0].sha256.as_deref(), Some(hex::encode(sha2::Sha256::digest(b"model bytes")).as_str()));
+        assert_eq!(
+            statuses[0].sha256.as_deref(),
+            Some(hex::encode(sha2::Sha256::digest(b"model bytes")).as_str())
+        );
         assert_eq!(statuses[1].uri, "s3://b/job/checkpoints/ckpt-5/");
         assert_eq!(statuses[1].size_bytes, 5);
-        let stored = std::fs::read(store.object_path(&ObjectRef::new("b", "job/checkpoints/ckpt-5/sub/b.bin"))).unwrap();
+        let stored =
+            std::fs::read(store.object_path(&ObjectRef::new("b", "job/checkpoints/ckpt-5/sub/b.bin")))
+                .unwrap();
         assert_eq!(stored, b"bb");
     }
 
@@ -398,7 +424,8 @@ mod tests {
         for _ in 0..2 {
             store.fail_part_once(1);
         }
-        let items = vec![UploadItem { name: "m".into(), path: "big.bin".into(), object: ObjectRef::new("b", "k") }];
+        let items =
+            vec![UploadItem { name: "m".into(), path: "big.bin".into(), object: ObjectRef::new("b", "k") }];
         let s = UploadSettings { attempts: 2, ..settings() };
         let err = Uploader::new(&store, s).upload(&remote, &items).await.unwrap_err();
         assert!(matches!(err, ArtifactError::StepFailed { .. }), "{err}");
@@ -411,7 +438,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let remote = LocalExec::new(dir.path().join("work")).unwrap();
         let store = FakeObjectStore::new(&dir.path().join("store"));
-        let items = vec![UploadItem { name: "m".into(), path: "output/none".into(), object: ObjectRef::new("b", "k") }];
+        let items = vec![UploadItem {
+            name: "m".into(),
+            path: "output/none".into(),
+            object: ObjectRef::new("b", "k"),
+        }];
         let err = Uploader::new(&store, settings()).upload(&remote, &items).await.unwrap_err();
         assert!(matches!(err, ArtifactError::Missing { ref path } if path == "output/none"), "{err}");
         assert!(store.presigned_parts().is_empty());

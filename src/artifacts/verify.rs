@@ -23,7 +23,8 @@ pub fn verify_object(uri: &str, head: Option<&ObjectHead>, report: &FileReport) 
     if let Some(etag) = head.etag.as_deref().filter(|_| etag_is_md5) {
         // Only ETags shaped like an MD5 (single PUT) or `<md5>-<parts>` (multipart) are compared;
         // other servers' ETags say nothing about the content.
-        let looks_multipart = etag.rsplit_once('-').is_some_and(|(h, n)| h.len() == 32 && n.parse::<u32>().is_ok());
+        let looks_multipart =
+            etag.rsplit_once('-').is_some_and(|(h, n)| h.len() == 32 && n.parse::<u32>().is_ok());
         let looks_md5 = etag.len() == 32 && etag.bytes().all(|b| b.is_ascii_hexdigit());
         let expected = match &report.md5 {
             Some(md5) if looks_md5 => Some(md5.clone()),
@@ -57,7 +58,13 @@ mod tests {
     use super::*;
 
     fn report(size: u64, md5: &str) -> FileReport {
-        FileReport { size, sha256: "00".repeat(32), md5: Some(md5.into()), parts: Default::default(), complete: true }
+        FileReport {
+            size,
+            sha256: "00".repeat(32),
+            md5: Some(md5.into()),
+            parts: Default::default(),
+            complete: true,
+        }
     }
 
     fn head(size: u64, etag: &str) -> ObjectHead {
