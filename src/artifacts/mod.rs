@@ -14,6 +14,9 @@
 //! - `model_card`: README.md for the model, marking a run stopped early as incomplete.
 //! - `notify`: webhook notifications, best effort.
 //!
+//! Order matters (reference/anchors.md, "verify upload before destroy"): the job engine reports
+//! an artifact and releases the GPU only after [`Uploader::upload`] returned it verified.
+//!
 //! Presigned URLs reach the machine only through the environment of the upload command (never
 //! its text or a command line), and every type holding one redacts the signature in `Debug`.
 

@@ -59,6 +59,11 @@ impl S3Credentials {
         Self::checked(access_key_id, secret_access_key, session_token)
     }
 
+    /// Reads the keys above from a Secret (`data`, and `stringData` as written by hand).
+    pub fn from_secret(secret: &k8s_openapi::api::core::v1::Secret) -> Result<Self, ArtifactError> {
+        Self::from_secret_data(&secret_bytes(secret))
+    }
+
     /// Reads the standard AWS variables from the operator's environment.
     pub fn from_env() -> Result<Self, ArtifactError> {
         Self::from_lookup(|name| std::env::var(name).ok())
@@ -83,6 +88,16 @@ impl S3Credentials {
         }
         Ok(Self { access_key_id, secret_access_key, session_token })
     }
+}
+
+/// A Secret's values as bytes, `stringData` overriding `data` as the API server would.
+pub fn secret_bytes(secret: &k8s_openapi::api::core::v1::Secret) -> BTreeMap<String, Vec<u8>> {
+    let mut out: BTreeMap<String, Vec<u8>> =
+        secret.data.iter().flatten().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+    for (k, v) in secret.string_data.iter().flatten() {
+        out.insert(k.clone(), v.clone().into_bytes());
+    }
+    out
 }
 
 /// Everything needed to talk to one S3-compatible service.
@@ -239,6 +254,18 @@ mod tests {
         let s = S3Settings::for_output(&output, None, Some(&defaults)).unwrap();
         assert_eq!(s.credentials.access_key_id, "DEFAULT");
         assert!(S3Settings::for_output(&output, None, None).is_err());
+    }
+
+    #[test]
+    fn credentials_are_read_from_a_secret() {
+        use k8s_openapi::ByteString;
+        let secret = k8s_openapi::api::core::v1::Secret {
+            data: Some([("AWS_ACCESS_KEY_ID".to_string(), ByteString(b"AK".to_vec()))].into()),
+            string_data: Some([("AWS_SECRET_ACCESS_KEY".to_string(), "SK".to_string())].into()),
+            ..Default::default()
+        };
+        let c = S3Credentials::from_secret(&secret).unwrap();
+        assert_eq!((c.access_key_id.as_str(), c.secret_access_key.as_str()), ("AK", "SK"));
     }
 
     #[test]
