@@ -324,3 +324,28 @@ async fn credentials_never_reach_the_machine() {
         }
     }
 }
+
+#[tokio::test]
+#[ignore = "needs tests/ environment"]
+async fn upload_over_ssh_reaches_storage_verified() {
+    use crate::remote::ssh::{SshExec, SshKey, SshOptions, SshTarget};
+    let f = fixture();
+    let target = SshTarget {
+        host: env("GPU_TRAINER_TEST_SSH_HOST"),
+        port: env("GPU_TRAINER_TEST_SSH_PORT").parse().unwrap(),
+        user: env("GPU_TRAINER_TEST_SSH_USER"),
+    };
+    let key = SshKey::from_file(std::path::Path::new(&env("GPU_TRAINER_TEST_SSH_KEY"))).unwrap();
+    let options = SshOptions { connect_deadline: Duration::from_secs(30), ..Default::default() };
+    let ssh = SshExec::connect(target, key, None, options).await.unwrap();
+    // The sshd runs on this machine, so the fixture's folder is the "instance's" disk.
+    let content = data(9 * MIB + 17, 5);
+    f.write("output/over-ssh.safetensors", &content);
+    let path = f.remote.work_dir().join("output/over-ssh.safetensors").display().to_string();
+    let object = f.dest.object("over-ssh.safetensors");
+    let items = vec![UploadItem { name: "model".into(), path, object: object.clone() }];
+    let statuses = Uploader::new(&f.store, small_parts()).upload(&ssh, &items).await.unwrap();
+    assert_eq!(statuses[0].size_bytes, content.len() as u64);
+    let head = f.store.head(&object).await.unwrap().unwrap();
+    assert_eq!(head.size, content.len() as u64);
+}
