@@ -127,19 +127,21 @@ impl<'a> Uploader<'a> {
                 })?;
                 verify_object(&p.object.uri(), head.as_ref(), report)?;
             }
+            // The verified size is the one the machine hashed, which HEAD just confirmed.
+            let verified_size = |p: &Planned| p.report.as_ref().map_or(p.size, |r| r.size);
             let single_file = files.len() == 1 && files[0].object == item.object;
             let status = if single_file {
                 ArtifactStatus {
                     name: item.name.clone(),
                     uri: item.object.uri(),
-                    size_bytes: files[0].size,
+                    size_bytes: verified_size(files[0]),
                     sha256: files[0].report.as_ref().map(|r| r.sha256.clone()),
                 }
             } else {
                 ArtifactStatus {
                     name: item.name.clone(),
                     uri: format!("{}/", item.object.uri().trim_end_matches('/')),
-                    size_bytes: files.iter().map(|p| p.size).sum(),
+                    size_bytes: files.iter().map(|p| verified_size(p)).sum(),
                     sha256: None,
                 }
             };
