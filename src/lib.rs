@@ -2,6 +2,7 @@
 //! marketplace. See `shared/design.md` in the project for the contract.
 
 pub mod api;
+pub mod artifacts;
 pub mod cli;
 pub mod controller;
 pub mod engine;

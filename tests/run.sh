@@ -28,7 +28,7 @@ cargo clippy --all-targets --locked -- -D warnings
 step "build"
 cargo build --all-targets --locked
 
-step "start etcd, kube-apiserver, kube-controller-manager, sshd"
+step "start etcd, kube-apiserver, kube-controller-manager, sshd, garage"
 trap 'bash tests/env/down.sh; rm -rf "$GPU_TRAINER_ENV_DIR"' EXIT
 bash tests/env/up.sh
 # shellcheck disable=SC1091

@@ -10,7 +10,9 @@ use kube::CustomResource;
 use schemars::{JsonSchema, Schema};
 use serde::{Deserialize, Serialize};
 
-use super::{EnvVar, MachineRequirements, ProviderSpec, Reason, SecretKeyRef, common::default_true, schema};
+use super::{
+    EnvVar, MachineRequirements, ProviderSpec, Reason, SecretKeyRef, SecretRef, common::default_true, schema,
+};
 
 /// A training run on a rented GPU. The operator rents a machine matching `resources`, ships the
 /// dataset and the tool's recipe to it, runs the tool, follows its progress, uploads the results
@@ -222,6 +224,24 @@ pub struct S3Output {
     /// it. Default true.
     #[serde(default = "default_true")]
     pub sync_checkpoints: bool,
+    /// Endpoint of an S3-compatible service, e.g. `https://<account>.r2.cloudflarestorage.com`.
+    /// Unset uses the operator's default (`AWS_ENDPOINT_URL_S3`), or AWS S3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^https?://[^\s/]+(/.*)?$"), length(max = 2048))]
+    pub endpoint: Option<String>,
+    /// Signing region; Cloudflare R2 uses `auto`. Unset uses the operator's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub region: Option<String>,
+    /// Address buckets as `endpoint/bucket/key` instead of `bucket.endpoint/key` (MinIO, Garage).
+    /// Unset uses the operator's default (virtual-hosted style).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force_path_style: Option<bool>,
+    /// Secret with `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` (optionally
+    /// `AWS_SESSION_TOKEN`). Read by the operator only: the machine receives presigned URLs.
+    /// Unset uses the operator's own credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretRef>,
 }
 
 /// A Hugging Face destination.

@@ -87,7 +87,27 @@ install_vastai_cli() {
   "$venv/bin/python" -m pip install -q --disable-pip-version-check "vastai==$VASTAI_VERSION" >&2
 }
 
+# Garage, the S3 server the artifact tests talk to (it checks SigV4 signatures, so tampered and
+# expired presigned URLs are refused). Pinned, built once (12+ minutes on 2 cores) and cached; only
+# the sqlite engine is compiled in, which is all the single test node needs.
+GARAGE_VERSION=2.5.0
+install_garage() {
+  local root="$CACHE/garage-$GARAGE_VERSION"
+  if [ -x "$root/bin/garage" ]; then
+    log "garage $GARAGE_VERSION cached in $root"
+    return 0
+  fi
+  apt_install pkg-config
+  log "building garage $GARAGE_VERSION (about 12-20 minutes on 2 cores)"
+  local target="$CACHE/garage-build"
+  CARGO_TARGET_DIR="$target" cargo install garage --version "=$GARAGE_VERSION" --locked \
+    --no-default-features --features bundled-libs,sqlite --root "$root" >&2
+  rm -rf "$target"
+  log "garage cached in $root"
+}
+
 apt_install etcd-server openssh-server openssl curl jq rsync ca-certificates
 build_kube
 install_vastai_cli
+install_garage
 "$@"

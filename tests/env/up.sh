@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Starts the real components the tests use, all on loopback, in $GPU_TRAINER_ENV_DIR:
 #   etcd, kube-apiserver v1.20.2 (token auth, RBAC), kube-controller-manager (garbage collector)
-#   and an OpenSSH sshd with generated host and user keys.
+#   an OpenSSH sshd with generated host and user keys, and a single-node Garage (S3, checks SigV4).
 # Writes $GPU_TRAINER_ENV_DIR/env (shell exports) and $GPU_TRAINER_ENV_DIR/kubeconfig.
 # Stop everything with tests/env/down.sh. Run tests/env/install.sh first.
 set -euo pipefail
 
 CACHE="${GPU_TRAINER_CACHE:-$HOME/.cache/gpu-trainer}"
 KUBE_BIN="$CACHE/kube-v1.20.2/bin"
+GARAGE_VERSION=2.5.0
+GARAGE="$CACHE/garage-$GARAGE_VERSION/bin/garage"
 ENV_DIR="${GPU_TRAINER_ENV_DIR:-/tmp/gpu-trainer-env}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
@@ -15,7 +17,7 @@ log() { printf '[env] %s\n' "$*" >&2; }
 
 "$HERE/down.sh" >/dev/null 2>&1 || true
 rm -rf "$ENV_DIR"
-mkdir -p "$ENV_DIR"/{pki,etcd,logs,ssh,pids}
+mkdir -p "$ENV_DIR"/{pki,etcd,logs,ssh,pids,garage}
 cd "$ENV_DIR"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
@@ -123,6 +125,42 @@ SC
 start sshd /usr/sbin/sshd -D -e -f "$ENV_DIR/ssh/sshd_config"
 wait_for 15 sshd bash -c "exec 3<>/dev/tcp/127.0.0.1/$SSH_PORT"
 
+# --- Garage: single node on loopback, sqlite, one key with read/write/owner on one bucket ---
+S3_PORT=$(free_port); GARAGE_RPC_PORT=$(free_port); GARAGE_ADMIN_PORT=$(free_port)
+S3_REGION=garage
+cat > garage/garage.toml <<GT
+metadata_dir = "$ENV_DIR/garage/meta"
+data_dir = "$ENV_DIR/garage/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$GARAGE_RPC_PORT"
+rpc_public_addr = "127.0.0.1:$GARAGE_RPC_PORT"
+rpc_secret = "$(openssl rand -hex 32)"
+
+[s3_api]
+s3_region = "$S3_REGION"
+api_bind_addr = "127.0.0.1:$S3_PORT"
+root_domain = ".s3.garage.localhost"
+
+[admin]
+api_bind_addr = "127.0.0.1:$GARAGE_ADMIN_PORT"
+admin_token = "$(openssl rand -hex 24)"
+GT
+chmod 600 garage/garage.toml
+garage_cli() { "$GARAGE" -c "$ENV_DIR/garage/garage.toml" "$@"; }
+start garage "$GARAGE" -c "$ENV_DIR/garage/garage.toml" server
+wait_for 60 garage garage_cli status
+NODE_ID=$(garage_cli node id -q 2>/dev/null | cut -d@ -f1)
+garage_cli layout assign -z dc1 -c 1G "$NODE_ID" >/dev/null
+garage_cli layout apply --version 1 >/dev/null
+S3_KEY_JSON=$(garage_cli json-api CreateKey '{"name":"gpu-trainer-test"}')
+S3_KEY_ID=$(printf '%s' "$S3_KEY_JSON" | jq -r .accessKeyId)
+S3_SECRET=$(printf '%s' "$S3_KEY_JSON" | jq -r .secretAccessKey)
+S3_BUCKET=gpu-trainer-test
+garage_cli bucket create "$S3_BUCKET" >/dev/null
+garage_cli bucket allow --read --write --owner "$S3_BUCKET" --key "$S3_KEY_ID" >/dev/null
+wait_for 30 "garage S3 API" curl -s -o /dev/null "http://127.0.0.1:$S3_PORT/"
+
 cat > env <<EV
 export GPU_TRAINER_ENV_DIR=$ENV_DIR
 export KUBECONFIG=$ENV_DIR/kubeconfig
@@ -131,5 +169,12 @@ export GPU_TRAINER_TEST_SSH_PORT=$SSH_PORT
 export GPU_TRAINER_TEST_SSH_USER=$(id -un)
 export GPU_TRAINER_TEST_SSH_KEY=$ENV_DIR/ssh/user_ed25519
 export GPU_TRAINER_TEST_SSH_HOST_KEY=$ENV_DIR/ssh/host_ed25519_key.pub
+export GPU_TRAINER_TEST_S3_ENDPOINT=http://127.0.0.1:$S3_PORT
+export GPU_TRAINER_TEST_S3_REGION=$S3_REGION
+export GPU_TRAINER_TEST_S3_ACCESS_KEY_ID=$S3_KEY_ID
+export GPU_TRAINER_TEST_S3_SECRET_ACCESS_KEY=$S3_SECRET
+export GPU_TRAINER_TEST_S3_BUCKET=$S3_BUCKET
+export GPU_TRAINER_TEST_GARAGE_CONFIG=$ENV_DIR/garage/garage.toml
 EV
-log "up: kube-apiserver https://127.0.0.1:$API_PORT, sshd 127.0.0.1:$SSH_PORT (source $ENV_DIR/env)"
+chmod 600 env
+log "up: kube-apiserver https://127.0.0.1:$API_PORT, sshd 127.0.0.1:$SSH_PORT, garage S3 http://127.0.0.1:$S3_PORT (source $ENV_DIR/env)"

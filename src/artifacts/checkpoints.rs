@@ -1,0 +1,126 @@
+//! Checkpoint sync while training (optional per job): every new checkpoint goes to
+//! `<job prefix>/checkpoints/<name>` so a replacement machine can resume from it. A checkpoint is
+//! only synced once its size has stayed the same across two observations, so one still being
+//! written waits for the next poll instead of being uploaded half-done.
+
+use std::collections::BTreeMap;
+
+use super::plan::Destination;
+use super::{ArtifactError, UploadItem, Uploader};
+use crate::api::CheckpointStatus;
+use crate::monitor::checkpoints::{Checkpoint, CheckpointInventory};
+use crate::remote::RemoteExec;
+
+/// Remembers sizes between polls to tell finished checkpoints from ones being written.
+#[derive(Clone, Debug, Default)]
+pub struct CheckpointSync {
+    last_sizes: BTreeMap<String, u64>,
+}
+
+impl CheckpointSync {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The checkpoints to upload now: with a step, not yet synced (no `uri` in `synced`), and the
+    /// same size as at the previous call. Oldest first.
+    pub fn ready(&mut self, inventory: &CheckpointInventory, synced: &[CheckpointStatus]) -> Vec<Checkpoint> {
+        let mut ready = Vec::new();
+        let mut sizes = BTreeMap::new();
+        for cp in inventory.checkpoints.iter().filter(|c| c.step.is_some()) {
+            sizes.insert(cp.path.clone(), cp.size_bytes);
+            let already = synced.iter().any(|s| s.name == cp.path && s.uri.is_some());
+            let stable = self.last_sizes.get(&cp.path) == Some(&cp.size_bytes);
+            if !already && stable && cp.size_bytes > 0 {
+                ready.push(cp.clone());
+            }
+        }
+        self.last_sizes = sizes;
+        ready.sort_by_key(|c| c.step);
+        ready
+    }
+}
+
+/// The upload item of one checkpoint (`output_dir` is the trainer's output folder on the machine).
+pub fn checkpoint_item(dest: &Destination, output_dir: &str, cp: &Checkpoint) -> UploadItem {
+    UploadItem {
+        name: format!("checkpoint-{}", cp.step.unwrap_or(0)),
+        path: format!("{}/{}", output_dir.trim_end_matches('/'), cp.path),
+        object: dest.object(&format!("checkpoints/{}", cp.path)),
+    }
+}
+
+/// Uploads and verifies `checkpoints`, returning their status entries with `uri` set.
+pub async fn sync_checkpoints(
+    uploader: &Uploader<'_>,
+    remote: &dyn RemoteExec,
+    dest: &Destination,
+    output_dir: &str,
+    checkpoints: &[Checkpoint],
+) -> Result<Vec<CheckpointStatus>, ArtifactError> {
+    let mut out = Vec::new();
+    for cp in checkpoints {
+        let item = checkpoint_item(dest, output_dir, cp);
+        let status = uploader.upload(remote, std::slice::from_ref(&item)).await?;
+        let artifact = status.into_iter().next().ok_or_else(|| ArtifactError::Report {
+            step: "upload",
+            message: format!("no status for {}", cp.path),
+        })?;
+        out.push(CheckpointStatus {
+            name: cp.path.clone(),
+            step: cp.step.unwrap_or(0),
+            size_bytes: Some(artifact.size_bytes),
+            uri: Some(artifact.uri),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inv(entries: &[(&str, u64, u64)]) -> CheckpointInventory {
+        CheckpointInventory {
+            checkpoints: entries
+                .iter()
+                .map(|(p, step, size)| Checkpoint {
+                    path: p.to_string(),
+                    step: Some(*step),
+                    epoch: None,
+                    size_bytes: *size,
+                })
+                .collect(),
+            final_model: None,
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_is_ready_once_its_size_is_stable_and_only_once() {
+        let mut sync = CheckpointSync::new();
+        assert!(sync.ready(&inv(&[("a_500.safetensors", 500, 10)]), &[]).is_empty());
+        // Still growing.
+        assert!(sync.ready(&inv(&[("a_500.safetensors", 500, 20)]), &[]).is_empty());
+        let ready = sync.ready(&inv(&[("a_500.safetensors", 500, 20), ("a_1000.safetensors", 1000, 5)]), &[]);
+        assert_eq!(ready.iter().map(|c| c.path.as_str()).collect::<Vec<_>>(), ["a_500.safetensors"]);
+        let synced = vec![CheckpointStatus {
+            name: "a_500.safetensors".into(),
+            step: 500,
+            size_bytes: Some(20),
+            uri: Some("s3://b/k".into()),
+        }];
+        let ready =
+            sync.ready(&inv(&[("a_500.safetensors", 500, 20), ("a_1000.safetensors", 1000, 5)]), &synced);
+        assert_eq!(ready.iter().map(|c| c.path.as_str()).collect::<Vec<_>>(), ["a_1000.safetensors"]);
+    }
+
+    #[test]
+    fn checkpoint_items_go_under_the_checkpoints_folder() {
+        let dest = Destination { bucket: "b".into(), job_prefix: "runs/j-u".into() };
+        let cp = Checkpoint { path: "checkpoint-500".into(), step: Some(500), epoch: None, size_bytes: 1 };
+        let item = checkpoint_item(&dest, "/w/u/output/", &cp);
+        assert_eq!(item.path, "/w/u/output/checkpoint-500");
+        assert_eq!(item.object.uri(), "s3://b/runs/j-u/checkpoints/checkpoint-500");
+        assert_eq!(item.name, "checkpoint-500");
+    }
+}
