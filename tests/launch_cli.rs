@@ -120,3 +120,40 @@ fn an_interrupted_launch_continues_without_starting_the_trainer_twice() {
     assert!(text(&out).contains("Succeeded"), "{}", text(&out));
     assert_eq!(std::fs::read_to_string(&pid_path).unwrap(), pid_before, "the trainer was not started again");
 }
+
+/// `--provider ssh` against the test sshd: the job is staged, trained and its model downloaded
+/// and verified; the host key is pinned in the state file.
+#[test]
+#[ignore = "needs tests/ environment"]
+fn launch_over_ssh_runs_on_the_machine_and_brings_the_model_back() {
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| panic!("{name} not set; run through tests/run.sh"))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_in(dir.path(), "{steps: 12, secondsPerStep: 0.05, saveEvery: 4}");
+    let yaml = std::fs::read_to_string(&job).unwrap().replace(
+        "  dataset:",
+        &format!(
+            "  provider: {{ssh: {{host: \"{}\", port: {}, user: \"{}\"}}}}\n  dataset:",
+            var("GPU_TRAINER_TEST_SSH_HOST"),
+            var("GPU_TRAINER_TEST_SSH_PORT"),
+            var("GPU_TRAINER_TEST_SSH_USER")
+        ),
+    );
+    std::fs::write(&job, yaml).unwrap();
+    let remote_base = dir.path().join("remote-base");
+    let key = var("GPU_TRAINER_TEST_SSH_KEY");
+    let out = launch(
+        &job,
+        &["--provider", "ssh", "--ssh-key", &key, "--remote-base", remote_base.to_str().unwrap()],
+    );
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    let model =
+        all.lines().find_map(|l| l.strip_prefix("model: ")).expect("model path printed").trim().to_string();
+    assert!(model.contains(".gpu-trainer/results/"), "the model was downloaded: {model}");
+    assert!(Path::new(&model).is_file());
+    let state = std::fs::read_to_string(dir.path().join(".gpu-trainer/t.json")).unwrap();
+    assert!(state.contains("\"hostKey\": \"SHA256:"), "host key pinned: {state}");
+    assert!(remote_base.is_dir(), "the work dir is under --remote-base on the machine");
+}

@@ -169,8 +169,10 @@ pub struct SshProvider {
     #[serde(default = "default_ssh_user")]
     #[schemars(length(min = 1, max = 64))]
     pub user: String,
-    /// Secret key holding the OpenSSH private key (ed25519) for this machine.
-    pub key_secret_ref: SecretKeyRef,
+    /// Secret key holding the OpenSSH private key (ed25519) for this machine. Required in a
+    /// cluster; `gpu-trainer launch --provider ssh` takes `--ssh-key FILE` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_secret_ref: Option<SecretKeyRef>,
 }
 
 fn default_ssh_port() -> u16 {

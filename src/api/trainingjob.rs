@@ -557,8 +557,8 @@ impl TrainingJobSpec {
         if let Some(n) = &self.notify {
             refs.push(&n.webhook_secret_ref);
         }
-        if let Some(ssh) = &self.provider.ssh {
-            refs.push(&ssh.key_secret_ref);
+        if let Some(key) = self.provider.ssh.as_ref().and_then(|s| s.key_secret_ref.as_ref()) {
+            refs.push(key);
         }
         refs
     }

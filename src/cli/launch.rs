@@ -10,14 +10,17 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::api::{TrainingJob, TrainingJobPhase, TrainingJobStatus};
-use crate::engine::local::LocalRun;
+use crate::engine::local::{LocalRun, MachineSpec};
 use crate::monitor::poller::TrainingStatus;
+use crate::remote::ssh::{SshKey, SshTarget};
 use crate::remote::tool::ToolRegistry;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Provider {
     /// This machine: the trainer runs in a work dir next to the job file.
     Local,
+    /// The existing machine in `spec.provider.ssh` (host, port, user), with `--ssh-key`.
+    Ssh,
 }
 
 /// Run one TrainingJob without a cluster. State is kept next to the job file, so Ctrl-C and a
@@ -46,6 +49,12 @@ pub struct LaunchArgs {
     /// Folder for state and work dirs [default: `.gpu-trainer` next to the job file].
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Private key (OpenSSH, ed25519) for `--provider ssh`.
+    #[arg(long, value_name = "FILE", required_if_eq("provider", "ssh"))]
+    ssh_key: Option<PathBuf>,
+    /// Base of the work dirs on the machine for `--provider ssh`.
+    #[arg(long, value_name = "DIR", default_value = crate::remote::launch::DEFAULT_REMOTE_BASE)]
+    remote_base: String,
     /// Folder of the tool registry [default: config/tools].
     #[arg(long, env = "GPU_TRAINER_TOOLS_DIR", value_name = "DIR")]
     tools_dir: Option<PathBuf>,
@@ -66,7 +75,24 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
     let state_dir =
         state_dir.canonicalize().with_context(|| format!("failed to resolve {}", state_dir.display()))?;
     let tools_dir = ToolRegistry::default_dir(args.tools_dir.as_deref());
-    let Provider::Local = args.provider;
+    let machine = match args.provider {
+        Provider::Local => MachineSpec::Local,
+        Provider::Ssh => {
+            let Some(ssh) = job.spec.provider.ssh.clone() else {
+                bail!(
+                    "spec.provider.ssh: `--provider ssh` needs the machine's host, port and user in the job"
+                );
+            };
+            let key_file = args.ssh_key.clone().context("--ssh-key is required with --provider ssh")?;
+            let key =
+                SshKey::from_file(&key_file).with_context(|| format!("--ssh-key {}", key_file.display()))?;
+            MachineSpec::Ssh {
+                target: SshTarget { host: ssh.host, port: ssh.port, user: ssh.user },
+                key,
+                remote_base: args.remote_base.clone(),
+            }
+        }
+    };
     let name = job.metadata.name.clone().unwrap_or_default();
     if args.restart {
         let state = state_dir.join(format!("{name}.json"));
@@ -74,13 +100,13 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
             std::fs::remove_file(&state).with_context(|| format!("failed to remove {}", state.display()))?;
         }
     }
-    let mut run = LocalRun::prepare(job, &args.file, &state_dir, &tools_dir)
+    let mut run = LocalRun::prepare(job, &args.file, &state_dir, &tools_dir, machine)
         .with_context(|| format!("job {} cannot run", args.file.display()))?;
 
     if args.dry_run {
         let tool = run.tool();
         println!("job:       {name} ({})", tool.tool);
-        println!("machine:   this machine (local provider), $0.00/h, estimated cost $0.00");
+        println!("machine:   {:?} provider, $0.00/h, estimated cost $0.00", args.provider);
         println!("work dir:  {}", run.layout().work_dir());
         println!("params:    {}", serde_json::to_string(&tool.params)?);
         for (i, cmd) in tool.bootstrap.iter().enumerate() {
@@ -172,7 +198,7 @@ fn report(name: &str, status: &TrainingJobStatus, model: &str) {
     println!("{name}: {phase:?} ({reason}) {message}");
     if phase == TrainingJobPhase::Succeeded {
         if let Some(model) = status.artifacts.iter().find(|a| a.name == "model") {
-            println!("model: {model}", model = model.uri.trim_start_matches("file://"));
+            println!("model: {}", model.uri.trim_start_matches("file://"));
             println!("  {} bytes, sha256 {}", model.size_bytes, model.sha256.clone().unwrap_or_default());
         } else {
             println!("model: {model}");

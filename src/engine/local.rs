@@ -1,9 +1,12 @@
-//! The local driver of the engine, behind `gpu-trainer launch --provider local`: the "machine"
-//! is this one, the work dir a folder next to the job file, and the whole state one JSON file, so
-//! Ctrl-C and a second `launch` continue where the first stopped (the trainer itself runs in the
-//! background and is not interrupted), and `launch --cancel` stops it.
+//! The driver of the engine behind `gpu-trainer launch`: no Kubernetes, the whole state in one
+//! JSON file next to the job file, so Ctrl-C and a second `launch` continue where the first
+//! stopped (the trainer runs in the background and is not interrupted), and `launch --cancel`
+//! stops it. The machine is this one (`--provider local`, work dirs under the state dir) or an
+//! existing one over SSH (`--provider ssh`, host key pinned on first contact, the model
+//! downloaded and verified at the end).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -19,8 +22,9 @@ use crate::monitor::{ParserKind, stall::Recommendation};
 use crate::remote::dataset;
 use crate::remote::launch::{self, RemoteLayout};
 use crate::remote::local::LocalExec;
-use crate::remote::sha256_file;
+use crate::remote::ssh::{SshExec, SshKey, SshOptions, SshTarget};
 use crate::remote::tool::{JobContext, Parser, RenderedTool, ToolRegistry};
+use crate::remote::{RemoteExec, sha256_file};
 
 /// Errors of a local run, each naming what failed.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +61,18 @@ pub struct LocalState {
     /// Stands in for the Kubernetes UID: names the work dir.
     pub uid: String,
     pub status: TrainingJobStatus,
+    /// SSH host key seen on first contact (`--provider ssh`); later connections must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key: Option<String>,
+}
+
+/// Where a launched job runs.
+#[derive(Clone, Debug)]
+pub enum MachineSpec {
+    /// This machine; work dirs under the state dir.
+    Local,
+    /// An existing machine over SSH; work dirs under `remote_base` there.
+    Ssh { target: SshTarget, key: SshKey, remote_base: String },
 }
 
 /// One job run on this machine.
@@ -65,7 +81,9 @@ pub struct LocalRun {
     job_dir: PathBuf,
     state_path: PathBuf,
     pub state: LocalState,
-    exec: LocalExec,
+    machine: MachineSpec,
+    state_dir: PathBuf,
+    exec: Option<Arc<dyn RemoteExec>>,
     layout: RemoteLayout,
     tool: RenderedTool,
     parser: ParserKind,
@@ -84,6 +102,7 @@ impl LocalRun {
         job_file: &Path,
         state_dir: &Path,
         tools_dir: &Path,
+        machine: MachineSpec,
     ) -> Result<Self, LocalError> {
         let name = job.metadata.name.clone().ok_or(LocalError::InvalidJob {
             field: "metadata.name",
@@ -92,7 +111,7 @@ impl LocalRun {
         if job.spec.dataset.local.is_none() {
             return Err(LocalError::InvalidJob {
                 field: "spec.dataset",
-                message: "the local provider needs `dataset.local.path` (a folder next to the job file)"
+                message: "`gpu-trainer launch` needs `dataset.local.path` (a folder next to the job file)"
                     .into(),
             });
         }
@@ -104,12 +123,17 @@ impl LocalRun {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => LocalState {
                 uid: format!("{name}-{:08x}", rand::random::<u32>()),
                 status: TrainingJobStatus::default(),
+                host_key: None,
             },
             Err(e) => return Err(LocalError::State { path: state_path.clone(), source: Box::new(e) }),
         };
         let registry = ToolRegistry::load(tools_dir)?;
         let tool = registry.get(&job.spec.tool)?;
-        let layout = RemoteLayout::new(&state_dir.join("work").to_string_lossy(), &state.uid)?;
+        let base = match &machine {
+            MachineSpec::Local => state_dir.join("work").to_string_lossy().into_owned(),
+            MachineSpec::Ssh { remote_base, .. } => remote_base.clone(),
+        };
+        let layout = RemoteLayout::new(&base, &state.uid)?;
         let rendered = tool.render(
             &job.spec.params,
             &JobContext { name: name.clone(), uid: state.uid.clone(), layout: layout.clone() },
@@ -120,13 +144,14 @@ impl LocalRun {
             Parser::Kohya => ParserKind::Kohya,
             Parser::Diffusers => ParserKind::Diffusers,
         };
-        let exec = LocalExec::new(state_dir.join("work"))?;
         Ok(Self {
             job,
             job_dir,
             state_path,
             state,
-            exec,
+            machine,
+            state_dir: state_dir.to_path_buf(),
+            exec: None,
             layout,
             tool: rendered,
             parser,
@@ -147,6 +172,36 @@ impl LocalRun {
     /// Where the final model is (or will be).
     pub fn final_model_path(&self) -> String {
         self.layout.join(&self.tool.outputs.final_model)
+    }
+
+    /// The machine's `RemoteExec`, connected on first use (and the host key recorded).
+    async fn connection(&mut self) -> Result<Arc<dyn RemoteExec>, LocalError> {
+        if let Some(exec) = &self.exec {
+            return Ok(exec.clone());
+        }
+        let exec: Arc<dyn RemoteExec> = match &self.machine {
+            MachineSpec::Local => Arc::new(LocalExec::new(self.state_dir.join("work"))?),
+            MachineSpec::Ssh { target, key, .. } => {
+                let ssh = SshExec::connect(
+                    target.clone(),
+                    key.clone(),
+                    self.state.host_key.clone(),
+                    SshOptions::default(),
+                )
+                .await?;
+                self.state.host_key = ssh.host_key_fingerprint();
+                Arc::new(ssh)
+            }
+        };
+        self.exec = Some(exec.clone());
+        Ok(exec)
+    }
+
+    fn machine_description(&self) -> String {
+        match &self.machine {
+            MachineSpec::Local => "this machine".into(),
+            MachineSpec::Ssh { target, .. } => target.to_string(),
+        }
     }
 
     fn save(&self) -> Result<(), LocalError> {
@@ -195,7 +250,8 @@ impl LocalRun {
                     }
                 }
                 Step::StopAndFail { reason, message } => {
-                    launch::stop(&self.exec, &self.layout, Duration::from_secs(30)).await?;
+                    let exec = self.connection().await?;
+                    launch::stop(&*exec, &self.layout, Duration::from_secs(30)).await?;
                     self.finish(TrainingJobPhase::Failed, reason, &message, Utc::now());
                 }
                 Step::Upload => self.collect(now).await?,
@@ -207,7 +263,8 @@ impl LocalRun {
 
     /// Stops a running trainer and marks the job failed (`launch --cancel`).
     pub async fn cancel(&mut self) -> Result<(), LocalError> {
-        launch::stop(&self.exec, &self.layout, Duration::from_secs(30)).await?;
+        let exec = self.connection().await?;
+        launch::stop(&*exec, &self.layout, Duration::from_secs(30)).await?;
         if !self.state.status.phase.is_finished() {
             self.finish(
                 TrainingJobPhase::Failed,
@@ -220,14 +277,15 @@ impl LocalRun {
     }
 
     fn acquire(&mut self, attempt: i32, now: DateTime<Utc>) {
+        let machine = self.machine_description();
         let status = &mut self.state.status;
         status.attempts = attempt;
         status.phase = TrainingJobPhase::Provisioning;
         status.start_time.get_or_insert_with(|| to_k8s_time(now));
         status.instance = Some(JobInstanceStatus {
-            name: "local".into(),
+            name: "launch".into(),
             provider_id: None,
-            gpu: Some("this machine".into()),
+            gpu: Some(machine.clone()),
             price_per_hour: Some(0.0),
         });
         status.cost =
@@ -237,12 +295,12 @@ impl LocalRun {
             job_condition::INSTANCE_READY,
             ConditionStatus::True,
             Reason::Ready,
-            "running on this machine",
+            format!("running on {machine}"),
             None,
             now,
         );
         status.reason = Some(Reason::Ready);
-        status.message = Some("running on this machine".into());
+        status.message = Some(format!("running on {machine}"));
     }
 
     async fn stage(&mut self, now: DateTime<Utc>) -> Result<(), LocalError> {
@@ -257,9 +315,10 @@ impl LocalRun {
         }
         let archive = self.state_path.with_extension("dataset.tar");
         let packed = dataset::pack(&folder, &archive)?;
-        let staged = dataset::stage_archive(&self.exec, &self.layout, &archive, &packed.sha256).await?;
-        self.tool.install_files(&self.exec, &self.layout).await?;
-        self.tool.bootstrap(&self.exec, &self.layout, &[], Duration::from_secs(1800)).await?;
+        let exec = self.connection().await?;
+        let staged = dataset::stage_archive(&*exec, &self.layout, &archive, &packed.sha256).await?;
+        self.tool.install_files(&*exec, &self.layout).await?;
+        self.tool.bootstrap(&*exec, &self.layout, &[], Duration::from_secs(1800)).await?;
         let message =
             format!("dataset {} ({} files, sha256 {})", folder.display(), packed.files, &staged.sha256[..12]);
         set_condition(
@@ -277,7 +336,8 @@ impl LocalRun {
     async fn launch(&mut self, resume: bool, now: DateTime<Utc>) -> Result<(), LocalError> {
         let env: Vec<(String, String)> =
             self.job.spec.env.iter().filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v))).collect();
-        launch::launch(&self.exec, &self.layout, &self.tool.launch_spec(resume, env)).await?;
+        let exec = self.connection().await?;
+        launch::launch(&*exec, &self.layout, &self.tool.launch_spec(resume, env)).await?;
         let status = &mut self.state.status;
         status.phase = TrainingJobPhase::Training;
         status.reason = Some(Reason::Training);
@@ -295,6 +355,7 @@ impl LocalRun {
     }
 
     async fn poll(&mut self, now: DateTime<Utc>, observer: &mut Observer<'_>) -> Result<(), LocalError> {
+        let exec = self.connection().await?;
         if self.monitor.is_none() {
             self.monitor = Some(TrainingMonitor::new(
                 TrainingFiles::in_work_dir(self.layout.work_dir()),
@@ -303,7 +364,7 @@ impl LocalRun {
             ));
         }
         let Some(monitor) = self.monitor.as_mut() else { return Ok(()) };
-        let polled = monitor.poll(&self.exec, now).await?;
+        let polled = monitor.poll(&*exec, now).await?;
         let snapshot = &polled.progress;
         let mut progress = self.state.status.progress.clone().unwrap_or_default();
         if let Some(step) = snapshot.step {
@@ -330,13 +391,32 @@ impl LocalRun {
         Ok(())
     }
 
-    /// Locally "upload" is recording what the trainer left: the final model and checkpoints,
-    /// with sizes and checksums, as `file://` artifacts.
+    /// Without a cluster "upload" means bringing the final model to this machine (or finding
+    /// it here) and recording it, with size and checksum, as a `file://` artifact.
     async fn collect(&mut self, now: DateTime<Utc>) -> Result<(), LocalError> {
         self.state.status.phase = TrainingJobPhase::Uploading;
-        let model = PathBuf::from(self.final_model_path());
+        let remote_model = self.final_model_path();
+        let model = match &self.machine {
+            MachineSpec::Local => PathBuf::from(&remote_model),
+            MachineSpec::Ssh { .. } => {
+                let file_name =
+                    Path::new(&remote_model).file_name().map(|n| n.to_os_string()).unwrap_or_default();
+                let local = self.state_dir.join("results").join(&self.state.uid).join(file_name);
+                if let Some(dir) = local.parent() {
+                    tokio::fs::create_dir_all(dir).await.map_err(|e| {
+                        crate::remote::RemoteError::io(format!("create {}", dir.display()), e)
+                    })?;
+                }
+                let exec = self.connection().await?;
+                match exec.download(&remote_model, &local).await {
+                    Ok(_) => local,
+                    Err(crate::remote::RemoteError::NotFound { .. }) => PathBuf::from(&remote_model),
+                    Err(err) => return Err(err.into()),
+                }
+            }
+        };
         if !model.is_file() {
-            let message = format!("the trainer finished but left no model at {}", model.display());
+            let message = format!("the trainer finished but left no model at {remote_model}");
             self.finish(TrainingJobPhase::Failed, Reason::UploadFailed, &message, now);
             return Ok(());
         }
@@ -347,7 +427,9 @@ impl LocalRun {
             size_bytes: size,
             sha256: Some(sha256),
         }];
-        self.state.status.checkpoints = checkpoints_in(&self.layout.output_dir());
+        if matches!(self.machine, MachineSpec::Local) {
+            self.state.status.checkpoints = checkpoints_in(&self.layout.output_dir());
+        }
         set_condition(
             &mut self.state.status.conditions,
             job_condition::UPLOADED,
