@@ -1,0 +1,260 @@
+//! The TrainingJob controller end to end: `gpu-trainer run` as a real process, the real API
+//! server, `fake-vastai` (in this process) whose machines are this machine over the test sshd,
+//! `demo@1` as the trainer and a dataset served over HTTP from this test.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::operator::{OperatorOptions, OperatorProcess, installation_id, live_instances, start_fake};
+use gpu_trainer::api::{GpuInstance, Reason, TrainingJob, TrainingJobPhase};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::{Client, ResourceExt};
+
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A dataset packed with `gpu-trainer dataset pack`, served from 127.0.0.1: (URL, SHA-256).
+async fn serve_dataset(dir: &Path) -> (String, String) {
+    let folder = dir.join("photos");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("a.jpg"), [0xFF, 0xD8, 0xFF, 0xE0, 1, 2, 3, 4]).unwrap();
+    std::fs::write(folder.join("a.txt"), "a photo of sks dog").unwrap();
+    let archive = dir.join("photos.tar");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpu-trainer"))
+        .args(["dataset", "pack", "--no-validate", "-o"])
+        .arg(&archive)
+        .arg(&folder)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "dataset pack: {}", String::from_utf8_lossy(&out.stderr));
+    let sha256 = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let bytes = bytes::Bytes::from(std::fs::read(&archive).unwrap());
+    let app =
+        axum::Router::new().route("/photos.tar", axum::routing::get(move || async move { bytes.clone() }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/photos.tar"), sha256)
+}
+
+fn job(name: &str, params: serde_json::Value, href: &str, sha256: &str) -> TrainingJob {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "gputrainer.dev/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": name},
+        "spec": {
+            "tool": "demo@1",
+            "params": params,
+            "dataset": {"url": {"href": href, "sha256": sha256}},
+            "activeDeadlineSeconds": 900,
+            "monitoring": {"pollIntervalSeconds": 5}
+        }
+    }))
+    .unwrap()
+}
+
+/// A temporary remote base under the environment folder and the operator using it.
+fn start_operator(
+    ns: &str,
+    fake: &gpu_trainer::provider::fake::FakeServer,
+    installation: &str,
+) -> (OperatorProcess, PathBuf) {
+    let base = common::env_dir().join("work").join(ns);
+    std::fs::create_dir_all(&base).unwrap();
+    let mut options = OperatorOptions::new(ns, fake, installation);
+    options.args = vec!["--remote-base".into(), base.display().to_string()];
+    (OperatorProcess::start(&options), base)
+}
+
+async fn wait_phase(
+    api: &Api<TrainingJob>,
+    name: &str,
+    operator: &OperatorProcess,
+    done: impl Fn(TrainingJobPhase) -> bool,
+) -> TrainingJob {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let job = api.get(name).await.unwrap();
+        let status = job.status.clone().unwrap_or_default();
+        if done(status.phase) {
+            return job;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!(
+                "{name} did not reach the expected phase: {status:#?}\noperator log:\n{}",
+                operator.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn wait_gone(api: &Api<GpuInstance>, name: &str, operator: &OperatorProcess) {
+    common::wait_until(TIMEOUT, &format!("GpuInstance {name} to be deleted"), || async {
+        api.get_opt(name).await.unwrap().is_none().then_some(())
+    })
+    .await;
+    let _ = operator;
+}
+
+async fn event_reasons(client: &Client, ns: &str, name: &str) -> Vec<String> {
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let mut list: Vec<Event> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .collect();
+    list.sort_by_key(|e| {
+        (e.event_time.clone().map(|t| t.0), e.metadata.creation_timestamp.clone().map(|t| t.0))
+    });
+    list.into_iter().filter_map(|e| e.reason).collect()
+}
+
+/// True when `wanted` appears in `seen` in this order (other events may come between).
+fn in_order(seen: &[String], wanted: &[&str]) -> bool {
+    let mut rest = seen.iter();
+    wanted.iter().all(|w| rest.any(|s| s == w))
+}
+
+/// Stops a trainer this test left running on "the machine" (this machine): a destroyed fake
+/// instance does not kill processes the way a real one does.
+fn kill_trainer(base: &Path, uid: &str) {
+    if let Ok(pid) = std::fs::read_to_string(base.join(uid).join("train.pid")) {
+        let _ = std::process::Command::new("kill").arg("-KILL").arg(format!("-{}", pid.trim())).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn a_demo_job_trains_lists_its_model_and_releases_the_machine() {
+    let client = common::kube_client().await;
+    common::install_crds(&client).await;
+    let ns = common::fresh_namespace(&client, "tj-ok").await;
+    let fake = start_fake(|_| {}).await;
+    let installation = installation_id();
+    let (operator, _base) = start_operator(&ns, &fake, &installation);
+    let tmp = tempfile::tempdir().unwrap();
+    let (href, sha256) = serve_dataset(tmp.path()).await;
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
+    let instances: Api<GpuInstance> = Api::namespaced(client.clone(), &ns);
+
+    let params = serde_json::json!({"steps": 12, "secondsPerStep": 0.25, "saveEvery": 5});
+    jobs.create(&PostParams::default(), &job("lora", params, &href, &sha256)).await.unwrap();
+    let done = wait_phase(&jobs, "lora", &operator, TrainingJobPhase::is_finished).await;
+    let status = done.status.clone().unwrap();
+    assert_eq!(status.phase, TrainingJobPhase::Succeeded, "{status:#?}\n{}", operator.log_tail());
+    assert_eq!(status.reason, Some(Reason::Succeeded));
+    assert_eq!(status.attempts, 1);
+    let progress = status.progress.clone().expect("progress in status");
+    assert_eq!((progress.step, progress.total_steps, progress.percent), (12, Some(12), Some(100.0)));
+    let instance = status.instance.clone().expect("instance in status");
+    assert_eq!(instance.name, "lora-1");
+    assert!(instance.provider_id.is_some() && instance.gpu.is_some(), "{instance:?}");
+    let cost = status.cost.clone().expect("cost in status");
+    assert!(cost.price_per_hour.is_some_and(|p| p > 0.0), "{cost:?}");
+    // No `output`: the model stays listed in status with its size and checksum.
+    let model = &status.artifacts[0];
+    assert!(model.size_bytes > 0 && model.sha256.as_ref().is_some_and(|s| s.len() == 64), "{model:?}");
+    assert!(!status.checkpoints.is_empty(), "{status:#?}");
+    for (type_, value) in [
+        ("InstanceReady", "False"),
+        ("DataStaged", "True"),
+        ("Uploaded", "True"),
+        ("Succeeded", "True"),
+        ("Failed", "False"),
+    ] {
+        assert!(
+            status.conditions.iter().any(|c| c.type_ == type_ && c.status == value),
+            "condition {type_}={value} missing: {:#?}",
+            status.conditions
+        );
+    }
+
+    // The machine is released: the GpuInstance is deleted and the provider no longer lists it.
+    wait_gone(&instances, "lora-1", &operator).await;
+    let prefix = format!("gputrainer:{installation}:");
+    common::wait_until(TIMEOUT, "the provider to release the machine", || async {
+        live_instances(&fake, &prefix).await.is_empty().then_some(())
+    })
+    .await;
+    let creates = fake.requests().iter().filter(|r| r.endpoint == "create_instance").count();
+    assert_eq!(creates, 1, "one machine rented");
+
+    let reasons = event_reasons(&client, &ns, "lora").await;
+    let story = ["Provisioning", "InstanceReady", "Staged", "TrainingStarted", "Uploaded", "Succeeded"];
+    assert!(in_order(&reasons, &story), "events out of order or missing: {reasons:?}");
+
+    let table = common::kubectl(&["get", "tj", "-n", &ns]);
+    let row = table.lines().find(|l| l.starts_with("lora")).unwrap_or_default();
+    assert!(row.contains("Succeeded") && row.contains("100%"), "{table}");
+    common::delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn deleting_a_running_job_releases_the_gpu() {
+    let client = common::kube_client().await;
+    common::install_crds(&client).await;
+    let ns = common::fresh_namespace(&client, "tj-del").await;
+    let fake = start_fake(|_| {}).await;
+    let installation = installation_id();
+    let (operator, base) = start_operator(&ns, &fake, &installation);
+    let tmp = tempfile::tempdir().unwrap();
+    let (href, sha256) = serve_dataset(tmp.path()).await;
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
+    let instances: Api<GpuInstance> = Api::namespaced(client.clone(), &ns);
+
+    let params = serde_json::json!({"steps": 2000, "secondsPerStep": 0.5});
+    jobs.create(&PostParams::default(), &job("long", params, &href, &sha256)).await.unwrap();
+    let running =
+        wait_phase(&jobs, "long", &operator, |p| p == TrainingJobPhase::Training || p.is_finished()).await;
+    let uid = running.uid().unwrap();
+    assert_eq!(running.status.clone().unwrap().phase, TrainingJobPhase::Training, "{}", operator.log_tail());
+    let prefix = format!("gputrainer:{installation}:");
+    assert_eq!(live_instances(&fake, &prefix).await.len(), 1);
+
+    jobs.delete("long", &DeleteParams::background()).await.unwrap();
+    wait_gone(&instances, "long-1", &operator).await;
+    common::wait_until(TIMEOUT, "the provider to release the machine", || async {
+        live_instances(&fake, &prefix).await.is_empty().then_some(())
+    })
+    .await;
+    kill_trainer(&base, &uid);
+    common::delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn an_invalid_job_fails_with_invalid_spec_without_renting() {
+    let client = common::kube_client().await;
+    common::install_crds(&client).await;
+    let ns = common::fresh_namespace(&client, "tj-bad").await;
+    let fake = start_fake(|_| {}).await;
+    let installation = installation_id();
+    let (operator, _base) = start_operator(&ns, &fake, &installation);
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
+
+    let params = serde_json::json!({"stepz": 5});
+    let sha = "0".repeat(64);
+    jobs.create(&PostParams::default(), &job("typo", params, "http://127.0.0.1:9/d.tar", &sha))
+        .await
+        .unwrap();
+    let failed = wait_phase(&jobs, "typo", &operator, TrainingJobPhase::is_finished).await;
+    let status = failed.status.unwrap();
+    assert_eq!((status.phase, status.reason), (TrainingJobPhase::Failed, Some(Reason::InvalidSpec)));
+    let message = status.message.unwrap_or_default();
+    assert!(message.contains("spec.params") && message.contains("stepz"), "{message}");
+
+    let instances: Api<GpuInstance> = Api::namespaced(client.clone(), &ns);
+    assert!(instances.list(&ListParams::default()).await.unwrap().items.is_empty());
+    let creates = fake.requests().iter().filter(|r| r.endpoint == "create_instance").count();
+    assert_eq!(creates, 0, "nothing rented for an invalid job");
+    let reasons = event_reasons(&client, &ns, "typo").await;
+    assert!(reasons.iter().any(|r| r == "InvalidSpec"), "{reasons:?}");
+    common::delete_namespace(&client, &ns).await;
+}
