@@ -258,3 +258,82 @@ async fn an_invalid_job_fails_with_invalid_spec_without_renting() {
     assert!(reasons.iter().any(|r| r == "InvalidSpec"), "{reasons:?}");
     common::delete_namespace(&client, &ns).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn a_trainer_that_stops_progressing_is_stopped_and_fails_as_stalled() {
+    let client = common::kube_client().await;
+    common::install_crds(&client).await;
+    let ns = common::fresh_namespace(&client, "tj-stall").await;
+    let fake = start_fake(|_| {}).await;
+    let installation = installation_id();
+    let (operator, base) = start_operator(&ns, &fake, &installation);
+    let tmp = tempfile::tempdir().unwrap();
+    let (href, sha256) = serve_dataset(tmp.path()).await;
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
+    let instances: Api<GpuInstance> = Api::namespaced(client.clone(), &ns);
+
+    let params = serde_json::json!({"steps": 100, "secondsPerStep": 0.2, "stallAtStep": 5, "saveEvery": 2});
+    let mut stalling = job("stuck", params, &href, &sha256);
+    // The shortest no-progress timeout the schema allows, and no grace period.
+    stalling.spec.monitoring.no_progress_timeout_seconds = 60;
+    stalling.spec.monitoring.stall_detection.grace_period_seconds = 0;
+    jobs.create(&PostParams::default(), &stalling).await.unwrap();
+    let done = wait_phase(&jobs, "stuck", &operator, TrainingJobPhase::is_finished).await;
+    let uid = done.uid().unwrap();
+    let status = done.status.clone().unwrap();
+    assert_eq!(
+        (status.phase, status.reason),
+        (TrainingJobPhase::Failed, Some(Reason::Stalled)),
+        "{status:#?}"
+    );
+    // `stallAtStep: 5` hangs before step 5 completes.
+    assert!(status.progress.as_ref().is_some_and(|p| p.step == 4), "{:?}", status.progress);
+    // What the trainer saved before it stalled is listed.
+    assert!(status.checkpoints.iter().any(|c| c.step == 4), "{:?}", status.checkpoints);
+    // The trainer was stopped (the wrapper recorded its exit), then the machine released.
+    assert!(base.join(&uid).join("exit_code").is_file(), "the trainer was stopped");
+    wait_gone(&instances, "stuck-1", &operator).await;
+    let prefix = format!("gputrainer:{installation}:");
+    common::wait_until(TIMEOUT, "the provider to release the machine", || async {
+        live_instances(&fake, &prefix).await.is_empty().then_some(())
+    })
+    .await;
+    let reasons = event_reasons(&client, &ns, "stuck").await;
+    assert!(in_order(&reasons, &["TrainingStarted", "Stalled", "Failed"]), "{reasons:?}");
+    kill_trainer(&base, &uid);
+    common::delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn a_controller_killed_mid_training_resumes_without_starting_training_twice() {
+    let client = common::kube_client().await;
+    common::install_crds(&client).await;
+    let ns = common::fresh_namespace(&client, "tj-restart").await;
+    let fake = start_fake(|_| {}).await;
+    let installation = installation_id();
+    let (mut first, base) = start_operator(&ns, &fake, &installation);
+    let tmp = tempfile::tempdir().unwrap();
+    let (href, sha256) = serve_dataset(tmp.path()).await;
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
+    let instances: Api<GpuInstance> = Api::namespaced(client.clone(), &ns);
+
+    let params = serde_json::json!({"steps": 40, "secondsPerStep": 0.25});
+    jobs.create(&PostParams::default(), &job("again", params, &href, &sha256)).await.unwrap();
+    let running =
+        wait_phase(&jobs, "again", &first, |p| p == TrainingJobPhase::Training || p.is_finished()).await;
+    first.kill();
+    let uid = running.uid().unwrap();
+
+    let (second, _) = start_operator(&ns, &fake, &installation);
+    let done = wait_phase(&jobs, "again", &second, TrainingJobPhase::is_finished).await;
+    let status = done.status.clone().unwrap();
+    assert_eq!(status.phase, TrainingJobPhase::Succeeded, "{status:#?}\n{}", second.log_tail());
+    let log = std::fs::read_to_string(base.join(&uid).join("train.log")).unwrap();
+    assert_eq!(log.matches("Running demo job").count(), 1, "training started once:\n{log}");
+    wait_gone(&instances, "again-1", &second).await;
+    let creates = fake.requests().iter().filter(|r| r.endpoint == "create_instance").count();
+    assert_eq!(creates, 1, "one machine rented across the restart");
+    common::delete_namespace(&client, &ns).await;
+}

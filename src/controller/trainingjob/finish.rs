@@ -101,10 +101,36 @@ pub fn finish_status(
     }
 }
 
+/// Time left before a finished job is deleted (`ttlSecondsAfterFinished`); zero when due, `None`
+/// when the job is kept. Pure.
+pub fn ttl_left(
+    ttl_seconds: Option<i64>,
+    completed: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Option<Duration> {
+    let due = completed? + chrono::Duration::seconds(ttl_seconds?.max(0));
+    Some((due - now).to_std().unwrap_or(Duration::ZERO))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::api::{CostStatus, is_condition_true};
+
+    #[test]
+    fn a_finished_job_is_kept_until_its_ttl_passes() {
+        let done = Utc::now();
+        assert_eq!(ttl_left(None, Some(done), done), None);
+        assert_eq!(ttl_left(Some(60), None, done), None);
+        assert_eq!(
+            ttl_left(Some(60), Some(done), done + chrono::Duration::seconds(20)),
+            Some(Duration::from_secs(40))
+        );
+        assert_eq!(
+            ttl_left(Some(60), Some(done), done + chrono::Duration::seconds(90)),
+            Some(Duration::ZERO)
+        );
+    }
 
     #[test]
     fn finishing_sets_one_final_condition_and_clears_training() {

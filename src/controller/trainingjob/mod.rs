@@ -126,6 +126,19 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctrl: Arc<JobController>) -> Resul
     let uid = job.uid().ok_or(Error::Missing("uid"))?;
     let jobs: Api<TrainingJob> = Api::namespaced(ctx.client.clone(), &namespace);
     let instances: Api<GpuInstance> = Api::namespaced(ctx.client.clone(), &namespace);
+    // The cache can lag behind our own last status write (a GpuInstance change may wake us
+    // first); acting on an old phase could rent a second machine for a finished job. All state
+    // is in status, so it is read fresh.
+    let Some(job) = jobs.get_opt(&job.name_any()).await.map_err(kube_err("read the TrainingJob"))? else {
+        ctrl.sessions.remove(&uid);
+        return Ok(Action::await_change());
+    };
+    if job.uid().as_deref() != Some(uid.as_str()) {
+        // Deleted and created again under the same name: the new object gets its own pass.
+        ctrl.sessions.remove(&uid);
+        return Ok(Action::await_change());
+    }
+    let job = Arc::new(job);
     let before = job.status.clone().unwrap_or_default();
     let now = Utc::now();
 
@@ -139,7 +152,19 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctrl: Arc<JobController>) -> Resul
         if let Some(instance) = &before.instance {
             provision::ensure_instance_deleted(&instances, &instance.name).await?;
         }
-        return Ok(Action::await_change());
+        let completed = before.completion_time.as_ref().map(from_k8s_time);
+        return match finish::ttl_left(job.spec.ttl_seconds_after_finished, completed, now) {
+            Some(left) if left.is_zero() => {
+                info!(job = %job.name_any(), "Deleting finished job (ttlSecondsAfterFinished)");
+                match jobs.delete(&job.name_any(), &kube::api::DeleteParams::background()).await {
+                    Ok(_) => Ok(Action::await_change()),
+                    Err(kube::Error::Api(s)) if s.code == 404 => Ok(Action::await_change()),
+                    Err(source) => Err(Error::Kube { operation: "delete the finished job", source }),
+                }
+            }
+            Some(left) => Ok(Action::requeue(left)),
+            None => Ok(Action::await_change()),
+        };
     }
 
     let tool = match validate::validate(&job.spec, &ctrl.tools) {
@@ -258,6 +283,14 @@ impl Pass<'_> {
                         Utc::now(),
                     );
                     if matches!(outcome, LaunchOutcome::Started { .. }) {
+                        if self.status.attempts == 1
+                            && let Some(created) = self.job.meta().creation_timestamp.as_ref()
+                        {
+                            let waited = (Utc::now() - from_k8s_time(created)).num_milliseconds().max(0)
+                                as f64
+                                / 1000.0;
+                            self.ctrl.ctx.metrics.apply_to_training_seconds.observe(waited);
+                        }
                         self.event(EventType::Normal, "TrainingStarted", "Launch", &message).await;
                     }
                 }
@@ -273,6 +306,12 @@ impl Pass<'_> {
                 Step::StopAndFail { reason, message } => {
                     if let Ok(exec) = self.session(runtime, instance.as_ref()).await {
                         finish::stop(exec.as_ref(), &self.layout).await?;
+                        // What the trainer saved is listed before the machine goes (uploading the
+                        // latest checkpoint needs the artifacts module).
+                        let kind = train::parser_kind(self.tool.parser);
+                        let (_, checkpoints) =
+                            finish::collect(exec.as_ref(), &self.layout, &self.tool, kind).await?;
+                        self.status.checkpoints = checkpoints;
                     }
                     self.finish(runtime, TrainingJobPhase::Failed, reason, &message).await?;
                 }
@@ -421,6 +460,7 @@ impl Pass<'_> {
                     None,
                     now,
                 );
+                self.ctrl.ctx.metrics.stalls_detected.inc();
                 self.event(EventType::Warning, "Stalled", "Monitor", &polled.stall.reason).await;
             }
             Recommendation::Continue if stalled => {
@@ -489,7 +529,9 @@ impl Pass<'_> {
         reason: Reason,
         message: &str,
     ) -> Result<(), Error> {
-        finish::finish_status(&mut self.status, phase, reason, message, Utc::now());
+        let now = Utc::now();
+        finish::finish_status(&mut self.status, phase, reason, message, now);
+        self.record_finish_metrics(phase, reason, now);
         self.release().await?;
         let type_ = if phase == TrainingJobPhase::Succeeded { EventType::Normal } else { EventType::Warning };
         let event_reason = if phase == TrainingJobPhase::Succeeded { "Succeeded" } else { "Failed" };
@@ -507,6 +549,24 @@ impl Pass<'_> {
         runtime.reset();
         info!(job = %self.job.name_any(), ?phase, %reason, "Finished");
         self.record_finish(phase, reason, message).await
+    }
+
+    fn record_finish_metrics(&self, phase: TrainingJobPhase, reason: Reason, now: DateTime<Utc>) {
+        let metrics = &self.ctrl.ctx.metrics;
+        let label = crate::metrics::PhaseLabels { phase: phase_label(phase) };
+        if let Some(created) = self.job.meta().creation_timestamp.as_ref() {
+            let seconds = (now - from_k8s_time(created)).num_milliseconds().max(0) as f64 / 1000.0;
+            metrics.job_duration.get_or_create(&label).observe(seconds);
+        }
+        if let Some(cost) = &self.status.cost {
+            metrics.job_cost.observe(cost.accrued);
+        }
+        if phase == TrainingJobPhase::Failed {
+            metrics
+                .job_failures
+                .get_or_create(&crate::metrics::ReasonLabels { reason: reason.as_str() })
+                .inc();
+        }
     }
 
     /// Deletes the GpuInstance; its finalizer releases the machine.
@@ -552,7 +612,7 @@ pub async fn run(
     info!(controller = CONTROLLER, "Starting controller");
     let controller = Controller::new(jobs, watcher::Config::default().any_semantic())
         .owns(instances, watcher::Config::default().any_semantic());
-    tokio::spawn(prune_sessions(controller.store(), ctrl.clone()));
+    tokio::spawn(housekeeping(controller.store(), ctrl.clone()));
     controller
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctrl)
@@ -564,13 +624,51 @@ pub async fn run(
         .await;
 }
 
-/// Drops the connections of deleted jobs (they are never reconciled again).
-async fn prune_sessions(store: kube::runtime::reflector::Store<TrainingJob>, ctrl: Arc<JobController>) {
-    let mut ticker = tokio::time::interval(Duration::from_secs(30));
+const PHASES: [TrainingJobPhase; 8] = [
+    TrainingJobPhase::Pending,
+    TrainingJobPhase::Provisioning,
+    TrainingJobPhase::Staging,
+    TrainingJobPhase::Training,
+    TrainingJobPhase::Uploading,
+    TrainingJobPhase::Succeeded,
+    TrainingJobPhase::Failed,
+    TrainingJobPhase::Suspended,
+];
+
+/// The metric label of a phase (its name in the API).
+fn phase_label(phase: TrainingJobPhase) -> &'static str {
+    match phase {
+        TrainingJobPhase::Pending => "Pending",
+        TrainingJobPhase::Provisioning => "Provisioning",
+        TrainingJobPhase::Staging => "Staging",
+        TrainingJobPhase::Training => "Training",
+        TrainingJobPhase::Uploading => "Uploading",
+        TrainingJobPhase::Succeeded => "Succeeded",
+        TrainingJobPhase::Failed => "Failed",
+        TrainingJobPhase::Suspended => "Suspended",
+    }
+}
+
+/// From the controller's cache, with no API calls: drops the connections of deleted jobs (they
+/// are never reconciled again) and keeps the `jobs{phase}` gauge current.
+async fn housekeeping(store: kube::runtime::reflector::Store<TrainingJob>, ctrl: Arc<JobController>) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(10));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let live: HashSet<String> = store.state().iter().filter_map(|j| j.uid()).collect();
+        let jobs = store.state();
+        let live: HashSet<String> = jobs.iter().filter_map(|j| j.uid()).collect();
         ctrl.sessions.retain(&live);
+        for phase in PHASES {
+            let count = jobs
+                .iter()
+                .filter(|j| j.status.as_ref().map(|s| s.phase).unwrap_or_default() == phase)
+                .count();
+            ctrl.ctx
+                .metrics
+                .jobs_by_phase
+                .get_or_create(&crate::metrics::PhaseLabels { phase: phase_label(phase) })
+                .set(count as i64);
+        }
     }
 }

@@ -58,14 +58,6 @@ impl Sessions {
     pub fn retain(&self, live: &HashSet<String>) {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).retain(|uid, _| live.contains(uid));
     }
-
-    pub fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// The connection to `instance`'s machine, reused when the runtime already has one to it.
