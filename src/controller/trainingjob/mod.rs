@@ -367,6 +367,7 @@ impl Pass<'_> {
             gi_status.offer.as_ref().map(|o| o.price_per_hour),
             gi_status.launched_at.as_ref().map(from_k8s_time),
             eta,
+            provision::prior_cost(instance),
             self.status.cost.as_ref(),
             now,
         ) {
@@ -399,7 +400,8 @@ impl Pass<'_> {
         }
         provision::ensure_key_secret(&self.secrets, self.job).await?;
         let tool_image = self.tool.image.clone();
-        let desired = provision::desired_instance(self.job, attempt, &tool_image)?;
+        let spent = self.status.cost.as_ref().map(|c| c.accrued).unwrap_or(0.0);
+        let desired = provision::desired_instance(self.job, attempt, &tool_image, spent)?;
         let created = provision::ensure_instance(&self.instances, &desired).await?;
         let status = &mut self.status;
         status.attempts = attempt;

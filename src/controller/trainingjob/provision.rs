@@ -20,6 +20,10 @@ use crate::engine::MachineObservation;
 /// dead-man timer on the machine fires after this even if the operator is gone.
 pub const LIFETIME_MARGIN_SECONDS: i64 = 1800;
 
+/// Annotation on a job's GpuInstance: US dollars spent on the job's earlier machines, so the
+/// job's cost is that plus this machine's, from status alone after a restart.
+pub const PRIOR_COST_ANNOTATION: &str = "gputrainer.dev/prior-cost";
+
 /// Name of the GpuInstance of attempt `attempt` (from 1).
 pub fn instance_name(job: &str, attempt: i32) -> String {
     format!("{job}-{attempt}")
@@ -31,8 +35,13 @@ pub fn key_secret_name(job: &str) -> String {
 }
 
 /// The GpuInstance to create for `job`'s attempt. `tool_image` is used unless
-/// `resources.image` overrides it.
-pub fn desired_instance(job: &TrainingJob, attempt: i32, tool_image: &str) -> Result<GpuInstance, Error> {
+/// `resources.image` overrides it; `prior_cost` is what the job's earlier machines cost.
+pub fn desired_instance(
+    job: &TrainingJob,
+    attempt: i32,
+    tool_image: &str,
+    prior_cost: f64,
+) -> Result<GpuInstance, Error> {
     let name = job.metadata.name.clone().ok_or(Error::Missing("name"))?;
     let owner = job.controller_owner_ref(&()).ok_or(Error::Missing("uid"))?;
     let spec = GpuInstanceSpec {
@@ -50,6 +59,8 @@ pub fn desired_instance(job: &TrainingJob, attempt: i32, tool_image: &str) -> Re
     let mut instance = GpuInstance::new(&instance_name(&name, attempt), spec);
     instance.metadata.namespace = job.namespace();
     instance.metadata.owner_references = Some(vec![owner]);
+    instance.metadata.annotations =
+        Some([(PRIOR_COST_ANNOTATION.to_string(), format!("{:.4}", prior_cost.max(0.0)))].into());
     instance.metadata.labels = Some(
         [
             ("app.kubernetes.io/managed-by".to_string(), "gpu-trainer".to_string()),
@@ -87,6 +98,11 @@ pub fn observe(instance: Option<&GpuInstance>) -> MachineObservation {
         },
         _ => MachineObservation::Starting,
     }
+}
+
+/// What the job's earlier machines cost, as recorded on this one. Pure.
+pub fn prior_cost(instance: &GpuInstance) -> f64 {
+    instance.annotations().get(PRIOR_COST_ANNOTATION).and_then(|v| v.parse().ok()).unwrap_or(0.0)
 }
 
 /// `status.instance` of the job from its GpuInstance. Pure.
@@ -182,7 +198,7 @@ mod tests {
 
     #[test]
     fn the_instance_is_owned_by_the_job_and_uses_its_key() {
-        let gi = desired_instance(&job(), 2, "python:3.12-slim").unwrap();
+        let gi = desired_instance(&job(), 2, "python:3.12-slim", 0.25).unwrap();
         assert_eq!(gi.name_any(), "lora-2");
         assert_eq!(gi.namespace().as_deref(), Some("ml"));
         let owner = &gi.owner_references()[0];
@@ -194,17 +210,18 @@ mod tests {
         assert_eq!(gi.spec.requirements.gpu.names, ["RTX 4090"]);
         assert_eq!(gi.spec.ssh_key_secret_ref.as_ref().unwrap().name, "lora-ssh-key");
         assert_eq!(gi.spec.max_lifetime_seconds, 3600 + LIFETIME_MARGIN_SECONDS);
+        assert_eq!(prior_cost(&gi), 0.25);
     }
 
     #[test]
     fn resources_image_overrides_the_tool_image() {
         let mut j = job();
         j.spec.resources.image = Some("mine:1".into());
-        assert_eq!(desired_instance(&j, 1, "python:3.12-slim").unwrap().spec.image, "mine:1");
+        assert_eq!(desired_instance(&j, 1, "python:3.12-slim", 0.0).unwrap().spec.image, "mine:1");
     }
 
     fn with_status(status: GpuInstanceStatus) -> GpuInstance {
-        let mut gi = desired_instance(&job(), 1, "img").unwrap();
+        let mut gi = desired_instance(&job(), 1, "img", 0.0).unwrap();
         gi.status = Some(status);
         gi
     }

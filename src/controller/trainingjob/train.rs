@@ -88,19 +88,20 @@ pub fn observation(polled: &TrainingStatus) -> TrainingObservation {
     }
 }
 
-/// Cost of the current machine since it was rented, and the expected total at the current ETA.
-/// Pure. Cost of earlier machines of the same job is not added yet (single-machine jobs only).
+/// The job's cost: `prior` (its earlier machines) plus the current machine since it was rented,
+/// and the expected total at the current ETA. Pure.
 pub fn cost(
     price_per_hour: Option<f64>,
     launched_at: Option<DateTime<Utc>>,
     eta_seconds: Option<i64>,
+    prior: f64,
     previous: Option<&CostStatus>,
     now: DateTime<Utc>,
 ) -> Option<CostStatus> {
     let price = price_per_hour?;
     let hours = launched_at.map(|t| (now - t).num_milliseconds().max(0) as f64 / 3_600_000.0).unwrap_or(0.0);
     // Never report less than before: the clock of a restarted operator may differ slightly.
-    let accrued = round4((price * hours).max(previous.map(|c| c.accrued).unwrap_or(0.0)));
+    let accrued = round4((prior + price * hours).max(previous.map(|c| c.accrued).unwrap_or(0.0)));
     let estimated_total = eta_seconds.map(|eta| round4(accrued + price * eta.max(0) as f64 / 3600.0));
     Some(CostStatus { price_per_hour: Some(price), accrued, estimated_total })
 }
@@ -124,15 +125,20 @@ mod tests {
 
     #[test]
     fn cost_accrues_from_the_rent_time_and_estimates_the_rest() {
-        let c = cost(Some(0.36), Some(at(0)), Some(1800), None, at(3600)).unwrap();
+        let c = cost(Some(0.36), Some(at(0)), Some(1800), 0.0, None, at(3600)).unwrap();
         assert_eq!(c.accrued, 0.36);
         assert_eq!(c.estimated_total, Some(0.54));
-        assert_eq!(cost(None, Some(at(0)), None, None, at(10)), None);
+        assert_eq!(cost(None, Some(at(0)), None, 0.0, None, at(10)), None);
+    }
+
+    #[test]
+    fn earlier_machines_are_added() {
+        assert_eq!(cost(Some(0.5), Some(at(0)), None, 0.25, None, at(1800)).unwrap().accrued, 0.5);
     }
 
     #[test]
     fn cost_never_goes_down() {
         let before = CostStatus { accrued: 1.0, ..Default::default() };
-        assert_eq!(cost(Some(0.36), Some(at(0)), None, Some(&before), at(3600)).unwrap().accrued, 1.0);
+        assert_eq!(cost(Some(0.36), Some(at(0)), None, 0.0, Some(&before), at(3600)).unwrap().accrued, 1.0);
     }
 }
