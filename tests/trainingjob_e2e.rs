@@ -337,3 +337,62 @@ async fn a_controller_killed_mid_training_resumes_without_starting_training_twic
     assert_eq!(creates, 1, "one machine rented across the restart");
     common::delete_namespace(&client, &ns).await;
 }
+
+async fn set_suspend(api: &Api<TrainingJob>, name: &str, suspend: bool) {
+    let patch = serde_json::json!({"spec": {"suspend": suspend}});
+    api.patch(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn a_suspended_job_releases_its_gpu_and_resumes_on_a_new_machine() {
+    let client = common::kube_client().await;
+    common::install_crds(&client).await;
+    let ns = common::fresh_namespace(&client, "tj-susp").await;
+    let fake = start_fake(|_| {}).await;
+    let installation = installation_id();
+    let (operator, base) = start_operator(&ns, &fake, &installation);
+    let tmp = tempfile::tempdir().unwrap();
+    let (href, sha256) = serve_dataset(tmp.path()).await;
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
+    let instances: Api<GpuInstance> = Api::namespaced(client.clone(), &ns);
+
+    let params = serde_json::json!({"steps": 80, "secondsPerStep": 0.25, "saveEvery": 5});
+    jobs.create(&PostParams::default(), &job("pause", params, &href, &sha256)).await.unwrap();
+    common::wait_until(TIMEOUT, "a checkpoint to be written", || async {
+        let job = jobs.get("pause").await.ok()?;
+        let status = job.status?;
+        (status.phase == TrainingJobPhase::Training && status.progress?.step >= 6).then_some(())
+    })
+    .await;
+    set_suspend(&jobs, "pause", true).await;
+    let suspended =
+        wait_phase(&jobs, "pause", &operator, |p| p == TrainingJobPhase::Suspended || p.is_finished()).await;
+    let status = suspended.status.clone().unwrap();
+    assert_eq!(status.phase, TrainingJobPhase::Suspended, "{status:#?}\n{}", operator.log_tail());
+    assert!(!status.checkpoints.is_empty(), "what the trainer saved is listed: {status:#?}");
+    wait_gone(&instances, "pause-1", &operator).await;
+    let prefix = format!("gputrainer:{installation}:");
+    common::wait_until(TIMEOUT, "the provider to release the machine", || async {
+        live_instances(&fake, &prefix).await.is_empty().then_some(())
+    })
+    .await;
+
+    set_suspend(&jobs, "pause", false).await;
+    let done = wait_phase(&jobs, "pause", &operator, TrainingJobPhase::is_finished).await;
+    let status = done.status.clone().unwrap();
+    assert_eq!(status.phase, TrainingJobPhase::Succeeded, "{status:#?}\n{}", operator.log_tail());
+    assert_eq!(status.attempts, 2);
+    assert_eq!(status.instance.as_ref().map(|i| i.name.as_str()), Some("pause-2"));
+    let uid = done.uid().unwrap();
+    // The test's machines share one disk, so the resume command finds the checkpoint.
+    let log = std::fs::read_to_string(base.join(&uid).join("train.log")).unwrap();
+    assert!(log.contains("Resuming from step"), "{log}");
+    wait_gone(&instances, "pause-2", &operator).await;
+    let reasons = event_reasons(&client, &ns, "pause").await;
+    // The recorder folds a repeated reason into one event series, so the second start is not a
+    // separate event; the log above shows it.
+    let story = ["TrainingStarted", "Suspended", "Resumed", "Succeeded"];
+    assert!(in_order(&reasons, &story), "{reasons:?}");
+    common::delete_namespace(&client, &ns).await;
+}

@@ -14,6 +14,7 @@ pub mod finish;
 pub mod provision;
 pub mod session;
 pub mod stage;
+pub mod suspend;
 pub mod train;
 pub mod validate;
 
@@ -217,6 +218,14 @@ impl Pass<'_> {
             };
             let machine = provision::observe(instance.as_ref());
             self.record_machine(instance.as_ref(), &machine, now).await;
+            match suspend::suspend_step(&self.job.spec, &self.status) {
+                suspend::SuspendStep::Run => {}
+                suspend::SuspendStep::StaySuspended => return Ok(Action::await_change()),
+                suspend::SuspendStep::Suspend => {
+                    self.suspend(runtime, instance.as_ref(), &machine).await?;
+                    return Ok(Action::await_change());
+                }
+            }
             let observed = Observations { machine: machine.clone(), training: training.clone() };
             let step = next_step(&self.job.spec, &self.status, &observed, now);
             debug!(job = %self.job.name_any(), ?step, "Next step");
@@ -232,6 +241,9 @@ impl Pass<'_> {
                 Step::Stage => {
                     let exec = self.session(runtime, instance.as_ref()).await?;
                     self.set_phase(TrainingJobPhase::Staging, Reason::Staging, "staging dataset and recipe");
+                    if let Some(instance) = instance.as_ref() {
+                        stage::claim_work_dir(exec.as_ref(), &self.layout, &instance.name_any()).await?;
+                    }
                     match stage::stage(exec.as_ref(), &self.layout, &self.job.spec, &self.tool).await? {
                         Ok(message) => {
                             set_condition(
@@ -421,12 +433,88 @@ impl Pass<'_> {
                 );
             }
         }
+        if self.status.phase == TrainingJobPhase::Suspended {
+            set_condition(
+                &mut self.status.conditions,
+                job_condition::SUSPENDED,
+                ConditionStatus::False,
+                Reason::Resumed,
+                "spec.suspend was cleared",
+                None,
+                now,
+            );
+            if created {
+                self.event(
+                    EventType::Normal,
+                    "Resumed",
+                    "Resume",
+                    "spec.suspend was cleared: renting a new machine",
+                )
+                .await;
+            }
+        }
         let message = format!("renting a machine: GpuInstance {name} (attempt {attempt})");
         self.set_phase(TrainingJobPhase::Provisioning, Reason::Launching, &message);
         if created {
             info!(job = %job_name, gpuinstance = %name, attempt, "Created GpuInstance");
             self.event(EventType::Normal, "Provisioning", "Provision", &message).await;
         }
+        Ok(())
+    }
+
+    /// Stops the trainer (it saves on TERM), lists what it saved, releases the machine and
+    /// enters `Suspended`. Resuming rents a new machine and starts the tool's resume command when
+    /// checkpoints were listed (they reach a new machine only once checkpoint sync is wired in).
+    async fn suspend(
+        &mut self,
+        runtime: &mut session::JobRuntime,
+        instance: Option<&GpuInstance>,
+        machine: &MachineObservation,
+    ) -> Result<(), Error> {
+        if let MachineObservation::Ready { .. } = machine
+            && is_condition_true(&self.status.conditions, job_condition::TRAINING)
+        {
+            let exec = self.session(runtime, instance).await?;
+            finish::stop(exec.as_ref(), &self.layout).await?;
+            let kind = train::parser_kind(self.tool.parser);
+            let (_, checkpoints) = finish::collect(exec.as_ref(), &self.layout, &self.tool, kind).await?;
+            self.status.checkpoints = checkpoints;
+        }
+        runtime.reset();
+        self.release().await?;
+        let now = Utc::now();
+        let latest =
+            self.status.checkpoints.last().map(|c| format!("; latest checkpoint at step {}", c.step));
+        let message = format!("spec.suspend is set: the GPU is released{}", latest.unwrap_or_default());
+        for c in [job_condition::INSTANCE_READY, job_condition::DATA_STAGED, job_condition::TRAINING] {
+            if crate::api::find_condition(&self.status.conditions, c).is_some() {
+                set_condition(
+                    &mut self.status.conditions,
+                    c,
+                    ConditionStatus::False,
+                    Reason::Suspended,
+                    &message,
+                    None,
+                    now,
+                );
+            }
+        }
+        set_condition(
+            &mut self.status.conditions,
+            job_condition::SUSPENDED,
+            ConditionStatus::True,
+            Reason::Suspended,
+            &message,
+            None,
+            now,
+        );
+        self.set_phase(TrainingJobPhase::Suspended, Reason::Suspended, &message);
+        if let Some(progress) = self.status.progress.as_mut() {
+            progress.eta_seconds = None;
+            progress.steps_per_second = None;
+        }
+        info!(job = %self.job.name_any(), "Suspended");
+        self.event(EventType::Normal, "Suspended", "Suspend", &message).await;
         Ok(())
     }
 

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use super::Error;
 use crate::api::{Reason, TrainingJobSpec};
-use crate::remote::RemoteExec;
 use crate::remote::dataset::{self, DatasetError};
 use crate::remote::launch::RemoteLayout;
 use crate::remote::tool::{RenderedTool, ToolError};
+use crate::remote::{RemoteExec, RunOptions};
 
 /// Why staging cannot succeed on any retry: the job fails with this reason and message.
 pub type Permanent = (Reason, String);
@@ -65,6 +65,34 @@ pub async fn stage(
         Err(ToolError::Remote(err)) => Err(Error::Remote(err)),
         Err(err) => Err(err.into()),
     }
+}
+
+/// Name of the file in the work dir naming the GpuInstance that staged it.
+pub const MACHINE_MARKER: &str = "machine";
+
+/// Makes the work dir this GpuInstance's: a run recorded there by another machine's attempt
+/// (the same disk reused, or a test whose machines share one) is forgotten, so the trainer
+/// starts on this machine. A dir already claimed by this instance is left alone, so a trainer
+/// started here is never started twice.
+pub async fn claim_work_dir(
+    exec: &dyn RemoteExec,
+    layout: &RemoteLayout,
+    instance: &str,
+) -> Result<(), Error> {
+    let marker = crate::remote::shell_quote(&layout.join(MACHINE_MARKER))?;
+    let out = exec.run(&format!("cat {marker} 2>/dev/null || true"), RunOptions::default()).await?;
+    if out.stdout_lossy().trim() == instance {
+        return Ok(());
+    }
+    crate::remote::launch::reset(exec, layout).await?;
+    let wd = crate::remote::shell_quote(layout.work_dir())?;
+    let name = crate::remote::shell_quote(instance)?;
+    let out = exec.run(&format!("mkdir -p {wd} && echo {name} > {marker}"), RunOptions::default()).await?;
+    if !out.success() {
+        let detail = out.stderr_lossy().trim().to_string();
+        return Err(Error::Remote(crate::remote::RemoteError::io("write the machine marker", detail)));
+    }
+    Ok(())
 }
 
 /// The URL without its query, which may be a presigned credential.
