@@ -278,6 +278,8 @@ async fn a_trainer_that_stops_progressing_is_stopped_and_fails_as_stalled() {
     // The shortest no-progress timeout the schema allows, and no grace period.
     stalling.spec.monitoring.no_progress_timeout_seconds = 60;
     stalling.spec.monitoring.stall_detection.grace_period_seconds = 0;
+    // The stall is detected at least 60 s after the last step, so this warning comes first.
+    stalling.spec.soft_deadline_seconds = Some(60);
     jobs.create(&PostParams::default(), &stalling).await.unwrap();
     let done = wait_phase(&jobs, "stuck", &operator, TrainingJobPhase::is_finished).await;
     let uid = done.uid().unwrap();
@@ -301,6 +303,8 @@ async fn a_trainer_that_stops_progressing_is_stopped_and_fails_as_stalled() {
     .await;
     let reasons = event_reasons(&client, &ns, "stuck").await;
     assert!(in_order(&reasons, &["TrainingStarted", "Stalled", "Failed"]), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r == "SoftDeadlineExceeded"), "{reasons:?}");
+    assert!(status.conditions.iter().any(|c| c.type_ == "SoftDeadlineExceeded" && c.status == "True"));
     kill_trainer(&base, &uid);
     common::delete_namespace(&client, &ns).await;
 }

@@ -226,6 +226,25 @@ impl Pass<'_> {
                     return Ok(Action::await_change());
                 }
             }
+            if train::soft_deadline_passed(&self.job.spec, &self.status, now)
+                && !is_condition_true(&self.status.conditions, train::SOFT_DEADLINE_CONDITION)
+            {
+                let message = format!(
+                    "softDeadlineSeconds ({} s) passed; the job keeps running",
+                    self.job.spec.soft_deadline_seconds.unwrap_or_default()
+                );
+                set_condition(
+                    &mut self.status.conditions,
+                    train::SOFT_DEADLINE_CONDITION,
+                    ConditionStatus::True,
+                    Reason::SoftDeadlineExceeded,
+                    &message,
+                    None,
+                    now,
+                );
+                self.event(EventType::Warning, Reason::SoftDeadlineExceeded.as_str(), "Monitor", &message)
+                    .await;
+            }
             let observed = Observations { machine: machine.clone(), training: training.clone() };
             let step = next_step(&self.job.spec, &self.status, &observed, now);
             debug!(job = %self.job.name_any(), ?step, "Next step");

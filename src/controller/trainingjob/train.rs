@@ -106,6 +106,17 @@ pub fn cost(
     Some(CostStatus { price_per_hour: Some(price), accrued, estimated_total })
 }
 
+/// Condition raised when `softDeadlineSeconds` passes (a warning; the job keeps running).
+pub const SOFT_DEADLINE_CONDITION: &str = "SoftDeadlineExceeded";
+
+/// True when the soft deadline has passed since the job started. Pure.
+pub fn soft_deadline_passed(spec: &TrainingJobSpec, status: &TrainingJobStatus, now: DateTime<Utc>) -> bool {
+    let (Some(limit), Some(started)) = (spec.soft_deadline_seconds, status.start_time.as_ref()) else {
+        return false;
+    };
+    (now - crate::api::from_k8s_time(started)).num_seconds() >= limit
+}
+
 fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
@@ -129,6 +140,19 @@ mod tests {
         assert_eq!(c.accrued, 0.36);
         assert_eq!(c.estimated_total, Some(0.54));
         assert_eq!(cost(None, Some(at(0)), None, 0.0, None, at(10)), None);
+    }
+
+    #[test]
+    fn the_soft_deadline_counts_from_the_start() {
+        let spec: TrainingJobSpec = serde_json::from_value(serde_json::json!({
+            "tool": "demo@1", "dataset": {"url": {"href": "http://x/d.tar"}}, "softDeadlineSeconds": 600
+        }))
+        .unwrap();
+        let mut status = TrainingJobStatus::default();
+        assert!(!soft_deadline_passed(&spec, &status, at(10_000)));
+        status.start_time = Some(to_k8s_time(at(0)));
+        assert!(!soft_deadline_passed(&spec, &status, at(599)));
+        assert!(soft_deadline_passed(&spec, &status, at(600)));
     }
 
     #[test]
