@@ -400,3 +400,42 @@ async fn a_suspended_job_releases_its_gpu_and_resumes_on_a_new_machine() {
     assert!(in_order(&reasons, &story), "{reasons:?}");
     common::delete_namespace(&client, &ns).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn a_job_past_its_active_deadline_is_stopped_and_fails() {
+    let client = common::kube_client().await;
+    common::install_crds(&client).await;
+    let ns = common::fresh_namespace(&client, "tj-late").await;
+    let fake = start_fake(|_| {}).await;
+    let installation = installation_id();
+    let (operator, base) = start_operator(&ns, &fake, &installation);
+    let tmp = tempfile::tempdir().unwrap();
+    let (href, sha256) = serve_dataset(tmp.path()).await;
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
+    let instances: Api<GpuInstance> = Api::namespaced(client.clone(), &ns);
+
+    let params = serde_json::json!({"steps": 2000, "secondsPerStep": 0.25});
+    let mut late = job("late", params, &href, &sha256);
+    // The shortest deadline the schema allows.
+    late.spec.active_deadline_seconds = 60;
+    jobs.create(&PostParams::default(), &late).await.unwrap();
+    let done = wait_phase(&jobs, "late", &operator, TrainingJobPhase::is_finished).await;
+    let uid = done.uid().unwrap();
+    let status = done.status.clone().unwrap();
+    assert_eq!(
+        (status.phase, status.reason),
+        (TrainingJobPhase::Failed, Some(Reason::DeadlineExceeded)),
+        "{status:#?}"
+    );
+    assert!(status.progress.as_ref().is_some_and(|p| p.step > 0 && p.step < 2000), "{:?}", status.progress);
+    assert!(base.join(&uid).join("exit_code").is_file(), "the trainer was stopped");
+    wait_gone(&instances, "late-1", &operator).await;
+    let prefix = format!("gputrainer:{installation}:");
+    common::wait_until(TIMEOUT, "the provider to release the machine", || async {
+        live_instances(&fake, &prefix).await.is_empty().then_some(())
+    })
+    .await;
+    kill_trainer(&base, &uid);
+    common::delete_namespace(&client, &ns).await;
+}
