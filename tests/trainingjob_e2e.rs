@@ -189,6 +189,15 @@ async fn a_demo_job_trains_lists_its_model_and_releases_the_machine() {
     let story = ["Provisioning", "InstanceReady", "Staged", "TrainingStarted", "Uploaded", "Succeeded"];
     assert!(in_order(&reasons, &story), "events out of order or missing: {reasons:?}");
 
+    let metrics = operator.metrics().await;
+    for line in [
+        "gputrainer_job_duration_seconds_count{phase=\"Succeeded\"} 1",
+        "gputrainer_job_apply_to_training_seconds_count 1",
+        "gputrainer_job_cost_dollars_count 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from:\n{metrics}");
+    }
+
     let table = common::kubectl(&["get", "tj", "-n", &ns]);
     let row = table.lines().find(|l| l.starts_with("lora")).unwrap_or_default();
     assert!(row.contains("Succeeded") && row.contains("100%"), "{table}");
