@@ -122,10 +122,18 @@ fn in_order(seen: &[String], wanted: &[&str]) -> bool {
 }
 
 /// Stops a trainer this test left running on "the machine" (this machine): a destroyed fake
-/// instance does not kill processes the way a real one does.
+/// instance does not kill processes the way a real one does. Only a live wrapper of ours is
+/// signalled: a recorded pid may since belong to another process group.
 fn kill_trainer(base: &Path, uid: &str) {
-    if let Ok(pid) = std::fs::read_to_string(base.join(uid).join("train.pid")) {
-        let _ = std::process::Command::new("kill").arg("-KILL").arg(format!("-{}", pid.trim())).status();
+    let dir = base.join(uid);
+    if dir.join("exit_code").exists() {
+        return;
+    }
+    let Ok(pid) = std::fs::read_to_string(dir.join("train.pid")) else { return };
+    let Ok(pid) = pid.trim().parse::<u32>() else { return };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if String::from_utf8_lossy(&cmdline).contains("gpu-trainer-run") {
+        let _ = std::process::Command::new("kill").arg("-KILL").arg(format!("-{pid}")).status();
     }
 }
 
