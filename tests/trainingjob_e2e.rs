@@ -445,8 +445,11 @@ async fn a_job_past_its_active_deadline_is_stopped_and_fails() {
         (TrainingJobPhase::Failed, Some(Reason::DeadlineExceeded)),
         "{status:#?}"
     );
-    assert!(status.progress.as_ref().is_some_and(|p| p.step > 0 && p.step < 2000), "{:?}", status.progress);
-    assert!(base.join(&uid).join("exit_code").is_file(), "the trainer was stopped");
+    // The deadline counts provisioning too; on a slow machine it can pass before training starts.
+    assert!(status.progress.as_ref().is_none_or(|p| p.step < 2000), "{:?}", status.progress);
+    if base.join(&uid).join("train.pid").is_file() {
+        assert!(base.join(&uid).join("exit_code").is_file(), "the trainer was stopped");
+    }
     wait_gone(&instances, "late-1", &operator).await;
     let prefix = format!("gputrainer:{installation}:");
     common::wait_until(TIMEOUT, "the provider to release the machine", || async {
