@@ -133,7 +133,7 @@ fn kill_trainer(base: &Path, uid: &str) {
     let Ok(pid) = pid.trim().parse::<u32>() else { return };
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     if String::from_utf8_lossy(&cmdline).contains("gpu-trainer-run") {
-        let _ = std::process::Command::new("kill").arg("-KILL").arg(format!("-{pid}")).status();
+        let _ = std::process::Command::new("kill").args(["-KILL", "--"]).arg(format!("-{pid}")).status();
     }
 }
 
