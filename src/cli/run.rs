@@ -2,6 +2,7 @@
 //! graceful shutdown.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -18,10 +19,13 @@ use crate::controller::gpuinstance;
 use crate::controller::http::{self, HealthState};
 use crate::controller::leader::{LeaderConfig, run_elector};
 use crate::controller::sweeper::{self, SweeperConfig};
+use crate::controller::trainingjob::{self, JobController};
 use crate::metrics::Metrics;
+use crate::remote::launch::DEFAULT_REMOTE_BASE;
+use crate::remote::tool::ToolRegistry;
 use crate::telemetry::{self, LogFormat};
 
-/// Run the operator: the GpuInstance controller and the sweeper.
+/// Run the operator: the TrainingJob and GpuInstance controllers and the sweeper.
 #[derive(Args, Debug)]
 #[command(
     after_help = "Reads VASTAI_API_KEY (required) and the other VASTAI_* settings from the environment.\n\
@@ -57,6 +61,13 @@ pub struct RunArgs {
     /// Only report orphans; destroy nothing.
     #[arg(long, env = "GPU_TRAINER_SWEEP_DRY_RUN")]
     sweep_dry_run: bool,
+    /// Folder on the rented machines that holds the jobs' work dirs (`<base>/<job UID>/`).
+    #[arg(long, env = "GPU_TRAINER_REMOTE_BASE", default_value = DEFAULT_REMOTE_BASE, value_name = "PATH")]
+    remote_base: String,
+    /// Folder of the tool registry (`<name>/tool.yaml`). Default: `$GPU_TRAINER_TOOLS_DIR`, else
+    /// `config/tools`.
+    #[arg(long, value_name = "DIR")]
+    tools_dir: Option<PathBuf>,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -77,6 +88,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let http_state = HealthState { metrics: metrics.clone(), ready: ready.clone() };
     let http_task = tokio::spawn(http::serve(listener, http_state, stop_rx.clone()));
 
+    // Tools are read once at start-up: a broken registry stops the operator before it leads.
+    let tools_dir = ToolRegistry::default_dir(args.tools_dir.as_deref());
+    let tools = ToolRegistry::load(&tools_dir)
+        .with_context(|| format!("failed to load the tools in {} (--tools-dir)", tools_dir.display()))?;
     let operator = start(&args.operator, metrics).await?;
     let ctx = operator.ctx;
     info!(installation_id = %ctx.config.installation_id, "Operator started");
@@ -104,13 +119,20 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     }
     info!("Leading: starting the controllers");
 
-    let shutdown = {
+    let shutdown = || {
         let mut rx = stop_rx.clone();
         async move {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let controllers = tokio::spawn(gpuinstance::run(ctx.clone(), shutdown));
+    let controllers = tokio::spawn(gpuinstance::run(ctx.clone(), shutdown()));
+    let jobs = JobController {
+        ctx: ctx.clone(),
+        tools,
+        remote_base: args.remote_base.clone(),
+        sessions: Default::default(),
+    };
+    let job_controller = tokio::spawn(trainingjob::run(Arc::new(jobs), shutdown()));
     let sweeper_config = SweeperConfig {
         interval: Duration::from_secs(args.sweep_interval_seconds),
         grace: Duration::from_secs(args.sweep_grace_seconds),
@@ -131,6 +153,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     let _ = controllers.await;
+    let _ = job_controller.await;
     let _ = sweeper.await;
     finish(http_task, None).await
 }

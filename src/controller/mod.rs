@@ -8,5 +8,6 @@ pub mod metered;
 pub mod patch;
 pub mod probe;
 pub mod sweeper;
+pub mod trainingjob;
 
 pub use context::{Context, OperatorConfig, SshProbe, instance_label, parse_instance_label};

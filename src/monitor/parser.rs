@@ -71,8 +71,9 @@ impl FromStr for ParserKind {
     }
 }
 
-/// What one trainer's log adds to the tqdm grammar.
-pub trait Dialect: Send {
+/// What one trainer's log adds to the tqdm grammar. `Sync` because the TrainingJob controller keeps
+/// a monitor per job across awaits in its (multi-threaded) reconciles.
+pub trait Dialect: Send + Sync {
     /// Whether this bar is the training loop's bar (not loading, caching, sampling or downloads).
     fn is_training_bar(&self, bar: &Bar<'_>) -> bool;
 

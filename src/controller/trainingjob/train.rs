@@ -1,0 +1,168 @@
+//! Launching the trainer in the background and following it: environment from the spec (values
+//! from Secrets resolved here, passed only to the training process), one launch per machine
+//! (a live `train.pid` or an `exit_code` means it is not started again), and polls that turn
+//! the monitor's reading into `status.progress`, `status.cost` and a [`TrainingObservation`].
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+
+use super::Error;
+use crate::api::{CostStatus, ProgressStatus, TrainingJobSpec, TrainingJobStatus, to_k8s_time};
+use crate::engine::TrainingObservation;
+use crate::monitor::ParserKind;
+use crate::monitor::poller::{Outcome, TrainingStatus};
+use crate::monitor::stall::Recommendation;
+use crate::remote::tool::Parser;
+
+/// The trainer's environment. `Ok(Err(message))` when a referenced Secret or key is missing
+/// (the job fails with `SecretNotFound`); values are never logged.
+pub async fn resolve_env(
+    secrets: &Api<Secret>,
+    spec: &TrainingJobSpec,
+) -> Result<Result<Vec<(String, String)>, String>, Error> {
+    let mut env = Vec::with_capacity(spec.env.len());
+    for var in &spec.env {
+        if let Some(value) = &var.value {
+            env.push((var.name.clone(), value.clone()));
+            continue;
+        }
+        let Some(from) = &var.value_from else { continue };
+        let r = &from.secret_key_ref;
+        let secret = secrets.get_opt(&r.name).await.map_err(super::kube_err("read a Secret for env"))?;
+        let value = secret.and_then(|s| s.data).and_then(|d| d.get(&r.key).map(|v| v.0.clone()));
+        match value.map(String::from_utf8) {
+            Some(Ok(value)) => env.push((var.name.clone(), value)),
+            Some(Err(_)) => {
+                return Ok(Err(format!(
+                    "spec.env {}: key {} of Secret {} is not UTF-8",
+                    var.name, r.key, r.name
+                )));
+            }
+            None => {
+                return Ok(Err(format!("spec.env {}: Secret {} has no key {}", var.name, r.name, r.key)));
+            }
+        }
+    }
+    Ok(Ok(env))
+}
+
+/// The monitor's parser for the tool's log format.
+pub fn parser_kind(parser: Parser) -> ParserKind {
+    match parser {
+        Parser::Tqdm => ParserKind::Tqdm,
+        Parser::AiToolkit => ParserKind::AiToolkit,
+        Parser::Kohya => ParserKind::Kohya,
+        Parser::Diffusers => ParserKind::Diffusers,
+    }
+}
+
+/// Folds one poll into `status.progress`. Pure. `lastUpdateTime` moves only when the step does,
+/// so an unchanged reading writes nothing.
+pub fn record_progress(status: &mut TrainingJobStatus, polled: &TrainingStatus, now: DateTime<Utc>) {
+    let snapshot = &polled.progress;
+    let mut progress: ProgressStatus = status.progress.clone().unwrap_or_default();
+    if let Some(step) = snapshot.step {
+        if progress.step != step || progress.last_update_time.is_none() {
+            progress.last_update_time = Some(to_k8s_time(now));
+        }
+        progress.set_step(step, snapshot.total_steps.or(progress.total_steps));
+    }
+    progress.loss = snapshot.loss.or(progress.loss);
+    progress.steps_per_second = snapshot.steps_per_second.map(round3);
+    progress.eta_seconds = snapshot.eta_seconds.map(|e| e.round() as i64);
+    status.progress = Some(progress);
+}
+
+/// What one poll means for the engine. Pure.
+pub fn observation(polled: &TrainingStatus) -> TrainingObservation {
+    match (&polled.outcome, polled.stall.recommendation) {
+        (Some(Outcome::Succeeded), _) => TrainingObservation::Finished,
+        (Some(Outcome::Failed { reason, message }), _) => {
+            TrainingObservation::Crashed { reason: *reason, message: message.clone() }
+        }
+        (None, Recommendation::StopJob) => {
+            TrainingObservation::Stalled { message: polled.stall.reason.clone() }
+        }
+        (None, _) => TrainingObservation::Running,
+    }
+}
+
+/// The job's cost: `prior` (its earlier machines) plus the current machine since it was rented,
+/// and the expected total at the current ETA. Pure.
+pub fn cost(
+    price_per_hour: Option<f64>,
+    launched_at: Option<DateTime<Utc>>,
+    eta_seconds: Option<i64>,
+    prior: f64,
+    previous: Option<&CostStatus>,
+    now: DateTime<Utc>,
+) -> Option<CostStatus> {
+    let price = price_per_hour?;
+    let hours = launched_at.map(|t| (now - t).num_milliseconds().max(0) as f64 / 3_600_000.0).unwrap_or(0.0);
+    // Never report less than before: the clock of a restarted operator may differ slightly.
+    let accrued = round4((prior + price * hours).max(previous.map(|c| c.accrued).unwrap_or(0.0)));
+    let estimated_total = eta_seconds.map(|eta| round4(accrued + price * eta.max(0) as f64 / 3600.0));
+    Some(CostStatus { price_per_hour: Some(price), accrued, estimated_total })
+}
+
+/// Condition raised when `softDeadlineSeconds` passes (a warning; the job keeps running).
+pub const SOFT_DEADLINE_CONDITION: &str = "SoftDeadlineExceeded";
+
+/// True when the soft deadline has passed since the job started. Pure.
+pub fn soft_deadline_passed(spec: &TrainingJobSpec, status: &TrainingJobStatus, now: DateTime<Utc>) -> bool {
+    let (Some(limit), Some(started)) = (spec.soft_deadline_seconds, status.start_time.as_ref()) else {
+        return false;
+    };
+    (now - crate::api::from_k8s_time(started)).num_seconds() >= limit
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+fn round4(v: f64) -> f64 {
+    (v * 10_000.0).round() / 10_000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + secs, 0).unwrap()
+    }
+
+    #[test]
+    fn cost_accrues_from_the_rent_time_and_estimates_the_rest() {
+        let c = cost(Some(0.36), Some(at(0)), Some(1800), 0.0, None, at(3600)).unwrap();
+        assert_eq!(c.accrued, 0.36);
+        assert_eq!(c.estimated_total, Some(0.54));
+        assert_eq!(cost(None, Some(at(0)), None, 0.0, None, at(10)), None);
+    }
+
+    #[test]
+    fn the_soft_deadline_counts_from_the_start() {
+        let spec: TrainingJobSpec = serde_json::from_value(serde_json::json!({
+            "tool": "demo@1", "dataset": {"url": {"href": "http://x/d.tar"}}, "softDeadlineSeconds": 600
+        }))
+        .unwrap();
+        let mut status = TrainingJobStatus::default();
+        assert!(!soft_deadline_passed(&spec, &status, at(10_000)));
+        status.start_time = Some(to_k8s_time(at(0)));
+        assert!(!soft_deadline_passed(&spec, &status, at(599)));
+        assert!(soft_deadline_passed(&spec, &status, at(600)));
+    }
+
+    #[test]
+    fn earlier_machines_are_added() {
+        assert_eq!(cost(Some(0.5), Some(at(0)), None, 0.25, None, at(1800)).unwrap().accrued, 0.5);
+    }
+
+    #[test]
+    fn cost_never_goes_down() {
+        let before = CostStatus { accrued: 1.0, ..Default::default() };
+        assert_eq!(cost(Some(0.36), Some(at(0)), None, 0.0, Some(&before), at(3600)).unwrap().accrued, 1.0);
+    }
+}
