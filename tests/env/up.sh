@@ -100,6 +100,14 @@ start kube-controller-manager "$KUBE_BIN/kube-controller-manager" \
 wait_for 30 kube-controller-manager pgrep -F pids/kube-controller-manager.pid
 
 # --- sshd on loopback with its own host key and a generated user key ---
+# Every SSH command runs root's ~/.bashrc, whose `pyenv init` rehashes under a lock file; a shell
+# killed mid-rehash leaves the lock behind and every later SSH session then waits on it. Clear a
+# stale one (older than a minute) so the suite does not hang on a machine left in that state.
+shim_lock="${PYENV_ROOT:-$HOME/.pyenv}/shims/.pyenv-shim"
+if [ -e "$shim_lock" ] && [ -n "$(find "$shim_lock" -mmin +1 2>/dev/null)" ]; then
+  log "removing a stale pyenv rehash lock ($shim_lock)"
+  rm -f "$shim_lock"
+fi
 mkdir -p /run/sshd
 ssh-keygen -q -t ed25519 -N '' -f ssh/host_ed25519_key
 ssh-keygen -q -t ed25519 -N '' -f ssh/user_ed25519 -C gpu-trainer-test
