@@ -12,9 +12,8 @@ use gpu_trainer::api::{GPUINSTANCE_FINALIZER, GpuInstance, GpuInstancePhase};
 use gpu_trainer::provider::fake::{FakeServer, Fault, ForcedState};
 use gpu_trainer::provider::{GpuProvider, LaunchRequest, OfferQuery};
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, PostParams};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -56,20 +55,6 @@ async fn wait_deleted(api: &Api<GpuInstance>, name: &str, operator: &OperatorPro
 
 fn label_of(installation: &str, gi: &GpuInstance) -> String {
     format!("gputrainer:{installation}:{}", gi.uid().unwrap())
-}
-
-async fn event_reasons(client: &Client, ns: &str, name: &str) -> Vec<String> {
-    let events: Api<Event> = Api::namespaced(client.clone(), ns);
-    let mut list: Vec<Event> = events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .collect();
-    list.sort_by_key(|e| e.metadata.creation_timestamp.clone().map(|t| t.0));
-    list.into_iter().filter_map(|e| e.reason).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,7 +101,7 @@ async fn instance_becomes_ready_and_deleting_it_releases_the_machine_first() {
     let destroys = fake.requests().iter().filter(|r| r.endpoint == "destroy_instance").count();
     assert!(destroys >= 1, "a destroy call was made");
 
-    let reasons = event_reasons(&client, &ns, "box").await;
+    let reasons = common::event_reasons(&client, &ns, "box").await;
     for expected in ["Launched", "Ready", "Terminating", "Terminated"] {
         assert!(reasons.iter().any(|r| r == expected), "event {expected} missing: {reasons:?}");
     }
@@ -378,7 +363,7 @@ async fn termination_stuck_is_raised_and_trying_goes_on() {
     .await;
     assert!(api.get("stuck").await.unwrap().finalizers().contains(&GPUINSTANCE_FINALIZER.to_string()));
     assert_eq!(live_instances(&fake, &label).await.len(), 1, "still rented while the provider refuses");
-    assert!(event_reasons(&client, &ns, "stuck").await.iter().any(|r| r == "TerminationStuck"));
+    assert!(common::event_reasons(&client, &ns, "stuck").await.iter().any(|r| r == "TerminationStuck"));
     assert!(operator.metrics().await.contains("gputrainer_instance_termination_stuck 1"));
 
     // The provider recovers: the operator never gave up.
@@ -426,7 +411,7 @@ async fn a_machine_that_never_boots_is_released_and_excluded() {
     })
     .await;
     assert!(
-        event_reasons(&client, &ns, "slow-boot").await.iter().any(|r| r == "BootTimeout"),
+        common::event_reasons(&client, &ns, "slow-boot").await.iter().any(|r| r == "BootTimeout"),
         "{}",
         operator.log_tail()
     );

@@ -9,9 +9,8 @@ use std::time::Duration;
 
 use common::operator::{OperatorOptions, OperatorProcess, installation_id, live_instances, start_fake};
 use gpu_trainer::api::{GpuInstance, Reason, TrainingJob, TrainingJobPhase};
-use k8s_openapi::api::events::v1::Event;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use kube::{Client, ResourceExt};
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -99,22 +98,6 @@ async fn wait_gone(api: &Api<GpuInstance>, name: &str, operator: &OperatorProces
     let _ = operator;
 }
 
-async fn event_reasons(client: &Client, ns: &str, name: &str) -> Vec<String> {
-    let events: Api<Event> = Api::namespaced(client.clone(), ns);
-    let mut list: Vec<Event> = events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
-        .collect();
-    list.sort_by_key(|e| {
-        (e.event_time.clone().map(|t| t.0), e.metadata.creation_timestamp.clone().map(|t| t.0))
-    });
-    list.into_iter().filter_map(|e| e.reason).collect()
-}
-
 /// True when `wanted` appears in `seen` in this order (other events may come between).
 fn in_order(seen: &[String], wanted: &[&str]) -> bool {
     let mut rest = seen.iter();
@@ -193,7 +176,7 @@ async fn a_demo_job_trains_lists_its_model_and_releases_the_machine() {
     let creates = fake.requests().iter().filter(|r| r.endpoint == "create_instance").count();
     assert_eq!(creates, 1, "one machine rented");
 
-    let reasons = event_reasons(&client, &ns, "lora").await;
+    let reasons = common::event_reasons(&client, &ns, "lora").await;
     let story = ["Provisioning", "InstanceReady", "Staged", "TrainingStarted", "Uploaded", "Succeeded"];
     assert!(in_order(&reasons, &story), "events out of order or missing: {reasons:?}");
 
@@ -271,7 +254,7 @@ async fn an_invalid_job_fails_with_invalid_spec_without_renting() {
     assert!(instances.list(&ListParams::default()).await.unwrap().items.is_empty());
     let creates = fake.requests().iter().filter(|r| r.endpoint == "create_instance").count();
     assert_eq!(creates, 0, "nothing rented for an invalid job");
-    let reasons = event_reasons(&client, &ns, "typo").await;
+    let reasons = common::event_reasons(&client, &ns, "typo").await;
     assert!(reasons.iter().any(|r| r == "InvalidSpec"), "{reasons:?}");
     common::delete_namespace(&client, &ns).await;
 }
@@ -318,7 +301,7 @@ async fn a_trainer_that_stops_progressing_is_stopped_and_fails_as_stalled() {
         live_instances(&fake, &prefix).await.is_empty().then_some(())
     })
     .await;
-    let reasons = event_reasons(&client, &ns, "stuck").await;
+    let reasons = common::event_reasons(&client, &ns, "stuck").await;
     assert!(in_order(&reasons, &["TrainingStarted", "Stalled", "Failed"]), "{reasons:?}");
     assert!(reasons.iter().any(|r| r == "SoftDeadlineExceeded"), "{reasons:?}");
     assert!(status.conditions.iter().any(|c| c.type_ == "SoftDeadlineExceeded" && c.status == "True"));
@@ -410,7 +393,7 @@ async fn a_suspended_job_releases_its_gpu_and_resumes_on_a_new_machine() {
     let log = std::fs::read_to_string(base.join(&uid).join("train.log")).unwrap();
     assert!(log.contains("Resuming from step"), "{log}");
     wait_gone(&instances, "pause-2", &operator).await;
-    let reasons = event_reasons(&client, &ns, "pause").await;
+    let reasons = common::event_reasons(&client, &ns, "pause").await;
     // The recorder folds a repeated reason into one event series, so the second start is not a
     // separate event; the log above shows it.
     let story = ["TrainingStarted", "Suspended", "Resumed", "Succeeded"];
