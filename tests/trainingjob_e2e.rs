@@ -442,3 +442,96 @@ async fn a_job_past_its_active_deadline_is_stopped_and_fails() {
     kill_trainer(&base, &uid);
     common::delete_namespace(&client, &ns).await;
 }
+
+fn test_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: source the tests/env env file"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn a_job_with_s3_output_uploads_a_verified_model() {
+    use gpu_trainer::artifacts::s3::S3Store;
+    use gpu_trainer::artifacts::{ObjectRef, ObjectStore, S3Credentials, S3Settings};
+    use k8s_openapi::api::core::v1::Secret;
+
+    let endpoint = test_env("GPU_TRAINER_TEST_S3_ENDPOINT");
+    let region = test_env("GPU_TRAINER_TEST_S3_REGION");
+    let bucket = test_env("GPU_TRAINER_TEST_S3_BUCKET");
+    let access_key_id = test_env("GPU_TRAINER_TEST_S3_ACCESS_KEY_ID");
+    let secret_access_key = test_env("GPU_TRAINER_TEST_S3_SECRET_ACCESS_KEY");
+
+    let client = common::kube_client().await;
+    common::install_crds(&client).await;
+    let ns = common::fresh_namespace(&client, "tj-s3").await;
+    let fake = start_fake(|_| {}).await;
+    let installation = installation_id();
+    let (operator, _base) = start_operator(&ns, &fake, &installation);
+    let tmp = tempfile::tempdir().unwrap();
+    let (href, sha256) = serve_dataset(tmp.path()).await;
+    let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
+    let instances: Api<GpuInstance> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "garage"},
+        "stringData": {"AWS_ACCESS_KEY_ID": access_key_id, "AWS_SECRET_ACCESS_KEY": secret_access_key}
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &secret).await.unwrap();
+
+    let params = serde_json::json!({"steps": 6, "secondsPerStep": 0.25, "saveEvery": 5});
+    let mut tj = job("upload", params, &href, &sha256);
+    tj.spec.output = Some(
+        serde_json::from_value(serde_json::json!({
+            "s3": {
+                "bucket": bucket,
+                "prefix": format!("e2e/{ns}"),
+                "endpoint": endpoint,
+                "region": region,
+                "forcePathStyle": true,
+                "credentialsSecretRef": {"name": "garage"}
+            }
+        }))
+        .unwrap(),
+    );
+    jobs.create(&PostParams::default(), &tj).await.unwrap();
+    let done = wait_phase(&jobs, "upload", &operator, TrainingJobPhase::is_finished).await;
+    let status = done.status.clone().unwrap();
+    assert_eq!(status.phase, TrainingJobPhase::Succeeded, "{status:#?}\n{}", operator.log_tail());
+    assert!(
+        status.conditions.iter().any(|c| c.type_ == "Uploaded" && c.status == "True"),
+        "{:#?}",
+        status.conditions
+    );
+
+    // The model is reported from S3, with the size and checksum the machine computed.
+    let model = status.artifacts.iter().find(|a| a.name == "model").expect("model artifact");
+    assert!(model.size_bytes > 0 && model.sha256.as_ref().is_some_and(|s| s.len() == 64), "{model:?}");
+    let uri_prefix = format!("s3://{bucket}/");
+    let key = model.uri.strip_prefix(&uri_prefix).unwrap_or_else(|| panic!("not in {bucket}: {model:?}"));
+    assert!(key.starts_with(&format!("e2e/{ns}/upload-")), "{key}");
+
+    // And it is really there, with that size.
+    let settings = S3Settings {
+        endpoint: Some(endpoint.clone()),
+        region: region.clone(),
+        force_path_style: true,
+        credentials: S3Credentials { access_key_id, secret_access_key, session_token: None },
+    };
+    let store = S3Store::new(&settings);
+    let head = store.head(&ObjectRef::new(&bucket, key)).await.unwrap().expect("object in Garage");
+    assert_eq!(head.size, model.size_bytes);
+
+    // The machine is released after the upload.
+    wait_gone(&instances, "upload-1", &operator).await;
+    let prefix = format!("gputrainer:{installation}:");
+    common::wait_until(TIMEOUT, "the provider to release the machine", || async {
+        live_instances(&fake, &prefix).await.is_empty().then_some(())
+    })
+    .await;
+    let reasons = event_reasons(&client, &ns, "upload").await;
+    assert!(in_order(&reasons, &["TrainingStarted", "Uploaded", "Succeeded"]), "{reasons:?}");
+    common::delete_namespace(&client, &ns).await;
+}
