@@ -531,7 +531,7 @@ async fn a_job_with_s3_output_uploads_a_verified_model() {
         live_instances(&fake, &prefix).await.is_empty().then_some(())
     })
     .await;
-    let reasons = event_reasons(&client, &ns, "upload").await;
+    let reasons = common::event_reasons(&client, &ns, "upload").await;
     assert!(in_order(&reasons, &["TrainingStarted", "Uploaded", "Succeeded"]), "{reasons:?}");
     common::delete_namespace(&client, &ns).await;
 }
