@@ -12,8 +12,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use gpu_trainer::api::{GpuInstance, Reason, TrainingJob};
+use gpu_trainer::api::{GpuInstance, Reason, TrainingJob, instance_condition, job_condition};
 use gpu_trainer::remote::tool::ToolRegistry;
+use kube::CustomResourceExt;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -146,7 +147,9 @@ write(hs.status, "\n", hs.message or "")
     let file = dir.path().join("harness.lua");
     std::fs::write(&file, harness).map_err(|e| e.to_string())?;
     let output = Command::new("lua5.1").arg(&file).output().map_err(|e| {
-        format!("cannot run lua5.1 ({e}); install it with `bash tests/env/install.sh` (Debian package lua5.1)")
+        format!(
+            "cannot run lua5.1 ({e}); install it with `bash tests/env/install.sh` (Debian package lua5.1)"
+        )
     })?;
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     if !output.status.success() {
@@ -189,7 +192,11 @@ fn harness_refuses_scripts_argo_cd_would_refuse() {
         // The string library is not there for argocd-cm scripts, neither as a global nor as methods.
         ("uses_string.lua", "return {status = string.upper(obj.status.phase)}", Err("script error")),
         ("uses_method.lua", "return {status = obj.status.phase:upper()}", Err("script error")),
-        ("uses_math.lua", "return {status = 'Healthy', message = tostring(math.floor(1.5))}", Err("script error")),
+        (
+            "uses_math.lua",
+            "return {status = 'Healthy', message = tostring(math.floor(1.5))}",
+            Err("script error"),
+        ),
         ("not_a_table.lua", "return 'Healthy'", Err("not a table")),
         // Strings arrive intact, escapes included.
         (
@@ -280,7 +287,8 @@ fn samples_are_objects_the_operator_writes() {
                 let invalid = job.status.as_ref().and_then(|s| s.reason) == Some(Reason::InvalidSpec);
                 let checked = tools.get(&job.spec.tool).map_err(|e| e.to_string()).and_then(|tool| {
                     tool.resolve_params(&job.spec.params).map_err(|e| e.to_string())?;
-                    tool.check_secrets(job.spec.env.iter().map(|e| e.name.as_str())).map_err(|e| e.to_string())
+                    tool.check_secrets(job.spec.env.iter().map(|e| e.name.as_str()))
+                        .map_err(|e| e.to_string())
                 });
                 match (invalid, checked) {
                     (false, Err(e)) => errors.push(format!("{name}: the spec would be refused: {e}")),
@@ -317,6 +325,38 @@ fn every_sample_is_tested_and_every_status_is_covered() {
         for status in wanted {
             assert!(statuses.contains(status), "{kind}: no sample is {status}");
         }
+    }
+}
+
+/// The scripts compare against phase and condition names as strings: each must exist in the API,
+/// and every phase must be handled, so a renamed or new phase fails here rather than in Argo CD.
+#[test]
+fn health_scripts_name_real_phases_and_conditions_and_handle_every_phase() {
+    let condition_use = regex::Regex::new(r#"(?:isTrue|condition)\(status, "([A-Za-z]+)"\)"#).unwrap();
+    let phase_use = regex::Regex::new(r#"phase == "([A-Za-z]+)""#).unwrap();
+    for kind in KINDS {
+        let (crd, conditions) = match kind {
+            "TrainingJob" => (TrainingJob::crd(), job_condition::ALL),
+            _ => (GpuInstance::crd(), instance_condition::ALL),
+        };
+        let crd = serde_json::to_value(crd).unwrap();
+        let phases: BTreeSet<String> = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+            ["status"]["properties"]["phase"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap().to_string())
+            .collect();
+        let script = read(&kind_dir(kind).join("health.lua"));
+        let used_conditions: BTreeSet<&str> =
+            condition_use.captures_iter(&script).map(|c| c.get(1).unwrap().as_str()).collect();
+        let used_phases: BTreeSet<String> =
+            phase_use.captures_iter(&script).map(|c| c.get(1).unwrap().as_str().to_string()).collect();
+        assert!(!used_conditions.is_empty(), "{kind}: no condition checks found");
+        for name in &used_conditions {
+            assert!(conditions.iter().any(|(c, _)| c == name), "{kind}: {name} is not a condition type");
+        }
+        assert_eq!(used_phases, phases, "{kind}: the script must handle exactly the phases of the CRD");
     }
 }
 
