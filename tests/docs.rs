@@ -84,7 +84,10 @@ fn check_command(line: &str, errors: &mut Vec<String>, context: &str) {
     let mut tokens = line.split_whitespace().peekable();
     while let Some(token) = tokens.peek() {
         let current = path.last().unwrap();
-        match current.find_subcommand(token) {
+        // `dataset validate/pack` names two subcommands at once.
+        let found: Option<Vec<&clap::Command>> =
+            token.split('/').map(|alternative| current.find_subcommand(alternative)).collect();
+        match found.and_then(|subs| subs.first().copied()) {
             Some(sub) => {
                 path.push(sub.clone());
                 tokens.next();
@@ -92,7 +95,7 @@ fn check_command(line: &str, errors: &mut Vec<String>, context: &str) {
             None => break,
         }
     }
-    if path.len() == 1 && tokens.peek().is_some_and(|t| !t.starts_with('-')) {
+    if path.last().unwrap().has_subcommands() && tokens.peek().is_some_and(|t| !t.starts_with('-')) {
         errors.push(format!("{context}: `gpu-trainer {line}`: no such subcommand"));
         return;
     }
