@@ -135,7 +135,7 @@ pub fn next_step(
                     if !is_condition_true(&status.conditions, job_condition::DATA_STAGED) {
                         Step::Stage
                     } else if !training {
-                        Step::Launch { resume: status.attempts > 1 && !status.checkpoints.is_empty() }
+                        Step::Launch { resume: status.attempts > 1 && status.resumed_from.is_some() }
                     } else {
                         match &observed.training {
                             TrainingObservation::Unknown | TrainingObservation::Running => Step::Poll,
@@ -227,6 +227,18 @@ mod tests {
         );
         let staged = status(TrainingJobPhase::Staging, &[job_condition::DATA_STAGED]);
         assert_eq!(next_step(&spec, &staged, &ready(), at(3)), Step::Launch { resume: false });
+        // A replacement machine resumes only from a checkpoint that is really there.
+        let replacement = TrainingJobStatus { attempts: 2, ..staged.clone() };
+        assert_eq!(next_step(&spec, &replacement, &ready(), at(3)), Step::Launch { resume: false });
+        let restored = TrainingJobStatus {
+            resumed_from: Some(crate::api::CheckpointStatus {
+                name: "a_10".into(),
+                step: 10,
+                ..Default::default()
+            }),
+            ..replacement
+        };
+        assert_eq!(next_step(&spec, &restored, &ready(), at(3)), Step::Launch { resume: true });
         let training =
             status(TrainingJobPhase::Training, &[job_condition::DATA_STAGED, job_condition::TRAINING]);
         assert_eq!(next_step(&spec, &training, &ready(), at(4)), Step::Poll);

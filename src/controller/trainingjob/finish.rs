@@ -135,6 +135,7 @@ impl Pass<'_> {
         let type_ = if phase == TrainingJobPhase::Succeeded { EventType::Normal } else { EventType::Warning };
         let event_reason = if phase == TrainingJobPhase::Succeeded { "Succeeded" } else { "Failed" };
         self.event(type_, event_reason, "Finish", message).await;
+        self.notify(super::notify::finish_kind(reason), message).await;
         Ok(())
     }
 
