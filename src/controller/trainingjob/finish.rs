@@ -99,6 +99,19 @@ pub fn finish_status(
             );
         }
     }
+    if crate::api::find_condition(&status.conditions, job_condition::UPLOADED).is_some()
+        && !crate::api::is_condition_true(&status.conditions, job_condition::UPLOADED)
+    {
+        set_condition(
+            &mut status.conditions,
+            job_condition::UPLOADED,
+            ConditionStatus::False,
+            reason,
+            message,
+            None,
+            now,
+        );
+    }
     if let Some(progress) = status.progress.as_mut() {
         progress.eta_seconds = None;
         progress.steps_per_second = None;

@@ -116,6 +116,16 @@ impl Pass<'_> {
         exec: &dyn RemoteExec,
     ) -> Result<(), Error> {
         self.set_phase(TrainingJobPhase::Uploading, Reason::Uploading, "collecting results");
+        // Its time is when uploading began: the engine gives up after `UPLOAD_GRACE`.
+        set_condition(
+            &mut self.status.conditions,
+            job_condition::UPLOADED,
+            ConditionStatus::False,
+            Reason::Uploading,
+            "uploading the results",
+            None,
+            Utc::now(),
+        );
         let kind = train::parser_kind(self.tool.parser);
         let (model, found) = finish::collect(exec, &self.layout, &self.tool, kind).await?;
         self.status.checkpoints = outputs::merge_checkpoints(&self.status.checkpoints, &found, &[]);
