@@ -167,6 +167,19 @@ fn flags_named_in_the_docs_exist() {
     assert!(errors.is_empty(), "{}", errors.join("\n"));
 }
 
+/// The configuration table of docs/operating.md covers every flag of `gpu-trainer run`.
+#[test]
+fn operating_guide_lists_every_flag_of_run() {
+    let guide = std::fs::read_to_string(root().join("docs/operating.md")).unwrap();
+    let run = Cli::command().find_subcommand("run").expect("a run subcommand").clone();
+    let missing: Vec<String> = long_flags(&run)
+        .into_iter()
+        .filter(|f| f != "help" && f != "version")
+        .filter(|f| !guide.contains(&format!("| `--{f}` |")))
+        .collect();
+    assert!(missing.is_empty(), "docs/operating.md does not document: {missing:?}");
+}
+
 #[test]
 fn environment_variables_in_the_docs_exist() {
     let code = all_code();
