@@ -2,7 +2,8 @@
 # Starts the real components the tests use, all on loopback, in $GPU_TRAINER_ENV_DIR:
 #   etcd, kube-apiserver v1.20.2 (token auth, RBAC), kube-controller-manager (garbage collector)
 #   an OpenSSH sshd with generated host and user keys, and a single-node Garage (S3, checks SigV4).
-# Writes $GPU_TRAINER_ENV_DIR/env (shell exports) and $GPU_TRAINER_ENV_DIR/kubeconfig.
+# Writes $GPU_TRAINER_ENV_DIR/env (shell exports) and $GPU_TRAINER_ENV_DIR/kubeconfig, and each
+# component's command line as cmd/NAME (tests/env/restart.sh starts it again from there).
 # Stop everything with tests/env/down.sh. Run tests/env/install.sh first.
 set -euo pipefail
 
@@ -17,7 +18,7 @@ log() { printf '[env] %s\n' "$*" >&2; }
 
 "$HERE/down.sh" >/dev/null 2>&1 || true
 rm -rf "$ENV_DIR"
-mkdir -p "$ENV_DIR"/{pki,etcd,logs,ssh,pids,garage}
+mkdir -p "$ENV_DIR"/{pki,etcd,logs,ssh,pids,garage,cmd}
 cd "$ENV_DIR"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
@@ -31,8 +32,16 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
 }
 
 start() { # start NAME COMMAND...: background process with its log and pid file
+  # The exact command (and this folder as its working directory) is kept as cmd/NAME, so
+  # tests/env/restart.sh can start it again later on the same port with the same flags.
   local name=$1; shift
-  setsid "$@" >"logs/$name.log" 2>&1 < /dev/null &
+  {
+    printf '#!/usr/bin/env bash\n# Written by tests/env/up.sh: how %s was started.\ncd %q\nexec' "$name" "$ENV_DIR"
+    printf ' %q' "$@"
+    printf '\n'
+  } > "cmd/$name"
+  chmod 700 "cmd/$name"
+  setsid "cmd/$name" >"logs/$name.log" 2>&1 < /dev/null &
   echo $! > "pids/$name.pid"
 }
 
@@ -185,4 +194,12 @@ export GPU_TRAINER_TEST_S3_BUCKET=$S3_BUCKET
 export GPU_TRAINER_TEST_GARAGE_CONFIG=$ENV_DIR/garage/garage.toml
 EV
 chmod 600 env
+# What tests/env/restart.sh needs to tell that a restarted component answers again.
+cat > components.env <<CE
+API_PORT=$API_PORT
+ADMIN_TOKEN=$ADMIN_TOKEN
+SSH_PORT=$SSH_PORT
+ETCD_PORT=$ETCD_PORT
+CE
+chmod 600 components.env
 log "up: kube-apiserver https://127.0.0.1:$API_PORT, sshd 127.0.0.1:$SSH_PORT, garage S3 http://127.0.0.1:$S3_PORT (source $ENV_DIR/env)"
