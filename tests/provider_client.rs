@@ -546,3 +546,96 @@ async fn attached_keys_reach_the_authorized_keys_file_of_the_ssh_endpoint() {
     assert!(err.is_not_found(), "{err:?}");
     assert_all_authenticated(&fake);
 }
+
+/// A TCP echo server standing in for sshd.
+async fn echo_server() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = socket.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    port
+}
+
+/// Writes `ping` and says what came back within `wait`: `Some(bytes)` (empty when the
+/// connection was closed) or `None` (silence).
+async fn ping(stream: &mut tokio::net::TcpStream, wait: Duration) -> Option<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = stream.write_all(b"ping").await;
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(wait, stream.read(&mut buf)).await {
+        Ok(Ok(n)) => Some(buf[..n].to_vec()),
+        Ok(Err(_)) => Some(Vec::new()),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn each_instance_has_its_own_ssh_endpoint_that_dies_with_it() {
+    let upstream = echo_server().await;
+    let config = FakeConfig { ssh_port: upstream, ssh_per_instance: true, ..FakeConfig::default() };
+    let fake = fake::spawn(FakeConfig { api_key: Some(KEY.into()), ..config }).await.unwrap();
+    let client = client_for(&fake, KEY, options());
+    let mut ids = Vec::new();
+    for offer in offer_ids(&client, 3).await {
+        ids.push(client.create_instance(&launch(offer, "ssh")).await.unwrap());
+    }
+    let mut ports = Vec::new();
+    for id in &ids {
+        let ssh = client.get_instance(*id).await.unwrap().ssh.expect("a running instance has SSH");
+        assert_eq!(ssh.host, "127.0.0.1");
+        ports.push(ssh.port);
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports.len(), 3, "one port per instance");
+    assert!(!ports.contains(&upstream));
+    let port_of = |n: usize| {
+        let ssh = fake.instances().into_iter().find(|r| r["id"] == serde_json::json!(ids[n].0)).unwrap();
+        ssh["ssh_port"].as_u64().unwrap() as u16
+    };
+    let connect = |port: u16| tokio::net::TcpStream::connect(("127.0.0.1", port));
+    let long = Duration::from_secs(2);
+
+    // Exited: the open connection is closed and new ones are refused.
+    let mut open = connect(port_of(0)).await.unwrap();
+    assert_eq!(ping(&mut open, long).await.as_deref(), Some(&b"ping"[..]));
+    fake.set_instance_state(ids[0].0, ForcedState::Exited);
+    // The endpoint looks at the instance's state every 100 ms.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ping(&mut open, long).await.as_deref(), Some(&b""[..]), "closed when the instance died");
+    let mut again = connect(port_of(0)).await.unwrap();
+    assert_eq!(ping(&mut again, long).await.as_deref(), Some(&b""[..]), "refused while dead");
+    // Back to running: reachable again.
+    fake.set_instance_state(ids[0].0, ForcedState::Running);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut back = connect(port_of(0)).await.unwrap();
+    assert_eq!(ping(&mut back, long).await.as_deref(), Some(&b"ping"[..]));
+
+    // Offline: silence on the open connection until the instance is destroyed, then closed.
+    let port = port_of(1);
+    let mut open = connect(port).await.unwrap();
+    assert_eq!(ping(&mut open, long).await.as_deref(), Some(&b"ping"[..]));
+    fake.set_instance_state(ids[1].0, ForcedState::Offline);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ping(&mut open, Duration::from_millis(500)).await, None, "an offline host answers nothing");
+    client.destroy_instance(ids[1]).await.unwrap();
+    assert_eq!(ping(&mut open, long).await.as_deref(), Some(&b""[..]), "closed once destroyed");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(connect(port).await.is_err(), "a destroyed instance's port is closed");
+
+    // Without the option every instance reports the shared endpoint.
+    let plain =
+        fake::spawn(FakeConfig { api_key: Some(KEY.into()), ssh_port: upstream, ..FakeConfig::default() })
+            .await
+            .unwrap();
+    let plain_client = client_for(&plain, KEY, options());
+    let offer = offer_ids(&plain_client, 1).await[0];
+    let id = plain_client.create_instance(&launch(offer, "plain")).await.unwrap();
+    assert_eq!(plain_client.get_instance(id).await.unwrap().ssh.map(|s| s.port), Some(upstream));
+}

@@ -86,6 +86,7 @@ pub fn run(args: FakeVastaiArgs) -> anyhow::Result<()> {
         generated_offers: args.offers,
         faults,
         authorized_keys_file: args.authorized_keys,
+        ssh_per_instance: false,
     };
     let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
     runtime.block_on(async move {

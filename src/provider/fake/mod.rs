@@ -5,7 +5,9 @@
 //!   language, ordering and limits.
 //! - Instances move `created → loading → running` after configurable delays, and carry
 //!   `ssh_host`/`ssh_port` (and a `22/tcp` port mapping) pointing at a configured SSH endpoint.
-//!   Attached SSH keys can be appended to an `authorized_keys` file that endpoint reads.
+//!   Attached SSH keys can be appended to an `authorized_keys` file that endpoint reads. With
+//!   [`FakeConfig::ssh_per_instance`] each instance gets its own port in front of that endpoint,
+//!   reachable only while the instance runs (`ssh_forward`), so a dead instance cuts SSH too.
 //! - Destroy, label, stop/start, the paginated v1 listing, per-endpoint 429 rate limiting.
 //! - Faults ([`Fault`]) and the request log and counters are reachable over `/_fake/...` and
 //!   through [`FakeServer`] in-process.
@@ -18,12 +20,13 @@
 mod faults;
 mod query;
 mod server;
+mod ssh_forward;
 mod state;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -60,6 +63,11 @@ pub struct FakeConfig {
     pub faults: Vec<Fault>,
     /// Attached SSH public keys are appended here, so the SSH endpoint accepts them.
     pub authorized_keys_file: Option<PathBuf>,
+    /// Give every instance its own SSH port on `ssh_host`, forwarding to `ssh_host:ssh_port`
+    /// only while the instance runs: a dead, stopped or destroyed instance refuses and cuts
+    /// connections, an offline one leaves them hanging (see `ssh_forward`). Without it every
+    /// instance reports `ssh_port` itself and stays reachable whatever its state.
+    pub ssh_per_instance: bool,
 }
 
 impl Default for FakeConfig {
@@ -77,6 +85,7 @@ impl Default for FakeConfig {
             generated_offers: 48,
             faults: Vec::new(),
             authorized_keys_file: None,
+            ssh_per_instance: false,
         }
     }
 }
@@ -158,6 +167,8 @@ struct Inner {
 pub struct Shared {
     config: FakeConfig,
     inner: Mutex<Inner>,
+    /// Itself, for the tasks that serve per-instance SSH endpoints.
+    me: Weak<Shared>,
 }
 
 impl Shared {
@@ -183,6 +194,45 @@ impl Shared {
             && let Err(error) = inner.data.save(path)
         {
             tracing::error!(path = %path.display(), %error, "Failed to save the fake Vast.ai state");
+        }
+    }
+
+    /// Opens instance `id`'s own SSH endpoint when [`FakeConfig::ssh_per_instance`] is set; the
+    /// instance then reports its port. On failure the instance keeps the shared endpoint.
+    fn open_ssh_endpoint(&self, inner: &mut Inner, id: i64) {
+        if !self.config.ssh_per_instance {
+            return;
+        }
+        let Some(inst) = inner.data.instances.get_mut(&id) else { return };
+        let upstream =
+            std::net::ToSocketAddrs::to_socket_addrs(&(self.config.ssh_host.as_str(), self.config.ssh_port))
+                .ok()
+                .and_then(|mut addrs| addrs.next());
+        let opened = upstream.ok_or_else(|| std::io::Error::other("unresolvable ssh_host")).and_then(|up| {
+            let listener = ssh_forward::bind(&self.config.ssh_host, inst.ssh_port)?;
+            Ok((listener.local_addr()?.port(), listener, up))
+        });
+        match opened {
+            Ok((port, listener, upstream)) => {
+                inst.ssh_port = Some(port);
+                ssh_forward::spawn(self.me.clone(), id, listener, upstream);
+            }
+            Err(error) => {
+                tracing::error!(instance.id = id, %error, "Failed to open the instance's own SSH endpoint");
+                inst.ssh_port = None;
+            }
+        }
+    }
+
+    /// What instance `id`'s own SSH endpoint does now (its state decides).
+    fn ssh_reach(&self, id: i64) -> ssh_forward::Reach {
+        let inner = self.lock();
+        let Some(inst) = inner.data.instances.get(&id) else { return ssh_forward::Reach::Gone };
+        let settings = self.row_settings(&inner);
+        match state::statuses(inst, state::now_epoch(), &settings).0 {
+            "running" => ssh_forward::Reach::Open,
+            "offline" => ssh_forward::Reach::Silent,
+            _ => ssh_forward::Reach::Closed,
         }
     }
 
@@ -228,7 +278,7 @@ pub async fn spawn(config: FakeConfig) -> Result<FakeServer, FakeError> {
 /// inside a Tokio runtime; the server runs as a task of it.
 pub fn start(listener: TcpListener, config: FakeConfig) -> Result<FakeServer, FakeError> {
     let addr = listener.local_addr().map_err(|source| FakeError::Bind { addr: "listener".into(), source })?;
-    let shared = Arc::new(build_shared(config)?);
+    let shared = build_shared(config)?;
     let (tx, rx) = oneshot::channel::<()>();
     let app = server::router(shared.clone());
     let task = tokio::spawn(async move {
@@ -243,7 +293,7 @@ pub fn start(listener: TcpListener, config: FakeConfig) -> Result<FakeServer, Fa
     Ok(FakeServer { addr, shared, shutdown: Some(tx), task: Some(task) })
 }
 
-fn build_shared(config: FakeConfig) -> Result<Shared, FakeError> {
+fn build_shared(config: FakeConfig) -> Result<Arc<Shared>, FakeError> {
     let mut data = match &config.state_file {
         Some(path) => state::Persisted::load(path)
             .map_err(|source| FakeError::LoadState { path: path.clone(), source })?
@@ -261,7 +311,7 @@ fn build_shared(config: FakeConfig) -> Result<Shared, FakeError> {
         data.next_id = 20_000_001;
     }
     let initial = config.faults.clone();
-    let shared = Shared {
+    let shared = Arc::new_cyclic(|me| Shared {
         config,
         inner: Mutex::new(Inner {
             data,
@@ -270,12 +320,17 @@ fn build_shared(config: FakeConfig) -> Result<Shared, FakeError> {
             counters: Counters::default(),
             last_call: BTreeMap::new(),
         }),
-    };
+        me: me.clone(),
+    });
     for fault in initial {
         shared.add_fault(fault);
     }
     {
-        let inner = shared.lock();
+        let mut inner = shared.lock();
+        let loaded: Vec<i64> = inner.data.instances.keys().copied().collect();
+        for id in loaded {
+            shared.open_ssh_endpoint(&mut inner, id);
+        }
         shared.persist(&inner);
     }
     Ok(shared)

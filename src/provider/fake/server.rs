@@ -312,7 +312,11 @@ fn dispatch(shared: &Shared, route: Route, params: &[(String, String)], body: Op
             }
         }
         Route::CreateInstance(offer_id) => {
+            let next = inner.data.next_id;
             let reply = create(&mut inner, offer_id, body_map, now);
+            if inner.data.next_id != next {
+                shared.open_ssh_endpoint(&mut inner, next);
+            }
             shared.persist(&inner);
             reply
         }
@@ -533,6 +537,7 @@ fn create(inner: &mut Inner, offer_id: i64, body: &Map<String, Value>, now: f64)
             intended_status: "running".into(),
             forced: None,
             ssh_keys: Vec::new(),
+            ssh_port: None,
         },
     );
     inner.data.mark_rented();

@@ -48,6 +48,9 @@ pub struct FakeInstance {
     /// A fault's state and when it takes effect.
     pub forced: Option<(ForcedState, f64)>,
     pub ssh_keys: Vec<String>,
+    /// The instance's own SSH port (`FakeConfig::ssh_per_instance`); the shared one otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_port: Option<u16>,
 }
 
 /// Everything saved to the state file.
@@ -243,8 +246,8 @@ pub fn instance_row(inst: &FakeInstance, now: f64, s: &RowSettings) -> Map<Strin
     let gpu_ram = inst.offer.get("gpu_ram").and_then(Value::as_f64).unwrap_or(0.0);
     let dph = inst.bid_price.or_else(|| inst.offer.get("dph_total").and_then(Value::as_f64)).unwrap_or(0.0);
     let running = actual == "running";
-    let ports =
-        running.then(|| json!({"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": s.ssh_port.to_string()}]}));
+    let ssh_port = inst.ssh_port.unwrap_or(s.ssh_port);
+    let ports = running.then(|| json!({"22/tcp": [{"HostIp": "0.0.0.0", "HostPort": ssh_port.to_string()}]}));
     let extra_env: Vec<Value> = inst.env.iter().map(|(k, v)| json!([k, v])).collect();
     let mut row = json!({
         "id": inst.id, "machine_id": o("machine_id"), "host_id": o("host_id"), "bundle_id": o("id"),
@@ -256,7 +259,7 @@ pub fn instance_row(inst: &FakeInstance, now: f64, s: &RowSettings) -> Map<Strin
         "extra_env": extra_env,
     });
     let part2 = json!({
-        "ssh_host": s.ssh_host, "ssh_port": s.ssh_port, "ssh_idx": "1", "machine_dir_ssh_port": s.ssh_port,
+        "ssh_host": s.ssh_host, "ssh_port": ssh_port, "ssh_idx": "1", "machine_dir_ssh_port": ssh_port,
         "public_ipaddr": s.ssh_host, "local_ipaddrs": "10.0.0.2 172.17.0.1\n",
         "ports": ports, "direct_port_start": if running { 40000 } else { -1 },
         "direct_port_end": if running { 40099 } else { -1 }, "direct_port_count": 100,
@@ -324,6 +327,7 @@ mod tests {
             intended_status: "running".into(),
             forced: None,
             ssh_keys: vec![],
+            ssh_port: None,
         }
     }
 
