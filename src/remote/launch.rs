@@ -4,9 +4,11 @@
 //!
 //! Files in the work dir (design section 2): `train.log` (stdout and stderr), `train.pid` (pid of
 //! the wrapper shell, which is also the process group id), `exit_code` (written by the wrapper
-//! when the command ends), `launches` (one line per start, time and pid: the audit trail that
-//! shows training was started once per machine). Launch is idempotent: a live pid means training is already running, and
-//! an `exit_code` means it already ran; neither starts it again (resume rules, design section 4).
+//! when the command ends), `launches` (one line per start: time, pid, and the machine named in
+//! [`MACHINE_FILE`], `-` when none is: the audit trail that shows training was started once per
+//! machine, even where several machines' attempts share one disk). Launch is idempotent: a live
+//! pid means training is already running, and an `exit_code` means it already ran; neither starts
+//! it again (resume rules, design section 4).
 
 use std::time::Duration;
 
@@ -14,6 +16,10 @@ use super::{RemoteError, RemoteExec, RunOptions, shell_quote};
 
 /// Default base of the remote work dirs.
 pub const DEFAULT_REMOTE_BASE: &str = "/workspace/gputrainer";
+
+/// File in the work dir naming the machine (the GpuInstance) that claimed it; every line of
+/// `launches` repeats it.
+pub const MACHINE_FILE: &str = "machine";
 
 /// Paths of one job's work dir on the machine: `<base>/<TrainingJob UID>/`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,10 +192,11 @@ fn launch_script(layout: &RemoteLayout, command: &str) -> Result<String, RemoteE
          rm -f exit_code train.pid\n\
          PYTHONUNBUFFERED=1 nohup setsid sh -c {wrapper} gpu-trainer-run {cmd} > train.log 2>&1 < /dev/null &\n\
          i=0; while [ ! -s train.pid ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done\n\
-         printf '%s %s\\n' \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\" \"$(cat train.pid)\" >> launches\n\
+         printf '%s %s %s\\n' \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\" \"$(cat train.pid)\" \"$(cat {machine} 2>/dev/null || echo -)\" >> launches\n\
          cat train.pid\n",
         wrapper = shell_quote(wrapper)?,
         cmd = shell_quote(command)?,
+        machine = MACHINE_FILE,
     ))
 }
 
@@ -334,15 +341,18 @@ pub(crate) mod tests {
             LaunchOutcome::AlreadyExited { exit_code: 7 }
         );
         reset(f.exec.as_ref(), &layout).await.unwrap();
+        f.exec.run(&format!("echo gi-2 > {}", layout.join(MACHINE_FILE)), quick()).await.unwrap();
         assert!(matches!(
             launch(f.exec.as_ref(), &layout, &spec).await.unwrap(),
             LaunchOutcome::Started { .. }
         ));
-        // Every start, and only a start, leaves a line in the audit trail.
+        // Every start, and only a start, leaves a line in the audit trail, naming the machine.
         let launches = f.exec.read_from(&layout.join("launches"), 0, 10_000).await.unwrap();
         let launches = String::from_utf8_lossy(&launches.data).into_owned();
-        assert_eq!(launches.lines().count(), 2, "{launches}");
-        assert!(launches.lines().next().unwrap().ends_with(&format!(" {pid}")), "{launches}");
+        let lines: Vec<Vec<&str>> = launches.lines().map(|l| l.split(' ').collect()).collect();
+        assert_eq!(lines.len(), 2, "{launches}");
+        assert_eq!((lines[0][1], lines[0][2]), (pid.to_string().as_str(), "-"), "{launches}");
+        assert_eq!(lines[1][2], "gi-2", "{launches}");
         wait_state(&f, &layout, |s| matches!(s, TrainingState::Exited { .. })).await;
         for dir in [layout.dataset_dir(), layout.output_dir()] {
             assert!(f.exec.run(&format!("test -d {dir}"), quick()).await.unwrap().success());

@@ -68,7 +68,7 @@ pub async fn stage(
 }
 
 /// Name of the file in the work dir naming the GpuInstance that staged it.
-pub const MACHINE_MARKER: &str = "machine";
+pub const MACHINE_MARKER: &str = crate::remote::launch::MACHINE_FILE;
 
 /// Makes the work dir this GpuInstance's: a run recorded there by another machine's attempt
 /// (the same disk reused, or a test whose machines share one) is forgotten, so the trainer
