@@ -1,0 +1,865 @@
+//! The chaos suite (issue #11). Trials of short `demo@1` jobs run while faults hit at random
+//! moments: the operator killed (SIGKILL), the API server restarted (etcd keeps its data), sshd
+//! killed mid-run with its connections, provider 429 storms, 5xx bursts (and rents that fail yet
+//! leave a contract), slow provider answers, and instances dying (exited, offline or outbid; their
+//! SSH goes with them and their trainer is killed). After each trial:
+//! - every job is finished, or still progressing (its status changed recently);
+//! - no training was started twice on one machine (the work dir's `launches` audit trail, whose
+//!   lines name the machine);
+//! - no instance without a GpuInstance outlives the sweep window;
+//! - every deleted GpuInstance's instance is gone, checked the moment the object disappears;
+//! - a job whose machines died no more often than its `backoffLimit` allows succeeds.
+//!
+//! A table of trials, faults (with their times) and outcomes is printed; any violation fails the
+//! suite. Bounded: each trial has a deadline and the suite stops by itself.
+//!
+//! `GPU_TRAINER_CHAOS_TRIALS` sets the number of trials: 10 by default (the short form
+//! `tests/run.sh` runs); `GPU_TRAINER_CHAOS_TRIALS=100 bash tests/run.sh -- chaos` is the full
+//! form. `GPU_TRAINER_CHAOS_SEED` replays a run: trial N uses the printed seed + N, so one trial
+//! replays alone with its own seed and `GPU_TRAINER_CHAOS_TRIALS=1`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::operator::{OperatorOptions, OperatorProcess, installation_id, start_fake};
+use gpu_trainer::api::{GpuInstance, TrainingJob, TrainingJobPhase};
+use gpu_trainer::provider::fake::{FakeServer, Fault, ForcedState};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+const DEFAULT_TRIALS: usize = 10;
+const JOBS_PER_TRIAL: usize = 3;
+/// A trial's jobs must be finished by then (or still progressing, which is reported).
+const TRIAL_DEADLINE: Duration = Duration::from_secs(150);
+/// A job whose status has not changed for this long is not progressing.
+const STUCK_AFTER: Duration = Duration::from_secs(60);
+/// How long an instance without a GpuInstance may live: two sweeps (2 s apart, 3 s grace, the
+/// operator's test settings) plus an API server restart (the sweeper needs the GpuInstance list)
+/// and an operator restart.
+const SWEEP_WINDOW: Duration = Duration::from_secs(45);
+/// How long releasing every machine of a trial may take once its jobs are done.
+const RELEASE_LIMIT: Duration = Duration::from_secs(90);
+/// Faults are injected this long after a trial starts, when jobs are renting, staging, training.
+const FAULT_WINDOW_MS: std::ops::Range<u64> = 500..14_000;
+
+/// Everything the trials share: one namespace, one fake Vast.ai, one operator (restarted when
+/// killed), a served dataset.
+struct Suite {
+    client: kube::Client,
+    ns: String,
+    fake: Arc<FakeServer>,
+    installation: String,
+    operator: Arc<Mutex<OperatorProcess>>,
+    /// Log files of every operator process the suite started.
+    operator_logs: Arc<std::sync::Mutex<Vec<PathBuf>>>,
+    base: PathBuf,
+    href: String,
+    sha256: String,
+    s3: serde_json::Value,
+    jobs: Api<TrainingJob>,
+    instances: Api<GpuInstance>,
+    _dataset_dir: tempfile::TempDir,
+}
+
+impl Suite {
+    async fn start() -> Self {
+        let client = common::kube_client().await;
+        common::install_crds(&client).await;
+        let ns = common::fresh_namespace(&client, "chaos").await;
+        let fake = Arc::new(start_fake(|c| c.ssh_per_instance = true).await);
+        let installation = installation_id();
+        let base = common::env_dir().join("work").join(&ns);
+        std::fs::create_dir_all(&base).unwrap();
+        let dataset_dir = tempfile::tempdir().unwrap();
+        let (href, sha256) = serve_dataset(dataset_dir.path()).await;
+        let operator_logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let operator = start_operator(&ns, &fake, &installation, &base, &operator_logs);
+        let suite = Suite {
+            jobs: Api::namespaced(client.clone(), &ns),
+            instances: Api::namespaced(client.clone(), &ns),
+            client,
+            ns,
+            fake,
+            installation,
+            operator: Arc::new(Mutex::new(operator)),
+            operator_logs,
+            base,
+            href,
+            sha256,
+            s3: serde_json::Value::Null,
+            _dataset_dir: dataset_dir,
+        };
+        let s3 = suite.s3_output().await;
+        Suite { s3, ..suite }
+    }
+
+    fn label_prefix(&self) -> String {
+        format!("gputrainer:{}:", self.installation)
+    }
+
+    /// `spec.output.s3` pointing at the test Garage, with its credentials in a Secret.
+    async fn s3_output(&self) -> serde_json::Value {
+        let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "garage"},
+            "stringData": {
+                "AWS_ACCESS_KEY_ID": test_env("GPU_TRAINER_TEST_S3_ACCESS_KEY_ID"),
+                "AWS_SECRET_ACCESS_KEY": test_env("GPU_TRAINER_TEST_S3_SECRET_ACCESS_KEY"),
+            }
+        }))
+        .unwrap();
+        Api::namespaced(self.client.clone(), &self.ns).create(&PostParams::default(), &secret).await.unwrap();
+        serde_json::json!({
+            "bucket": test_env("GPU_TRAINER_TEST_S3_BUCKET"),
+            "prefix": format!("chaos/{}", self.ns),
+            "endpoint": test_env("GPU_TRAINER_TEST_S3_ENDPOINT"),
+            "region": test_env("GPU_TRAINER_TEST_S3_REGION"),
+            "forcePathStyle": true,
+            "credentialsSecretRef": {"name": "garage"}
+        })
+    }
+
+    fn job(&self, plan: &JobPlan) -> TrainingJob {
+        let mut spec = serde_json::json!({
+            "tool": "demo@1",
+            "params": {"steps": plan.steps, "secondsPerStep": 0.25, "saveEvery": 4},
+            "dataset": {"url": {"href": self.href, "sha256": self.sha256}},
+            "activeDeadlineSeconds": 900,
+            "backoffLimit": plan.backoff_limit,
+            "monitoring": {"pollIntervalSeconds": 5}
+        });
+        if plan.s3_output {
+            spec["output"] = serde_json::json!({"s3": self.s3});
+        }
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "gputrainer.dev/v1alpha1",
+            "kind": "TrainingJob",
+            "metadata": {"name": plan.name},
+            "spec": spec
+        }))
+        .unwrap()
+    }
+}
+
+fn start_operator(
+    ns: &str,
+    fake: &FakeServer,
+    installation: &str,
+    base: &Path,
+    logs: &std::sync::Mutex<Vec<PathBuf>>,
+) -> OperatorProcess {
+    let mut options = OperatorOptions::new(ns, fake, installation);
+    options.args = vec!["--remote-base".into(), base.display().to_string()];
+    let operator = OperatorProcess::start(&options);
+    logs.lock().unwrap().push(operator.log.clone());
+    operator
+}
+
+fn test_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: source the tests/env env file"))
+}
+
+/// A dataset packed with `gpu-trainer dataset pack`, served from 127.0.0.1: (URL, SHA-256).
+async fn serve_dataset(dir: &Path) -> (String, String) {
+    let folder = dir.join("photos");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("a.jpg"), [0xFF, 0xD8, 0xFF, 0xE0, 1, 2, 3, 4]).unwrap();
+    std::fs::write(folder.join("a.txt"), "a photo of sks dog").unwrap();
+    let archive = dir.join("photos.tar");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpu-trainer"))
+        .args(["dataset", "pack", "--no-validate", "-o"])
+        .arg(&archive)
+        .arg(&folder)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "dataset pack: {}", String::from_utf8_lossy(&out.stderr));
+    let sha256 = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let bytes = bytes::Bytes::from(std::fs::read(&archive).unwrap());
+    let app =
+        axum::Router::new().route("/photos.tar", axum::routing::get(move || async move { bytes.clone() }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}/photos.tar"), sha256)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plan of a trial, drawn from its seed.
+
+#[derive(Clone, Debug)]
+struct JobPlan {
+    name: String,
+    steps: u32,
+    backoff_limit: i32,
+    s3_output: bool,
+    /// Created this long after the trial starts.
+    create_after: Duration,
+}
+
+#[derive(Clone, Debug)]
+enum FaultKind {
+    /// SIGKILL the operator, start a new one after `down`.
+    OperatorKill { down: Duration },
+    /// Stop kube-apiserver (TERM or KILL) and start it again after `down`; etcd keeps running.
+    ApiServerRestart { kill: bool, down: Duration },
+    /// Kill sshd and every connection it serves; start it again after `down`.
+    SshdKill { kill: bool, down: Duration },
+    /// The provider answers 429 to the next `count` requests.
+    RateLimitStorm { count: u32, retry_after: Option<u64> },
+    /// The provider answers `status` to the next `count` requests (to one endpoint or all).
+    ErrorBurst { status: u16, count: u32, endpoint: Option<&'static str> },
+    /// The next rent fails with `status` yet rents the machine (reporting the contract or not).
+    CreateLeavesContract { status: u16, report_contract: bool },
+    /// The provider answers the next `count` requests only after `delay`.
+    Slow { delay: Duration, count: u32 },
+    /// A job's machine dies; `pick` chooses among the jobs that have one.
+    InstanceDeath { state: ForcedState, pick: u32 },
+}
+
+#[derive(Clone, Debug)]
+struct FaultPlan {
+    at: Duration,
+    kind: FaultKind,
+}
+
+#[derive(Clone, Debug)]
+struct TrialPlan {
+    jobs: Vec<JobPlan>,
+    faults: Vec<FaultPlan>,
+}
+
+fn plan_trial(trial: usize, seed: u64) -> TrialPlan {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let jobs = (0..JOBS_PER_TRIAL)
+        .map(|i| JobPlan {
+            name: format!("c{trial:03}-{}", (b'a' + i as u8) as char),
+            steps: rng.random_range(12..=20),
+            // One job may not lose a machine; the others may lose one.
+            backoff_limit: if i == 0 { 0 } else { 1 },
+            // One job keeps its checkpoints and model in S3 (a replacement resumes from there).
+            s3_output: i == JOBS_PER_TRIAL - 1,
+            create_after: Duration::from_millis(rng.random_range(0..2000)),
+        })
+        .collect();
+    let count = rng.random_range(1..=2);
+    let mut faults: Vec<FaultPlan> = (0..count)
+        .map(|_| {
+            let kind = match rng.random_range(0..8) {
+                0 => FaultKind::OperatorKill { down: Duration::from_millis(rng.random_range(0..2000)) },
+                1 => FaultKind::ApiServerRestart {
+                    kill: rng.random_bool(0.5),
+                    down: Duration::from_millis(rng.random_range(0..2000)),
+                },
+                2 => FaultKind::SshdKill {
+                    kill: rng.random_bool(0.5),
+                    down: Duration::from_millis(rng.random_range(500..5000)),
+                },
+                3 => FaultKind::RateLimitStorm {
+                    count: rng.random_range(10..40),
+                    retry_after: if rng.random_bool(0.5) { Some(1) } else { None },
+                },
+                4 => {
+                    let endpoints =
+                        [None, Some("create_instance"), Some("show_instance"), Some("destroy_instance")];
+                    FaultKind::ErrorBurst {
+                        status: [500, 502, 503, 504][rng.random_range(0..4)],
+                        count: rng.random_range(5..20),
+                        endpoint: endpoints[rng.random_range(0..endpoints.len())],
+                    }
+                }
+                5 => FaultKind::CreateLeavesContract {
+                    status: [500, 502, 503][rng.random_range(0..3)],
+                    report_contract: rng.random_bool(0.5),
+                },
+                6 => FaultKind::Slow {
+                    delay: Duration::from_millis(rng.random_range(1000..5000)),
+                    count: rng.random_range(3..10),
+                },
+                _ => FaultKind::InstanceDeath {
+                    state: [ForcedState::Exited, ForcedState::Offline, ForcedState::Outbid]
+                        [rng.random_range(0..3)],
+                    pick: rng.random(),
+                },
+            };
+            let at = Duration::from_millis(rng.random_range(FAULT_WINDOW_MS));
+            FaultPlan { at, kind }
+        })
+        .collect();
+    faults.sort_by_key(|f| f.at);
+    TrialPlan { jobs, faults }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Injecting faults.
+
+/// What happened when a fault was injected: when (after the trial began) and what it did.
+#[derive(Clone, Debug)]
+struct Injected {
+    at: Duration,
+    what: String,
+    /// The machine that died (GpuInstance name) and its job, for instance deaths.
+    death: Option<(String, String)>,
+}
+
+fn restart_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/env/restart.sh")
+}
+
+/// Runs `tests/env/restart.sh`; returns how long the component was unavailable.
+async fn restart(component: &str, kill: bool, down: Duration) -> Result<Duration, String> {
+    let started = Instant::now();
+    let out = tokio::process::Command::new("bash")
+        .arg(restart_script())
+        .arg(component)
+        .args(["--down", &format!("{:.2}", down.as_secs_f64())])
+        .args(["--signal", if kill { "KILL" } else { "TERM" }])
+        .args(["--grace", "2"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("restart.sh: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("restart.sh {component} failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(started.elapsed())
+}
+
+async fn inject(suite: &Suite, started: Instant, fault: &FaultPlan, names: &[String]) -> Injected {
+    tokio::time::sleep_until(started + fault.at).await;
+    let at = started.elapsed();
+    let mut death = None;
+    let what = match &fault.kind {
+        FaultKind::OperatorKill { down } => {
+            let mut operator = suite.operator.lock().await;
+            operator.kill();
+            tokio::time::sleep(*down).await;
+            *operator = start_operator(
+                &suite.ns,
+                &suite.fake,
+                &suite.installation,
+                &suite.base,
+                &suite.operator_logs,
+            );
+            format!("operator SIGKILL, down {:.1}s", down.as_secs_f64())
+        }
+        FaultKind::ApiServerRestart { kill, down } => match restart("apiserver", *kill, *down).await {
+            Ok(took) => format!("apiserver {}, down {:.1}s", signal_name(*kill), took.as_secs_f64()),
+            Err(e) => format!("apiserver restart FAILED: {e}"),
+        },
+        FaultKind::SshdKill { kill, down } => match restart("sshd", *kill, *down).await {
+            Ok(took) => format!("sshd {}, down {:.1}s", signal_name(*kill), took.as_secs_f64()),
+            Err(e) => format!("sshd restart FAILED: {e}"),
+        },
+        FaultKind::RateLimitStorm { count, retry_after } => {
+            suite.fake.add_fault(Fault::RateLimit {
+                count: *count,
+                retry_after_secs: *retry_after,
+                endpoint: None,
+            });
+            match retry_after {
+                Some(s) => format!("429 x{count} (Retry-After {s})"),
+                None => format!("429 x{count}"),
+            }
+        }
+        FaultKind::ErrorBurst { status, count, endpoint } => {
+            suite.fake.add_fault(Fault::ErrorBurst {
+                status: *status,
+                count: *count,
+                endpoint: endpoint.map(str::to_string),
+            });
+            format!("{status} x{count} {}", endpoint.unwrap_or("(all)"))
+        }
+        FaultKind::CreateLeavesContract { status, report_contract } => {
+            suite.fake.add_fault(Fault::CreateLeavesContract {
+                count: 1,
+                status: *status,
+                report_contract: *report_contract,
+            });
+            format!("rent {status} leaving a contract{}", if *report_contract { "" } else { " (unreported)" })
+        }
+        FaultKind::Slow { delay, count } => {
+            suite.fake.add_fault(Fault::Slow {
+                delay_ms: delay.as_millis() as u64,
+                count: *count,
+                endpoint: None,
+            });
+            format!("slow {:.1}s x{count}", delay.as_secs_f64())
+        }
+        FaultKind::InstanceDeath { state, pick } => match kill_instance(suite, names, *state, *pick).await {
+            Some((job, machine, id)) => {
+                let text = format!("{machine} ({id}) {}", state_name(*state));
+                death = Some((machine, job));
+                text
+            }
+            None => "death: no machine to kill".into(),
+        },
+    };
+    Injected { at, what, death }
+}
+
+fn signal_name(kill: bool) -> &'static str {
+    if kill { "SIGKILL" } else { "SIGTERM" }
+}
+
+fn state_name(state: ForcedState) -> &'static str {
+    match state {
+        ForcedState::Exited => "exited",
+        ForcedState::Offline => "offline",
+        ForcedState::Outbid => "outbid",
+        ForcedState::Running => "running",
+    }
+}
+
+/// Kills the machine of one of the trial's unfinished jobs: the provider reports `state`, its
+/// SSH endpoint cuts (fake's per-instance endpoints), and its trainer dies with it. Waits up to
+/// 10 s for a job with a running machine. Returns (job, GpuInstance, provider id).
+async fn kill_instance(
+    suite: &Suite,
+    names: &[String],
+    state: ForcedState,
+    pick: u32,
+) -> Option<(String, String, i64)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (job, uid, machine, id) = loop {
+        let mut candidates = Vec::new();
+        for name in names {
+            let Ok(Some(job)) = suite.jobs.get_opt(name).await else { continue };
+            let status = job.status.clone().unwrap_or_default();
+            if status.phase.is_finished() {
+                continue;
+            }
+            let Some(instance) = status.instance else { continue };
+            let Some(id) = instance.provider_id.and_then(|p| p.parse::<i64>().ok()) else { continue };
+            let running = suite
+                .fake
+                .instances()
+                .iter()
+                .any(|r| r["id"] == serde_json::json!(id) && r["actual_status"] == "running");
+            if running {
+                candidates.push((name.clone(), job.uid().unwrap(), instance.name, id));
+            }
+        }
+        if !candidates.is_empty() {
+            break candidates.swap_remove(pick as usize % candidates.len());
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    suite.fake.set_instance_state(id, state);
+    // The endpoint cuts SSH within 100 ms; commands already running on "the machine" get a moment
+    // to end before its processes die.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    kill_trainer(&suite.base.join(&uid), Some(&machine));
+    Some((job, machine, id))
+}
+
+/// Kills the job's trainer on "the machine" (this machine) if it runs, and only if it belongs to
+/// `machine` (the work dir's machine file) when one is named. Only a live wrapper of ours is
+/// signalled: a recorded pid may since belong to another process.
+fn kill_trainer(dir: &Path, machine: Option<&str>) {
+    if let Some(machine) = machine {
+        let claimed = std::fs::read_to_string(dir.join("machine")).unwrap_or_default();
+        if claimed.trim() != machine {
+            return;
+        }
+    }
+    let Ok(pid) = std::fs::read_to_string(dir.join("train.pid")) else { return };
+    let Ok(pid) = pid.trim().parse::<u32>() else { return };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if String::from_utf8_lossy(&cmdline).contains("gpu-trainer-run") {
+        let _ = std::process::Command::new("kill").args(["-KILL", "--"]).arg(format!("-{pid}")).status();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watching a trial.
+
+/// What the watcher saw of one GpuInstance.
+#[derive(Clone, Debug, Default)]
+struct SeenInstance {
+    name: String,
+    job: String,
+    provider_id: Option<String>,
+    phase: String,
+    reason: Option<String>,
+    gone: bool,
+}
+
+/// What the watcher saw of one job.
+#[derive(Clone, Debug)]
+struct SeenJob {
+    uid: String,
+    phase: TrainingJobPhase,
+    resource_version: Option<String>,
+    last_change: Instant,
+    finished: Option<TrainingJob>,
+}
+
+#[derive(Default)]
+struct Watch {
+    instances: BTreeMap<String, SeenInstance>,
+    jobs: BTreeMap<String, SeenJob>,
+    /// Provider instances without a GpuInstance: id -> (label, first seen so).
+    orphans: BTreeMap<i64, (String, Instant)>,
+    violations: BTreeSet<String>,
+}
+
+impl Watch {
+    /// One look at the GpuInstances, the provider's instances and the jobs. API errors (the API
+    /// server is restarting) skip that part of the look.
+    async fn look(&mut self, suite: &Suite, names: &[String]) {
+        let now = Instant::now();
+        // GpuInstances first, then the provider: an instance listed after its GpuInstance was
+        // seen gone outlived it.
+        let listed = suite.instances.list(&ListParams::default()).await.ok();
+        let rows = suite.fake.instances();
+        if let Some(listed) = &listed {
+            let present: BTreeSet<String> = listed.items.iter().filter_map(|g| g.uid()).collect();
+            for gi in &listed.items {
+                let Some(uid) = gi.uid() else { continue };
+                let status = gi.status.clone().unwrap_or_default();
+                let seen = self.instances.entry(uid).or_default();
+                seen.name = gi.name_any();
+                seen.job = gi.labels().get("gputrainer.dev/trainingjob").cloned().unwrap_or_default();
+                seen.provider_id = status.provider_id.clone().or(seen.provider_id.take());
+                seen.phase = format!("{:?}", status.phase);
+                seen.reason = status.reason.map(|r| r.as_str().to_string()).or(seen.reason.take());
+            }
+            for (uid, seen) in self.instances.iter_mut() {
+                if !seen.gone && !present.contains(uid) {
+                    seen.gone = true;
+                    // The finalizer comes off only once the provider no longer lists the machine.
+                    for row in &rows {
+                        if row_uid(row, &suite.label_prefix()).as_deref() == Some(uid.as_str()) {
+                            self.violations.insert(format!(
+                                "LEAK: GpuInstance {} was deleted while instance {} ({}) still existed",
+                                seen.name, row["id"], row["actual_status"]
+                            ));
+                        }
+                    }
+                }
+            }
+            let prefix = suite.label_prefix();
+            let mut still = BTreeSet::new();
+            for row in &rows {
+                let Some(uid) = row_uid(row, &prefix) else { continue };
+                let id = row["id"].as_i64().unwrap_or_default();
+                if present.contains(&uid) {
+                    continue;
+                }
+                still.insert(id);
+                let label = row["label"].as_str().unwrap_or_default().to_string();
+                let (_, since) = self.orphans.entry(id).or_insert((label.clone(), now));
+                if now.duration_since(*since) > SWEEP_WINDOW {
+                    self.violations.insert(format!(
+                        "LEAK: instance {id} ({label}) has had no GpuInstance for over {} s",
+                        SWEEP_WINDOW.as_secs()
+                    ));
+                }
+            }
+            self.orphans.retain(|id, _| still.contains(id));
+        }
+        for name in names {
+            let Ok(found) = suite.jobs.get_opt(name).await else { continue };
+            let Some(job) = found else { continue };
+            let phase = job.status.clone().unwrap_or_default().phase;
+            let version = job.resource_version();
+            let entry = self.jobs.entry(name.clone()).or_insert(SeenJob {
+                uid: job.uid().unwrap_or_default(),
+                phase,
+                resource_version: version.clone(),
+                last_change: now,
+                finished: None,
+            });
+            if entry.resource_version != version {
+                entry.resource_version = version;
+                entry.last_change = now;
+            }
+            entry.phase = phase;
+            if phase.is_finished() {
+                entry.finished = Some(job);
+            }
+        }
+    }
+}
+
+/// The GpuInstance UID in a provider row's label, when the label is this installation's.
+fn row_uid(row: &serde_json::Map<String, serde_json::Value>, prefix: &str) -> Option<String> {
+    row.get("label")?.as_str()?.strip_prefix(prefix).map(str::to_string)
+}
+
+/// Training starts per machine, from the job's `launches` audit trail.
+fn launches_per_machine(dir: &Path) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    let text = std::fs::read_to_string(dir.join("launches")).unwrap_or_default();
+    for line in text.lines() {
+        let machine = line.split(' ').nth(2).unwrap_or("-").to_string();
+        *out.entry(machine).or_default() += 1;
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// One trial.
+
+struct TrialRow {
+    trial: usize,
+    seed: u64,
+    faults: Vec<Injected>,
+    /// Per job: "name: outcome".
+    outcomes: Vec<String>,
+    /// Per machine: launches.
+    launches: Vec<String>,
+    leaked: usize,
+    duration: Duration,
+    violations: Vec<String>,
+}
+
+async fn run_trial(suite: &Suite, trial: usize, seed: u64) -> TrialRow {
+    let plan = plan_trial(trial, seed);
+    let names: Vec<String> = plan.jobs.iter().map(|j| j.name.clone()).collect();
+    let started = Instant::now();
+
+    let creator = {
+        let jobs = suite.jobs.clone();
+        let specs: Vec<(Duration, TrainingJob)> =
+            plan.jobs.iter().map(|j| (j.create_after, suite.job(j))).collect();
+        tokio::spawn(async move {
+            for (after, spec) in specs {
+                tokio::time::sleep_until(started + after).await;
+                // The API server may be restarting: try again, and a lost answer is a 409.
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    match jobs.create(&PostParams::default(), &spec).await {
+                        Ok(_) => break,
+                        Err(kube::Error::Api(s)) if s.code == 409 => break,
+                        Err(e) if Instant::now() >= deadline => panic!("creating {}: {e}", spec.name_any()),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                    }
+                }
+            }
+        })
+    };
+    let suite_ref: &Suite = suite;
+    let injections =
+        futures::future::join_all(plan.faults.iter().map(|f| inject(suite_ref, started, f, &names)));
+    let watching = async {
+        let mut watch = Watch::default();
+        loop {
+            watch.look(suite, &names).await;
+            let all_done = names.iter().all(|n| watch.jobs.get(n).is_some_and(|j| j.finished.is_some()));
+            if all_done || started.elapsed() >= TRIAL_DEADLINE {
+                return watch;
+            }
+            // Give up early on jobs that stopped changing (reported below).
+            let stuck = names.iter().all(|n| {
+                watch
+                    .jobs
+                    .get(n)
+                    .is_some_and(|j| j.finished.is_some() || j.last_change.elapsed() > STUCK_AFTER)
+            });
+            if stuck {
+                return watch;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    };
+    // Faults run alongside; the watch ends once every fault is over too.
+    let (faults, mut watch) = tokio::join!(injections, watching);
+    creator.await.unwrap();
+    // A fault that ended after the jobs did (e.g. an API server restart): look again.
+    watch.look(suite, &names).await;
+
+    // Outcomes, against what the faults allow.
+    let mut outcomes = Vec::new();
+    let mut violations: Vec<String> = Vec::new();
+    let mut launches = Vec::new();
+    for job_plan in &plan.jobs {
+        let name = &job_plan.name;
+        let deaths = faults.iter().filter(|f| f.death.as_ref().is_some_and(|(_, j)| j == name)).count();
+        let seen = watch.jobs.get(name);
+        let outcome = match seen.and_then(|s| s.finished.clone()) {
+            Some(job) => {
+                let status = job.status.clone().unwrap_or_default();
+                let reason = status.reason.map(|r| r.as_str().to_string()).unwrap_or_default();
+                let uid = job.uid().unwrap_or_default();
+                for (machine, count) in launches_per_machine(&suite.base.join(&uid)) {
+                    launches.push(format!("{machine}:{count}"));
+                    if count > 1 {
+                        violations.push(format!("DUPLICATE: training started {count} times on {machine}"));
+                    }
+                }
+                let ok = status.phase == TrainingJobPhase::Succeeded;
+                if !ok && deaths as i32 <= job_plan.backoff_limit {
+                    violations.push(format!(
+                        "UNEXPECTED: {name} failed ({reason}: {}) after {deaths} machine death(s) with backoffLimit {}",
+                        status.message.clone().unwrap_or_default(),
+                        job_plan.backoff_limit
+                    ));
+                }
+                if ok {
+                    format!("{name}:ok/{}m", status.attempts)
+                } else {
+                    format!("{name}:{reason}/{}m", status.attempts)
+                }
+            }
+            None => {
+                let (phase, quiet) = seen
+                    .map(|s| (format!("{:?}", s.phase), s.last_change.elapsed()))
+                    .unwrap_or(("unseen".into(), started.elapsed()));
+                if quiet > STUCK_AFTER {
+                    violations.push(format!(
+                        "STUCK: {name} still {phase}, its status unchanged for {} s",
+                        quiet.as_secs()
+                    ));
+                    format!("{name}:STUCK({phase})")
+                } else {
+                    format!("{name}:progressing({phase})")
+                }
+            }
+        };
+        outcomes.push(outcome);
+    }
+
+    // Clean up: the trial's jobs go (their GpuInstances with them, through the garbage
+    // collector and the finalizer); then every machine of the installation must be released.
+    suite.fake.clear_faults();
+    {
+        let mut operator = suite.operator.lock().await;
+        if !operator.is_running() {
+            violations.push(format!("the operator exited by itself: {}", operator.log_tail()));
+            *operator = start_operator(
+                &suite.ns,
+                &suite.fake,
+                &suite.installation,
+                &suite.base,
+                &suite.operator_logs,
+            );
+        }
+    }
+    for name in &names {
+        let _ = suite.jobs.delete(name, &DeleteParams::background()).await;
+    }
+    let release_deadline = Instant::now() + RELEASE_LIMIT;
+    loop {
+        watch.look(suite, &names).await;
+        let objects_left: Vec<&SeenInstance> = watch.instances.values().filter(|i| !i.gone).collect();
+        let machines_left = common::operator::live_instances(&suite.fake, &suite.label_prefix()).await;
+        if objects_left.is_empty() && machines_left.is_empty() {
+            break;
+        }
+        if Instant::now() >= release_deadline {
+            for gi in objects_left {
+                violations.push(format!("LEAK: GpuInstance {} ({}) was never released", gi.name, gi.phase));
+            }
+            for machine in machines_left {
+                violations.push(format!(
+                    "LEAK: instance {} ({}) outlived its trial",
+                    machine.id,
+                    machine.label.unwrap_or_default()
+                ));
+                // Not left for the next trial to find.
+                let _ = suite.fake_destroy(machine.id.0).await;
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // A trainer of a job that did not finish may still run on "the machine".
+    for seen in watch.jobs.values() {
+        kill_trainer(&suite.base.join(&seen.uid), None);
+    }
+    violations.extend(watch.violations.iter().cloned());
+    let leaked = violations.iter().filter(|v| v.starts_with("LEAK")).count();
+    TrialRow { trial, seed, faults, outcomes, launches, leaked, duration: started.elapsed(), violations }
+}
+
+impl Suite {
+    /// Destroys an instance through the provider API (cleanup after a reported leak).
+    async fn fake_destroy(&self, id: i64) -> Result<(), gpu_trainer::provider::Error> {
+        use gpu_trainer::provider::{GpuProvider, InstanceId};
+        common::operator::provider_client(&self.fake).destroy_instance(InstanceId(id)).await
+    }
+}
+
+fn print_row(row: &TrialRow) {
+    let faults: Vec<String> =
+        row.faults.iter().map(|f| format!("{:.1}s {}", f.at.as_secs_f64(), f.what)).collect();
+    println!(
+        "{:>5}  {:>20}  {:<58}  {:<50}  {:<34}  {:>6}  {:>6.1}s",
+        row.trial,
+        row.seed,
+        faults.join("; "),
+        row.outcomes.join(" "),
+        row.launches.join(" "),
+        row.leaked,
+        row.duration.as_secs_f64()
+    );
+    for v in &row.violations {
+        println!("       !! {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn chaos_trials_leave_no_leaked_instance_and_no_training_run_twice() {
+    let trials: usize = std::env::var("GPU_TRAINER_CHAOS_TRIALS")
+        .ok()
+        .map(|v| v.parse().expect("GPU_TRAINER_CHAOS_TRIALS is a number"))
+        .unwrap_or(DEFAULT_TRIALS);
+    let seed: u64 = std::env::var("GPU_TRAINER_CHAOS_SEED")
+        .ok()
+        .map(|v| v.parse().expect("GPU_TRAINER_CHAOS_SEED is a number"))
+        .unwrap_or_else(rand::random);
+    println!(
+        "\nchaos: {trials} trials, seed {seed} (replay: GPU_TRAINER_CHAOS_SEED={seed} GPU_TRAINER_CHAOS_TRIALS={trials})"
+    );
+    let suite = Suite::start().await;
+    suite.operator.lock().await.wait_ready().await;
+    println!("namespace {}, operator logs under {}", suite.ns, common::env_dir().join("logs").display());
+    println!(
+        "{:>5}  {:>20}  {:<58}  {:<50}  {:<34}  {:>6}  {:>7}",
+        "trial",
+        "seed",
+        "faults (time after start)",
+        "jobs: outcome/machines",
+        "launches per machine",
+        "leaked",
+        "took"
+    );
+    let mut rows = Vec::new();
+    for trial in 0..trials {
+        let row = run_trial(&suite, trial, seed.wrapping_add(trial as u64)).await;
+        print_row(&row);
+        rows.push(row);
+    }
+
+    let violations: Vec<String> = rows
+        .iter()
+        .flat_map(|r| r.violations.iter().map(move |v| format!("trial {} (seed {}): {v}", r.trial, r.seed)))
+        .collect();
+    let leaks = rows.iter().map(|r| r.leaked).sum::<usize>();
+    let duplicates = violations.iter().filter(|v| v.contains("DUPLICATE")).count();
+    let jobs = rows.iter().map(|r| r.outcomes.len()).sum::<usize>();
+    let succeeded = rows.iter().flat_map(|r| &r.outcomes).filter(|o| o.contains(":ok/")).count();
+    let took: Duration = rows.iter().map(|r| r.duration).sum();
+    println!(
+        "\n{trials} trials, {jobs} jobs ({succeeded} succeeded), {} faults, {leaks} leaks, {duplicates} duplicate trainings, {:.0}s",
+        rows.iter().map(|r| r.faults.len()).sum::<usize>(),
+        took.as_secs_f64()
+    );
+    if !violations.is_empty() {
+        let logs = suite.operator_logs.lock().unwrap().clone();
+        panic!("{} violation(s):\n{}\noperator logs: {logs:?}", violations.len(), violations.join("\n"));
+    }
+    common::delete_namespace(&suite.client, &suite.ns).await;
+}
