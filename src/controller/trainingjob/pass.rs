@@ -10,8 +10,9 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
-use tracing::debug;
+use tracing::{debug, info};
 
+use super::machine::MachineWatch;
 use super::{Error, JobController, finish, kube_err, provision, session, stage, suspend, train};
 use crate::api::{
     ConditionStatus, GpuInstance, Reason, TrainingJob, TrainingJobPhase, TrainingJobStatus, from_k8s_time,
@@ -79,6 +80,9 @@ impl Pass<'_> {
             let observed = Observations { machine: machine.clone(), training: training.clone() };
             let step = next_step(&self.job.spec, &self.status, &observed, now);
             debug!(job = %self.job.name_any(), ?step, "Next step");
+            // Steps on the machine are abandoned if it is lost meanwhile (the next step then
+            // sees the loss): SSH to a dead machine only gives up after minutes of retrying.
+            let watch = MachineWatch::new(&self.instances, instance.as_ref());
             match step {
                 Step::Done => return Ok(Action::await_change()),
                 Step::AcquireMachine { attempt } => {
@@ -88,118 +92,188 @@ impl Pass<'_> {
                     return Ok(Action::requeue(MACHINE_WAIT));
                 }
                 Step::WaitForMachine => return Ok(Action::requeue(MACHINE_WAIT)),
-                Step::Stage => {
-                    let exec = self.session(runtime, instance.as_ref()).await?;
-                    self.set_phase(TrainingJobPhase::Staging, Reason::Staging, "staging dataset and recipe");
-                    if let Some(instance) = instance.as_ref() {
-                        stage::claim_work_dir(exec.as_ref(), &self.layout, &instance.name_any()).await?;
-                    }
-                    match stage::stage(exec.as_ref(), &self.layout, &self.job.spec, &self.tool).await? {
-                        Ok(message) => {
-                            // A replacement machine gets its checkpoint before it counts as staged.
-                            self.restore(runtime, exec.as_ref()).await?;
-                            set_condition(
-                                &mut self.status.conditions,
-                                job_condition::DATA_STAGED,
-                                ConditionStatus::True,
-                                Reason::Staged,
-                                &message,
-                                None,
-                                Utc::now(),
-                            );
-                            self.event(EventType::Normal, "Staged", "Stage", &message).await;
-                        }
-                        Err((reason, message)) => {
-                            self.finish(runtime, TrainingJobPhase::Failed, reason, &message).await?
-                        }
-                    }
-                }
+                Step::Stage => match watch.run(self.stage(runtime, instance.as_ref())).await {
+                    Some(staged) => staged?,
+                    None => self.machine_lost(runtime),
+                },
                 Step::Launch { resume } => {
-                    let exec = self.session(runtime, instance.as_ref()).await?;
-                    let env = match train::resolve_env(&self.secrets, &self.job.spec).await? {
-                        Ok(env) => env,
-                        Err(message) => {
-                            self.finish(runtime, TrainingJobPhase::Failed, Reason::SecretNotFound, &message)
-                                .await?;
-                            continue;
-                        }
-                    };
-                    let outcome =
-                        launch::launch(exec.as_ref(), &self.layout, &self.tool.launch_spec(resume, env))
-                            .await?;
-                    let message = match outcome {
-                        LaunchOutcome::Started { pid } => format!("{} started (pid {pid})", self.tool.tool),
-                        LaunchOutcome::AlreadyRunning { pid } => {
-                            format!("{} is running (pid {pid})", self.tool.tool)
-                        }
-                        LaunchOutcome::AlreadyExited { exit_code } => {
-                            format!("{} already ran (exit code {exit_code})", self.tool.tool)
-                        }
-                    };
-                    self.set_phase(TrainingJobPhase::Training, Reason::Training, &message);
-                    set_condition(
-                        &mut self.status.conditions,
-                        job_condition::TRAINING,
-                        ConditionStatus::True,
-                        Reason::Training,
-                        &message,
-                        None,
-                        Utc::now(),
-                    );
-                    if matches!(outcome, LaunchOutcome::Started { .. }) {
-                        if self.status.attempts == 1
-                            && let Some(created) = self.job.meta().creation_timestamp.as_ref()
-                        {
-                            let waited = (Utc::now() - from_k8s_time(created)).num_milliseconds().max(0)
-                                as f64
-                                / 1000.0;
-                            self.ctrl.ctx.metrics.apply_to_training_seconds.observe(waited);
-                        }
-                        self.event(EventType::Normal, "TrainingStarted", "Launch", &message).await;
+                    match watch.run(self.launch(runtime, instance.as_ref(), resume)).await {
+                        Some(launched) => launched?,
+                        None => self.machine_lost(runtime),
                     }
                 }
-                Step::Poll => {
-                    let exec = self.session(runtime, instance.as_ref()).await?;
-                    training = self.poll(runtime, exec.as_ref(), instance.as_ref()).await?;
-                    if training == TrainingObservation::Running {
-                        self.sync_checkpoints(runtime, exec.as_ref()).await?;
-                        let every =
-                            Duration::from_secs(u64::from(self.job.spec.monitoring.poll_interval_seconds));
-                        return Ok(Action::requeue(every));
+                Step::Poll => match watch.run(self.poll_step(runtime, instance.as_ref())).await {
+                    Some(polled) => {
+                        training = polled?;
+                        if training == TrainingObservation::Running {
+                            let every = Duration::from_secs(u64::from(
+                                self.job.spec.monitoring.poll_interval_seconds,
+                            ));
+                            return Ok(Action::requeue(every));
+                        }
                     }
-                }
+                    None => self.machine_lost(runtime),
+                },
                 Step::StopAndFail { reason, message } => {
-                    let mut message = message;
-                    if let Ok(exec) = self.session(runtime, instance.as_ref()).await {
-                        finish::stop(exec.as_ref(), &self.layout).await?;
-                        // What the trainer saved is listed, and the latest checkpoint saved with
-                        // a model card marked incomplete, before the machine goes.
-                        let kind = train::parser_kind(self.tool.parser);
-                        let (_, found) =
-                            finish::collect(exec.as_ref(), &self.layout, &self.tool, kind).await?;
-                        self.status.checkpoints =
-                            super::outputs::merge_checkpoints(&self.status.checkpoints, &found, &[]);
-                        let stop_reason = format!("{reason}: {message}");
-                        let saved = self.salvage(runtime, exec.as_ref(), &stop_reason).await?;
-                        message = format!("{message}; {saved}");
-                    }
+                    let saved =
+                        watch.run(self.stop_and_save(runtime, instance.as_ref(), reason, &message)).await;
+                    let message = match saved {
+                        Some(Ok(Some(saved))) => format!("{message}; {saved}"),
+                        Some(Ok(None)) => message,
+                        Some(Err(err)) => return Err(err),
+                        None => format!("{message}; the machine was lost before what it saved could be kept"),
+                    };
                     self.finish(runtime, TrainingJobPhase::Failed, reason, &message).await?;
                 }
                 Step::Upload => {
-                    let exec = self.session(runtime, instance.as_ref()).await?;
-                    self.upload(runtime, exec.as_ref()).await?;
+                    let uploaded = watch
+                        .run(async {
+                            let exec = self.session(runtime, instance.as_ref()).await?;
+                            self.upload(runtime, exec.as_ref()).await
+                        })
+                        .await;
+                    match uploaded {
+                        Some(uploaded) => uploaded?,
+                        None => self.machine_lost(runtime),
+                    }
                 }
                 Step::Finish { phase, reason, message } => {
-                    if let MachineObservation::Ready { .. } = machine
-                        && let Ok(exec) = self.session(runtime, instance.as_ref()).await
-                    {
-                        finish::stop(exec.as_ref(), &self.layout).await?;
+                    if let MachineObservation::Ready { .. } = machine {
+                        // Best effort: a machine lost meanwhile has no trainer to stop.
+                        let stopped = watch
+                            .run(async {
+                                match self.session(runtime, instance.as_ref()).await {
+                                    Ok(exec) => finish::stop(exec.as_ref(), &self.layout).await.map(|_| ()),
+                                    Err(_) => Ok(()),
+                                }
+                            })
+                            .await;
+                        if let Some(stopped) = stopped {
+                            stopped?;
+                        }
                     }
                     self.finish(runtime, phase, reason, &message).await?;
                 }
             }
         }
         Ok(Action::requeue(Duration::from_secs(1)))
+    }
+
+    /// Staging: claim the work dir, stage dataset and recipe, restore a checkpoint.
+    async fn stage(
+        &mut self,
+        runtime: &mut session::JobRuntime,
+        instance: Option<&GpuInstance>,
+    ) -> Result<(), Error> {
+        let exec = self.session(runtime, instance).await?;
+        self.set_phase(TrainingJobPhase::Staging, Reason::Staging, "staging dataset and recipe");
+        if let Some(instance) = instance {
+            stage::claim_work_dir(exec.as_ref(), &self.layout, &instance.name_any()).await?;
+        }
+        match stage::stage(exec.as_ref(), &self.layout, &self.job.spec, &self.tool).await? {
+            Ok(message) => {
+                // A replacement machine gets its checkpoint before it counts as staged.
+                self.restore(runtime, exec.as_ref()).await?;
+                set_condition(
+                    &mut self.status.conditions,
+                    job_condition::DATA_STAGED,
+                    ConditionStatus::True,
+                    Reason::Staged,
+                    &message,
+                    None,
+                    Utc::now(),
+                );
+                self.event(EventType::Normal, "Staged", "Stage", &message).await;
+                Ok(())
+            }
+            Err((reason, message)) => self.finish(runtime, TrainingJobPhase::Failed, reason, &message).await,
+        }
+    }
+
+    /// Starts the trainer unless it already runs or ran (launch is idempotent).
+    async fn launch(
+        &mut self,
+        runtime: &mut session::JobRuntime,
+        instance: Option<&GpuInstance>,
+        resume: bool,
+    ) -> Result<(), Error> {
+        let exec = self.session(runtime, instance).await?;
+        let env = match train::resolve_env(&self.secrets, &self.job.spec).await? {
+            Ok(env) => env,
+            Err(message) => {
+                return self
+                    .finish(runtime, TrainingJobPhase::Failed, Reason::SecretNotFound, &message)
+                    .await;
+            }
+        };
+        let outcome =
+            launch::launch(exec.as_ref(), &self.layout, &self.tool.launch_spec(resume, env)).await?;
+        let message = match outcome {
+            LaunchOutcome::Started { pid } => format!("{} started (pid {pid})", self.tool.tool),
+            LaunchOutcome::AlreadyRunning { pid } => format!("{} is running (pid {pid})", self.tool.tool),
+            LaunchOutcome::AlreadyExited { exit_code } => {
+                format!("{} already ran (exit code {exit_code})", self.tool.tool)
+            }
+        };
+        self.set_phase(TrainingJobPhase::Training, Reason::Training, &message);
+        set_condition(
+            &mut self.status.conditions,
+            job_condition::TRAINING,
+            ConditionStatus::True,
+            Reason::Training,
+            &message,
+            None,
+            Utc::now(),
+        );
+        if matches!(outcome, LaunchOutcome::Started { .. }) {
+            if self.status.attempts == 1
+                && let Some(created) = self.job.meta().creation_timestamp.as_ref()
+            {
+                let waited = (Utc::now() - from_k8s_time(created)).num_milliseconds().max(0) as f64 / 1000.0;
+                self.ctrl.ctx.metrics.apply_to_training_seconds.observe(waited);
+            }
+            self.event(EventType::Normal, "TrainingStarted", "Launch", &message).await;
+        }
+        Ok(())
+    }
+
+    /// Reads the trainer's progress; syncs complete checkpoints while it runs.
+    async fn poll_step(
+        &mut self,
+        runtime: &mut session::JobRuntime,
+        instance: Option<&GpuInstance>,
+    ) -> Result<TrainingObservation, Error> {
+        let exec = self.session(runtime, instance).await?;
+        let training = self.poll(runtime, exec.as_ref(), instance).await?;
+        if training == TrainingObservation::Running {
+            self.sync_checkpoints(runtime, exec.as_ref()).await?;
+        }
+        Ok(training)
+    }
+
+    /// Stops the trainer, lists what it saved and keeps the latest checkpoint with a model card
+    /// marked incomplete; what was kept, for the message (`None` without a connection).
+    async fn stop_and_save(
+        &mut self,
+        runtime: &mut session::JobRuntime,
+        instance: Option<&GpuInstance>,
+        reason: Reason,
+        message: &str,
+    ) -> Result<Option<String>, Error> {
+        let Ok(exec) = self.session(runtime, instance).await else { return Ok(None) };
+        finish::stop(exec.as_ref(), &self.layout).await?;
+        let kind = train::parser_kind(self.tool.parser);
+        let (_, found) = finish::collect(exec.as_ref(), &self.layout, &self.tool, kind).await?;
+        self.status.checkpoints = super::outputs::merge_checkpoints(&self.status.checkpoints, &found, &[]);
+        let stop_reason = format!("{reason}: {message}");
+        let saved = self.salvage(runtime, exec.as_ref(), &stop_reason).await?;
+        Ok(Some(saved))
+    }
+
+    /// The machine was found lost during a step: its connection goes; the next step sees the loss.
+    fn machine_lost(&self, runtime: &mut session::JobRuntime) {
+        info!(job = %self.job.name_any(), "The machine was lost during a step; abandoning it");
+        runtime.reset();
     }
 
     pub(super) async fn session(
