@@ -120,21 +120,7 @@ pub fn next_step(
             match &observed.machine {
                 MachineObservation::None => Step::AcquireMachine { attempt: status.attempts + 1 },
                 MachineObservation::Starting => Step::WaitForMachine,
-                MachineObservation::Failed { reason, message } => {
-                    if status.attempts > spec.backoff_limit {
-                        Step::Finish {
-                            phase: TrainingJobPhase::Failed,
-                            reason: Reason::BackoffLimitExceeded,
-                            message: format!(
-                                "{} machines failed (backoffLimit {}); the last: {message}",
-                                status.attempts, spec.backoff_limit
-                            ),
-                        }
-                    } else {
-                        let _ = reason;
-                        Step::AcquireMachine { attempt: status.attempts + 1 }
-                    }
-                }
+                MachineObservation::Failed { message, .. } => replace_machine(spec, status, message),
                 MachineObservation::Ready { .. } => {
                     if !is_condition_true(&status.conditions, job_condition::DATA_STAGED) {
                         Step::Stage
@@ -167,6 +153,12 @@ pub fn next_step(
                     reason: Reason::Succeeded,
                     message: "training finished and its results are verified".into(),
                 }
+            } else if let MachineObservation::Failed { message, .. } = &observed.machine {
+                // The results were on the machine: they are lost with it. Train again on a
+                // replacement (from the latest synced checkpoint, if any) within backoffLimit.
+                replace_machine(spec, status, &format!("lost while uploading: {message}"))
+            } else if observed.machine == MachineObservation::None {
+                Step::AcquireMachine { attempt: status.attempts + 1 }
             } else if uploading_since.is_some_and(|since| now - since >= UPLOAD_GRACE) {
                 // Uploads that keep failing must not keep the GPU rented.
                 Step::Finish {
@@ -182,6 +174,22 @@ pub fn next_step(
             }
         }
         TrainingJobPhase::Succeeded | TrainingJobPhase::Failed => Step::Done,
+    }
+}
+
+/// A machine failed: rent a replacement within `backoffLimit`, else fail the job.
+fn replace_machine(spec: &TrainingJobSpec, status: &TrainingJobStatus, message: &str) -> Step {
+    if status.attempts > spec.backoff_limit {
+        Step::Finish {
+            phase: TrainingJobPhase::Failed,
+            reason: Reason::BackoffLimitExceeded,
+            message: format!(
+                "{} machines failed (backoffLimit {}); the last: {message}",
+                status.attempts, spec.backoff_limit
+            ),
+        }
+    } else {
+        Step::AcquireMachine { attempt: status.attempts + 1 }
     }
 }
 
@@ -347,6 +355,44 @@ mod tests {
         assert!(matches!(
             next_step(&spec, &s, &lost, at(10)),
             Step::Finish { reason: Reason::BackoffLimitExceeded, .. }
+        ));
+    }
+
+    #[test]
+    fn a_machine_lost_while_uploading_is_replaced_within_the_backoff_limit() {
+        let spec = spec(serde_json::json!({"backoffLimit": 1}));
+        let lost = Observations {
+            machine: MachineObservation::Failed { reason: Reason::InstanceLost, message: "gone".into() },
+            training: TrainingObservation::Unknown,
+        };
+        let mut uploading = status(TrainingJobPhase::Uploading, &[job_condition::DATA_STAGED]);
+        set_condition(
+            &mut uploading.conditions,
+            job_condition::UPLOADED,
+            ConditionStatus::False,
+            Reason::Uploading,
+            "",
+            None,
+            at(10),
+        );
+        // Not an upload retried for an hour against a machine that is gone.
+        assert_eq!(next_step(&spec, &uploading, &lost, at(11)), Step::AcquireMachine { attempt: 2 });
+        uploading.attempts = 2;
+        match next_step(&spec, &uploading, &lost, at(11)) {
+            Step::Finish {
+                phase: TrainingJobPhase::Failed,
+                reason: Reason::BackoffLimitExceeded,
+                message,
+            } => {
+                assert!(message.contains("lost while uploading"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Results verified before the machine went: the job succeeded.
+        let uploaded = status(TrainingJobPhase::Uploading, &[job_condition::UPLOADED]);
+        assert!(matches!(
+            next_step(&spec, &uploaded, &lost, at(12)),
+            Step::Finish { phase: TrainingJobPhase::Succeeded, .. }
         ));
     }
 }
