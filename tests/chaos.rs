@@ -49,6 +49,8 @@ const SWEEP_WINDOW: Duration = Duration::from_secs(45);
 const RELEASE_LIMIT: Duration = Duration::from_secs(90);
 /// Faults are injected this long after a trial starts, when jobs are renting, staging, training.
 const FAULT_WINDOW_MS: std::ops::Range<u64> = 500..14_000;
+/// Faults aimed at renting come in this window.
+const RENT_WINDOW_MS: std::ops::Range<u64> = 0..2500;
 
 /// Everything the trials share: one namespace, one fake Vast.ai, one operator (restarted when
 /// killed), a served dataset.
@@ -288,7 +290,14 @@ fn plan_trial(trial: usize, seed: u64) -> TrialPlan {
                     pick: rng.random(),
                 },
             };
-            let at = Duration::from_millis(rng.random_range(FAULT_WINDOW_MS));
+            // Rents happen in the first seconds: faults aimed at them come early.
+            let early = matches!(
+                kind,
+                FaultKind::CreateLeavesContract { .. }
+                    | FaultKind::ErrorBurst { endpoint: Some("create_instance"), .. }
+            );
+            let window = if early { RENT_WINDOW_MS } else { FAULT_WINDOW_MS };
+            let at = Duration::from_millis(rng.random_range(window));
             FaultPlan { at, kind }
         })
         .collect();
@@ -306,6 +315,33 @@ struct Injected {
     what: String,
     /// The machine that died (GpuInstance name) and its job, for instance deaths.
     death: Option<(String, String)>,
+    /// The provider fault added, to tell afterwards how much of it was used.
+    fault: Option<Fault>,
+}
+
+/// How much of a counting provider fault is left: its count.
+fn fault_count(fault: &Fault) -> Option<u32> {
+    match fault {
+        Fault::ErrorBurst { count, .. }
+        | Fault::RateLimit { count, .. }
+        | Fault::Slow { count, .. }
+        | Fault::CreateLeavesContract { count, .. } => Some(*count),
+        _ => None,
+    }
+}
+
+/// Marks provider faults that were not (fully) used by the time the trial ended.
+fn note_unused(injected: &mut [Injected], active: &[Fault]) {
+    let mut active = active.to_vec();
+    for inj in injected.iter_mut() {
+        let Some(fault) = &inj.fault else { continue };
+        let Some(total) = fault_count(fault) else { continue };
+        let same_kind = |f: &Fault| std::mem::discriminant(f) == std::mem::discriminant(fault);
+        if let Some(pos) = active.iter().position(same_kind) {
+            let left = fault_count(&active.remove(pos)).unwrap_or(0);
+            inj.what.push_str(if left == total { " (unused)" } else { " (partly used)" });
+        }
+    }
 }
 
 fn restart_script() -> PathBuf {
@@ -335,6 +371,7 @@ async fn inject(suite: &Suite, started: Instant, fault: &FaultPlan, names: &[Str
     tokio::time::sleep_until(started + fault.at).await;
     let at = started.elapsed();
     let mut death = None;
+    let mut added = None;
     let what = match &fault.kind {
         FaultKind::OperatorKill { down } => {
             let mut operator = suite.operator.lock().await;
@@ -358,18 +395,14 @@ async fn inject(suite: &Suite, started: Instant, fault: &FaultPlan, names: &[Str
             Err(e) => format!("sshd restart FAILED: {e}"),
         },
         FaultKind::RateLimitStorm { count, retry_after } => {
-            suite.fake.add_fault(Fault::RateLimit {
-                count: *count,
-                retry_after_secs: *retry_after,
-                endpoint: None,
-            });
+            added = Some(Fault::RateLimit { count: *count, retry_after_secs: *retry_after, endpoint: None });
             match retry_after {
                 Some(s) => format!("429 x{count} (Retry-After {s})"),
                 None => format!("429 x{count}"),
             }
         }
         FaultKind::ErrorBurst { status, count, endpoint } => {
-            suite.fake.add_fault(Fault::ErrorBurst {
+            added = Some(Fault::ErrorBurst {
                 status: *status,
                 count: *count,
                 endpoint: endpoint.map(str::to_string),
@@ -377,7 +410,7 @@ async fn inject(suite: &Suite, started: Instant, fault: &FaultPlan, names: &[Str
             format!("{status} x{count} {}", endpoint.unwrap_or("(all)"))
         }
         FaultKind::CreateLeavesContract { status, report_contract } => {
-            suite.fake.add_fault(Fault::CreateLeavesContract {
+            added = Some(Fault::CreateLeavesContract {
                 count: 1,
                 status: *status,
                 report_contract: *report_contract,
@@ -385,11 +418,7 @@ async fn inject(suite: &Suite, started: Instant, fault: &FaultPlan, names: &[Str
             format!("rent {status} leaving a contract{}", if *report_contract { "" } else { " (unreported)" })
         }
         FaultKind::Slow { delay, count } => {
-            suite.fake.add_fault(Fault::Slow {
-                delay_ms: delay.as_millis() as u64,
-                count: *count,
-                endpoint: None,
-            });
+            added = Some(Fault::Slow { delay_ms: delay.as_millis() as u64, count: *count, endpoint: None });
             format!("slow {:.1}s x{count}", delay.as_secs_f64())
         }
         FaultKind::InstanceDeath { state, pick } => match kill_instance(suite, names, *state, *pick).await {
@@ -401,7 +430,10 @@ async fn inject(suite: &Suite, started: Instant, fault: &FaultPlan, names: &[Str
             None => "death: no machine to kill".into(),
         },
     };
-    Injected { at, what, death }
+    if let Some(fault) = &added {
+        suite.fake.add_fault(fault.clone());
+    }
+    Injected { at, what, death, fault: added }
 }
 
 fn signal_name(kill: bool) -> &'static str {
@@ -674,7 +706,7 @@ async fn run_trial(suite: &Suite, trial: usize, seed: u64) -> TrialRow {
         }
     };
     // Faults run alongside; the watch ends once every fault is over too.
-    let (faults, mut watch) = tokio::join!(injections, watching);
+    let (mut faults, mut watch) = tokio::join!(injections, watching);
     creator.await.unwrap();
     // A fault that ended after the jobs did (e.g. an API server restart): look again.
     watch.look(suite, &names).await;
@@ -731,8 +763,8 @@ async fn run_trial(suite: &Suite, trial: usize, seed: u64) -> TrialRow {
     }
 
     // Clean up: the trial's jobs go (their GpuInstances with them, through the garbage
-    // collector and the finalizer); then every machine of the installation must be released.
-    suite.fake.clear_faults();
+    // collector and the finalizer); then every machine of the installation must be released,
+    // with what is left of the provider faults still in the way.
     {
         let mut operator = suite.operator.lock().await;
         if !operator.is_running() {
@@ -774,6 +806,9 @@ async fn run_trial(suite: &Suite, trial: usize, seed: u64) -> TrialRow {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // Provider faults left over hit the release too; now they go.
+    note_unused(&mut faults, &suite.fake.faults());
+    suite.fake.clear_faults();
     // A trainer of a job that did not finish may still run on "the machine".
     for seen in watch.jobs.values() {
         kill_trainer(&suite.base.join(&seen.uid), None);

@@ -365,6 +365,11 @@ impl FakeServer {
         self.shared.add_fault(fault);
     }
 
+    /// The faults still active (counting ones with what is left of their count).
+    pub fn faults(&self) -> Vec<Fault> {
+        self.shared.lock().faults.active.clone()
+    }
+
     pub fn clear_faults(&self) {
         self.shared.lock().faults.active.clear();
     }
