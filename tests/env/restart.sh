@@ -78,6 +78,11 @@ if [ -s "$pid_file" ]; then
 fi
 
 sleep "$down"
+# The component must not inherit our open files: a caller run under `flock` would otherwise
+# leave its lock held by the restarted server for as long as that runs.
+for fd in $(ls /proc/$$/fd); do
+  if [ "$fd" -gt 2 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+done
 setsid "$command_file" >>"logs/$component.log" 2>&1 </dev/null &
 echo $! >"$pid_file"
 
