@@ -9,6 +9,7 @@
 //!   size, SHA-256 and MD5 computed there) and the parser of its report.
 //! - `upload`: inspect → plan → presign → run → complete → verify, returning `ArtifactStatus`.
 //! - `verify` (pure): a HEAD response against what the machine reported.
+//! - `dataset`: which storage connection reads `spec.dataset.s3`, and its presigned GET.
 //! - `checkpoints`: which checkpoints are ready to sync while training, and syncing them.
 //! - `huggingface`: `hf upload` with the token only in that command's environment.
 //! - `model_card`: README.md for the model, marking a run stopped early as incomplete.
@@ -21,6 +22,7 @@
 //! its text or a command line), and every type holding one redacts the signature in `Debug`.
 
 pub mod checkpoints;
+pub mod dataset;
 pub mod huggingface;
 pub mod model_card;
 pub mod notify;

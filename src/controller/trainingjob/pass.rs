@@ -94,7 +94,9 @@ impl Pass<'_> {
                     if let Some(instance) = instance.as_ref() {
                         stage::claim_work_dir(exec.as_ref(), &self.layout, &instance.name_any()).await?;
                     }
-                    match stage::stage(exec.as_ref(), &self.layout, &self.job.spec, &self.tool).await? {
+                    match stage::stage(exec.as_ref(), &self.layout, &self.job.spec, &self.tool, &self.secrets)
+                        .await?
+                    {
                         Ok(message) => {
                             set_condition(
                                 &mut self.status.conditions,
