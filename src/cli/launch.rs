@@ -157,9 +157,8 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
                 );
                 println!("machine:   {}", rent::describe_offer(offer));
                 println!(
-                    "           {} of {} offers matched ({})",
+                    "           cheapest of {} matching offers ({})",
                     selection.candidates,
-                    selection.candidates + selection.rejected.total(),
                     rent::requirements_text(&crate::provider::select::Criteria::from_requirements(
                         &spec.resources,
                         &rent_spec.config,
