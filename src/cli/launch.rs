@@ -10,7 +10,7 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::api::{TrainingJob, TrainingJobPhase, TrainingJobStatus};
-use crate::engine::local::{LocalRun, MachineSpec};
+use crate::engine::local::{LocalRun, MachineSpec, Update};
 use crate::engine::rent::{self, RentSpec};
 use crate::monitor::poller::TrainingStatus;
 use crate::provider::config::{ENV_API_KEY, ProviderConfig};
@@ -188,9 +188,10 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
     }
 
     if args.cancel {
-        match runtime.block_on(run.cancel())? {
-            Some(id) => println!("cancelled {name}; the trainer is stopped and instance {id} destroyed"),
-            None => println!("cancelled {name}; the trainer is stopped"),
+        match (runtime.block_on(run.cancel())?, &machine) {
+            (Some(id), _) => println!("cancelled {name}; the trainer is stopped and instance {id} destroyed"),
+            (None, MachineSpec::Vastai(_)) => println!("cancelled {name}; no instance was rented"),
+            (None, _) => println!("cancelled {name}; the trainer is stopped"),
         }
         return Ok(());
     }
@@ -213,13 +214,23 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
     bar.enable_steady_tick(Duration::from_millis(200));
     let mut last_line = String::new();
     let mut last_message = String::new();
-    let mut observer = |status: &TrainingJobStatus, polled: Option<&TrainingStatus>| {
-        // What the run is doing (renting, booting, staging...), once per change.
-        let message = status.message.clone().unwrap_or_default();
-        if polled.is_none() && !message.is_empty() && message != last_message {
-            bar.suspend(|| eprintln!("{:?}: {message}", status.phase));
-            last_message = message;
-        }
+    let mut observer = |update: Update<'_>| {
+        let (status, polled): (&TrainingJobStatus, Option<&TrainingStatus>) = match update {
+            Update::Note(note) => {
+                bar.suspend(|| eprintln!("{note}"));
+                return;
+            }
+            Update::Step(status) => {
+                // What the run is doing (renting, booting, staging...), once per change.
+                let message = status.message.clone().unwrap_or_default();
+                if !message.is_empty() && message != last_message {
+                    bar.suspend(|| eprintln!("{:?}: {message}", status.phase));
+                    last_message = message;
+                }
+                (status, None)
+            }
+            Update::Polled(status, polled) => (status, Some(polled)),
+        };
         let Some(progress) = &status.progress else { return };
         if let Some(total) = progress.total_steps {
             bar.set_length(total);

@@ -144,10 +144,23 @@ pub struct LocalRun {
     last_machine: Option<(tokio::time::Instant, MachineObservation)>,
     /// Rent calls refused in this process (offer taken, contract left behind).
     create_failures: u32,
+    /// Notes for the observer, not yet reported.
+    notes: Vec<String>,
 }
 
-/// Called after every poll, for progress display.
-pub type Observer<'a> = dyn FnMut(&TrainingJobStatus, Option<&TrainingStatus>) + Send + 'a;
+/// Called after every step and poll, for progress display.
+pub type Observer<'a> = dyn FnMut(Update<'_>) + Send + 'a;
+
+/// What a run reports while it goes, for display.
+#[derive(Clone, Copy, Debug)]
+pub enum Update<'a> {
+    /// A step was done; the job's status after it.
+    Step(&'a TrainingJobStatus),
+    /// The trainer was polled.
+    Polled(&'a TrainingJobStatus, &'a TrainingStatus),
+    /// Something worth telling that status does not keep (an instance adopted or destroyed).
+    Note(&'a str),
+}
 
 impl LocalRun {
     /// Prepares a run: validates the tool and parameters (nothing runs for an invalid job) and
@@ -239,6 +252,7 @@ impl LocalRun {
             dataset_s3,
             last_machine: None,
             create_failures: 0,
+            notes: Vec::new(),
         })
     }
 
@@ -497,7 +511,6 @@ impl LocalRun {
         self.exec = None;
         self.monitor = None;
         self.last_training = TrainingObservation::Unknown;
-        self.state.host_key = None;
         if let Some(rented) = self.state.rented.as_mut()
             && !rented.released
         {
@@ -515,6 +528,7 @@ impl LocalRun {
         rent.provider.destroy_instance(id).await.map_err(provider_err("destroy the instance"))?;
         self.forget_machine(now);
         self.save()?;
+        self.notes.push(format!("destroyed instance {id}"));
         Ok(Some(id))
     }
 
@@ -555,7 +569,8 @@ impl LocalRun {
                 if let Some(i) = self.state.status.instance.as_mut() {
                     i.provider_id = Some(survivor.id.to_string());
                 }
-                self.state.status.message = Some(message);
+                self.state.status.message = Some(message.clone());
+                self.notes.push(message);
                 return self.save();
             }
             let now = Utc::now();
@@ -667,6 +682,9 @@ impl LocalRun {
         loop {
             let now = Utc::now();
             let machine = self.observe_machine(now).await?;
+            for note in std::mem::take(&mut self.notes) {
+                observer(Update::Note(&note));
+            }
             if let Some(rented) = &self.state.rented {
                 let eta = self.state.status.progress.as_ref().and_then(|p| p.eta_seconds);
                 self.state.status.cost = Some(rent::cost(rented, eta, self.state.status.cost.as_ref(), now));
@@ -677,6 +695,9 @@ impl LocalRun {
             match step {
                 Step::Done => {
                     self.release().await?;
+                    for note in std::mem::take(&mut self.notes) {
+                        observer(Update::Note(&note));
+                    }
                     return Ok(self.state.status.clone());
                 }
                 Step::AcquireMachine { attempt } => self.acquire(attempt, now).await?,
@@ -701,8 +722,11 @@ impl LocalRun {
                 Step::Finish { phase, reason, message } => self.finish(phase, reason, &message, now),
             }
             self.save()?;
+            for note in std::mem::take(&mut self.notes) {
+                observer(Update::Note(&note));
+            }
             if !polled {
-                observer(&self.state.status, None);
+                observer(Update::Step(&self.state.status));
             }
         }
     }
@@ -780,6 +804,8 @@ impl LocalRun {
         self.release().await?;
         self.forget_machine(now);
         self.last_machine = None;
+        // A new machine has a new host key, pinned on first contact again.
+        self.state.host_key = None;
         let previous = self.state.rented.clone().unwrap_or_default();
         let selection = rent::choose_offer(
             &*rent.provider,
@@ -1021,7 +1047,7 @@ impl LocalRun {
             }
             (None, _) => TrainingObservation::Running,
         };
-        observer(&self.state.status, Some(&polled));
+        observer(Update::Polled(&self.state.status, &polled));
         Ok(())
     }
 
