@@ -157,7 +157,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
                 );
                 println!("machine:   {}", rent::describe_offer(offer));
                 println!(
-                    "           cheapest of {} matching offers ({})",
+                    "           chosen from {} matching offers ({})",
                     selection.candidates,
                     rent::requirements_text(&crate::provider::select::Criteria::from_requirements(
                         &spec.resources,
