@@ -214,6 +214,13 @@ async fn wait_for_training(dir: &Path, remote_base: &Path) -> PathBuf {
     }
 }
 
+/// Whether `pid` runs (a zombie waiting for a parent that does not reap it has stopped).
+fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next()).unwrap_or_default();
+    !matches!(state, Some('Z' | 'X'))
+}
+
 fn creates(fake: &FakeServer) -> u64 {
     fake.counters().endpoint("create_instance")
 }
@@ -381,14 +388,15 @@ async fn cancel_stops_the_trainer_and_destroys_the_instance() {
     first.wait().unwrap();
     let live = live_instances(&fake, "gputrainer:").await;
     assert_eq!(live.len(), 1);
+    let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    assert!(alive(pid), "the trainer runs on after the launcher was killed");
 
     let out = launch_vastai(&job, &fake, &remote_base, &["--cancel"]).await;
     let all = text(&out);
     assert!(out.status.success(), "{all}");
     assert!(all.contains(&format!("instance {} destroyed", live[0].id)), "{all}");
     assert!(live_instances(&fake, "gputrainer:").await.is_empty(), "destroyed");
-    let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
-    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "the trainer was stopped");
+    assert!(!alive(pid), "the trainer was stopped");
     assert_eq!(state(dir.path())["status"]["phase"], "Failed");
     assert_eq!(creates(&fake), 1);
 }
