@@ -11,6 +11,7 @@
 //! - `verify` (pure): a HEAD response against what the machine reported.
 //! - `dataset`: which storage connection reads `spec.dataset.s3`, and its presigned GET.
 //! - `checkpoints`: which checkpoints are ready to sync while training, and syncing them.
+//! - `download`: presigned GETs back onto a machine (a synced checkpoint for a new machine).
 //! - `huggingface`: `hf upload` with the token only in that command's environment.
 //! - `model_card`: README.md for the model, marking a run stopped early as incomplete.
 //! - `notify`: webhook notifications, best effort.
@@ -23,6 +24,7 @@
 
 pub mod checkpoints;
 pub mod dataset;
+pub mod download;
 pub mod huggingface;
 pub mod model_card;
 pub mod notify;

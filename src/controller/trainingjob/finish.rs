@@ -99,6 +99,19 @@ pub fn finish_status(
             );
         }
     }
+    if crate::api::find_condition(&status.conditions, job_condition::UPLOADED).is_some()
+        && !crate::api::is_condition_true(&status.conditions, job_condition::UPLOADED)
+    {
+        set_condition(
+            &mut status.conditions,
+            job_condition::UPLOADED,
+            ConditionStatus::False,
+            reason,
+            message,
+            None,
+            now,
+        );
+    }
     if let Some(progress) = status.progress.as_mut() {
         progress.eta_seconds = None;
         progress.steps_per_second = None;
@@ -135,6 +148,7 @@ impl Pass<'_> {
         let type_ = if phase == TrainingJobPhase::Succeeded { EventType::Normal } else { EventType::Warning };
         let event_reason = if phase == TrainingJobPhase::Succeeded { "Succeeded" } else { "Failed" };
         self.event(type_, event_reason, "Finish", message).await;
+        self.notify(super::notify::finish_kind(reason), message).await;
         Ok(())
     }
 

@@ -12,6 +12,8 @@
 
 pub mod finish;
 mod machine;
+mod notify;
+pub mod outputs;
 mod pass;
 pub mod provision;
 pub mod session;
@@ -97,6 +99,8 @@ pub struct JobController {
     /// Base of the remote work dirs (`/workspace/gputrainer`; tests use a temporary folder).
     pub remote_base: String,
     pub sessions: session::Sessions,
+    /// The Hugging Face CLI run on the machine (`hf`; tests substitute a stand-in).
+    pub hf_cli: String,
 }
 
 /// One reconciliation of one TrainingJob.

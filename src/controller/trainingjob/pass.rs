@@ -98,6 +98,8 @@ impl Pass<'_> {
                         .await?
                     {
                         Ok(message) => {
+                            // A replacement machine gets its checkpoint before it counts as staged.
+                            self.restore(runtime, exec.as_ref()).await?;
                             set_condition(
                                 &mut self.status.conditions,
                                 job_condition::DATA_STAGED,
@@ -162,26 +164,32 @@ impl Pass<'_> {
                     let exec = self.session(runtime, instance.as_ref()).await?;
                     training = self.poll(runtime, exec.as_ref(), instance.as_ref()).await?;
                     if training == TrainingObservation::Running {
+                        self.sync_checkpoints(runtime, exec.as_ref()).await?;
                         let every =
                             Duration::from_secs(u64::from(self.job.spec.monitoring.poll_interval_seconds));
                         return Ok(Action::requeue(every));
                     }
                 }
                 Step::StopAndFail { reason, message } => {
+                    let mut message = message;
                     if let Ok(exec) = self.session(runtime, instance.as_ref()).await {
                         finish::stop(exec.as_ref(), &self.layout).await?;
-                        // What the trainer saved is listed before the machine goes (uploading the
-                        // latest checkpoint needs the artifacts module).
+                        // What the trainer saved is listed, and the latest checkpoint saved with
+                        // a model card marked incomplete, before the machine goes.
                         let kind = train::parser_kind(self.tool.parser);
-                        let (_, checkpoints) =
+                        let (_, found) =
                             finish::collect(exec.as_ref(), &self.layout, &self.tool, kind).await?;
-                        self.status.checkpoints = checkpoints;
+                        self.status.checkpoints =
+                            super::outputs::merge_checkpoints(&self.status.checkpoints, &found, &[]);
+                        let stop_reason = format!("{reason}: {message}");
+                        let saved = self.salvage(runtime, exec.as_ref(), &stop_reason).await?;
+                        message = format!("{message}; {saved}");
                     }
                     self.finish(runtime, TrainingJobPhase::Failed, reason, &message).await?;
                 }
                 Step::Upload => {
                     let exec = self.session(runtime, instance.as_ref()).await?;
-                    self.upload(exec.as_ref()).await?;
+                    self.upload(runtime, exec.as_ref()).await?;
                 }
                 Step::Finish { phase, reason, message } => {
                     if let MachineObservation::Ready { .. } = machine

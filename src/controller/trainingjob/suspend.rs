@@ -36,30 +36,34 @@ pub fn suspend_step(spec: &TrainingJobSpec, status: &TrainingJobStatus) -> Suspe
 }
 
 impl Pass<'_> {
-    /// Stops the trainer (it saves on TERM), lists what it saved, releases the machine and
-    /// enters `Suspended`. Resuming rents a new machine and starts the tool's resume command when
-    /// checkpoints were listed (they reach a new machine only once checkpoint sync is wired in).
+    /// Stops the trainer (it saves on TERM), lists what it saved, keeps the latest checkpoint in
+    /// S3 (with `spec.output.s3`), releases the machine and enters `Suspended`. Resuming rents a
+    /// new machine, brings the checkpoint back and starts the tool's resume command.
     pub(super) async fn suspend(
         &mut self,
         runtime: &mut session::JobRuntime,
         instance: Option<&GpuInstance>,
         machine: &MachineObservation,
     ) -> Result<(), Error> {
+        let mut kept = None;
         if let MachineObservation::Ready { .. } = machine
             && is_condition_true(&self.status.conditions, job_condition::TRAINING)
         {
             let exec = self.session(runtime, instance).await?;
             finish::stop(exec.as_ref(), &self.layout).await?;
             let kind = train::parser_kind(self.tool.parser);
-            let (_, checkpoints) = finish::collect(exec.as_ref(), &self.layout, &self.tool, kind).await?;
-            self.status.checkpoints = checkpoints;
+            let (_, found) = finish::collect(exec.as_ref(), &self.layout, &self.tool, kind).await?;
+            self.status.checkpoints =
+                super::outputs::merge_checkpoints(&self.status.checkpoints, &found, &[]);
+            kept = Some(self.keep_latest_checkpoint(runtime, exec.as_ref()).await?);
         }
         runtime.reset();
         self.release().await?;
         let now = Utc::now();
-        let latest =
-            self.status.checkpoints.last().map(|c| format!("; latest checkpoint at step {}", c.step));
-        let message = format!("spec.suspend is set: the GPU is released{}", latest.unwrap_or_default());
+        let message = format!(
+            "spec.suspend is set: the GPU is released; {}",
+            kept.unwrap_or_else(|| "training had not started".into())
+        );
         for c in [job_condition::INSTANCE_READY, job_condition::DATA_STAGED, job_condition::TRAINING] {
             if crate::api::find_condition(&self.status.conditions, c).is_some() {
                 set_condition(

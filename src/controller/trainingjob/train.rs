@@ -167,6 +167,7 @@ impl Pass<'_> {
                 );
                 self.ctrl.ctx.metrics.stalls_detected.inc();
                 self.event(EventType::Warning, "Stalled", "Monitor", &polled.stall.reason).await;
+                self.notify(crate::artifacts::notify::EventKind::StallDetected, &polled.stall.reason).await;
             }
             Recommendation::Continue if stalled => {
                 set_condition(
