@@ -89,7 +89,7 @@ impl Default for GpuRequirements {
 
 /// The machine to rent. Unset fields fall back to the operator's defaults (shown per field),
 /// then to the training tool's own recommendation.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MachineRequirements {
     /// GPU model, count and memory.
@@ -124,6 +124,22 @@ pub struct MachineRequirements {
 
 pub(crate) fn default_true() -> bool {
     true
+}
+
+/// What an omitted `resources` means: the same as `resources: {}` (in particular
+/// `verifiedOnly: true`, as documented), not Rust's all-false default.
+impl Default for MachineRequirements {
+    fn default() -> Self {
+        Self {
+            gpu: GpuRequirements::default(),
+            disk_gb: None,
+            max_price_per_hour: None,
+            min_reliability: None,
+            regions: Vec::new(),
+            image: None,
+            verified_only: default_true(),
+        }
+    }
 }
 
 /// Where the GPU comes from. Exactly one of `vastai` and `ssh` is set; the default is `vastai`.

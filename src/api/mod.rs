@@ -64,6 +64,21 @@ pub fn crd_files() -> Result<Vec<(String, String)>, serde_yaml::Error> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn omitted_resources_mean_the_same_as_empty_ones() {
+        let omitted: TrainingJobSpec = serde_json::from_value(
+            serde_json::json!({"tool": "demo@1", "dataset": {"url": {"href": "http://h/d.tar"}}}),
+        )
+        .unwrap();
+        let empty: TrainingJobSpec = serde_json::from_value(
+            serde_json::json!({"tool": "demo@1", "dataset": {"url": {"href": "http://h/d.tar"}}, "resources": {}}),
+        )
+        .unwrap();
+        assert_eq!(omitted.resources, empty.resources);
+        assert!(omitted.resources.verified_only, "verifiedOnly defaults to true");
+        assert_eq!(omitted.resources.gpu.count, 1);
+    }
+
     /// The checked-in `crds/` must match what the code generates; regenerate with
     /// `cargo run -- crd --output-dir crds`.
     #[test]
