@@ -122,12 +122,8 @@ pub struct MachineRequirements {
     pub verified_only: bool,
 }
 
-pub(crate) fn default_true() -> bool {
-    true
-}
-
-/// What an omitted `resources` means: the same as `resources: {}` (in particular
-/// `verifiedOnly: true`, as documented), not Rust's all-false default.
+// By hand rather than derived: an omitted `resources` must mean the same as `resources: {}`,
+// and `verifiedOnly` defaults to true (a derived Default would say false).
 impl Default for MachineRequirements {
     fn default() -> Self {
         Self {
@@ -140,6 +136,10 @@ impl Default for MachineRequirements {
             verified_only: default_true(),
         }
     }
+}
+
+pub(crate) fn default_true() -> bool {
+    true
 }
 
 /// Where the GPU comes from. Exactly one of `vastai` and `ssh` is set; the default is `vastai`.

@@ -7,6 +7,7 @@
 
 mod common;
 mod conditions;
+pub mod docs;
 mod gpuinstance;
 mod reason;
 mod schema;
@@ -33,6 +34,10 @@ pub const GPUINSTANCE_FINALIZER: &str = "gputrainer.dev/terminate";
 pub const CREATE_PENDING_ANNOTATION: &str = "gputrainer.dev/create-pending";
 /// Annotation written once the provider's create call has returned an instance id.
 pub const CREATE_SUCCEEDED_ANNOTATION: &str = "gputrainer.dev/create-succeeded";
+/// GpuInstance annotation: provider machine ids (comma-separated) never to rent for it. The
+/// TrainingJob controller sets it on a replacement with the machines that failed the job before;
+/// a person may set it on an interactive GpuInstance to avoid a known bad host.
+pub const AVOID_MACHINES_ANNOTATION: &str = "gputrainer.dev/avoid-machines";
 
 /// Both CRDs, in the order they are printed by `gpu-trainer crd` and stored under `crds/`.
 pub fn crds() -> Vec<CustomResourceDefinition> {
@@ -63,21 +68,6 @@ pub fn crd_files() -> Result<Vec<(String, String)>, serde_yaml::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn omitted_resources_mean_the_same_as_empty_ones() {
-        let omitted: TrainingJobSpec = serde_json::from_value(
-            serde_json::json!({"tool": "demo@1", "dataset": {"url": {"href": "http://h/d.tar"}}}),
-        )
-        .unwrap();
-        let empty: TrainingJobSpec = serde_json::from_value(
-            serde_json::json!({"tool": "demo@1", "dataset": {"url": {"href": "http://h/d.tar"}}, "resources": {}}),
-        )
-        .unwrap();
-        assert_eq!(omitted.resources, empty.resources);
-        assert!(omitted.resources.verified_only, "verifiedOnly defaults to true");
-        assert_eq!(omitted.resources.gpu.count, 1);
-    }
 
     /// The checked-in `crds/` must match what the code generates; regenerate with
     /// `cargo run -- crd --output-dir crds`.
@@ -121,6 +111,26 @@ mod tests {
         )
         .unwrap();
         assert_eq!(box_.spec.max_lifetime_seconds, 28800);
+    }
+
+    /// Leaving `resources` out means the same as `resources: {}`, in serde and in the CRD default
+    /// the API server fills in: `verifiedOnly` is documented to default to true.
+    #[test]
+    fn omitted_resources_take_the_documented_defaults() {
+        let spec = |resources: &str| -> TrainingJobSpec {
+            serde_yaml::from_str(&format!(
+                "tool: demo@1\ndataset: {{url: {{href: http://h/d.tar}}}}\n{resources}"
+            ))
+            .unwrap()
+        };
+        let omitted = spec("");
+        assert_eq!(omitted.resources, spec("resources: {}").resources);
+        assert!(omitted.resources.verified_only);
+        assert_eq!(omitted.resources.gpu.count, 1);
+        let crd = serde_json::to_value(TrainingJob::crd()).unwrap();
+        let default = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+            ["resources"]["default"];
+        assert_eq!(default["verifiedOnly"], true, "{default}");
     }
 
     #[test]
