@@ -524,7 +524,7 @@ fn forbidden_lines(operator: &OperatorProcess) -> Vec<String> {
                 return shorten(&l, 200);
             }
             let head: String = l.chars().take(80).collect();
-            let from = l.char_indices().map(|(i, _)| i).filter(|i| *i <= at - 60).last().unwrap_or(0);
+            let from = (0..=at - 60).rev().find(|i| l.is_char_boundary(*i)).unwrap_or(0);
             format!("{head} ... {}", shorten(&l[from..], 120))
         })
         .collect()
