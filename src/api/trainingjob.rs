@@ -426,9 +426,15 @@ pub struct TrainingJobStatus {
     /// Money spent and expected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<CostStatus>,
-    /// Checkpoints written by the trainer, oldest first.
+    /// Checkpoints written by the trainer, oldest first. Those with a `uri` are in storage
+    /// (`spec.output.s3.syncCheckpoints`) and survive the machine.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checkpoints: Vec<CheckpointStatus>,
+    /// The checkpoint the current machine resumes from: on a replacement machine (after a lost
+    /// instance or a suspension), the latest checkpoint found there or brought back from
+    /// storage. Unset when training starts from the beginning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<CheckpointStatus>,
     /// Uploaded and verified results.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub artifacts: Vec<ArtifactStatus>,

@@ -5,8 +5,9 @@
 
 use std::collections::BTreeMap;
 
+use super::download::DownloadItem;
 use super::plan::Destination;
-use super::{ArtifactError, UploadItem, Uploader};
+use super::{ArtifactError, ObjectRef, ObjectStore, UploadItem, Uploader};
 use crate::api::CheckpointStatus;
 use crate::monitor::checkpoints::{Checkpoint, CheckpointInventory};
 use crate::remote::RemoteExec;
@@ -76,6 +77,42 @@ pub async fn sync_checkpoints(
     Ok(out)
 }
 
+/// What to download to bring the synced checkpoint `name` (a file or a folder, as listed in
+/// status) back into `output_dir` on a new machine. Empty when storage has nothing under it.
+pub async fn restore_items(
+    store: &dyn ObjectStore,
+    dest: &Destination,
+    output_dir: &str,
+    name: &str,
+) -> Result<Vec<DownloadItem>, ArtifactError> {
+    let key = dest.object(&format!("checkpoints/{name}")).key;
+    let listed = store.list(&dest.bucket, &key).await?;
+    Ok(restore_plan(&key, output_dir, name, listed))
+}
+
+/// Pure part of [`restore_items`]: keeps the object `key` itself and the objects below
+/// `key/` (not `key` as a mere prefix: `demo_10` must not bring back `demo_100`).
+pub fn restore_plan(
+    key: &str,
+    output_dir: &str,
+    name: &str,
+    listed: Vec<(ObjectRef, u64)>,
+) -> Vec<DownloadItem> {
+    let base = format!("{}/{}", output_dir.trim_end_matches('/'), name.trim_end_matches('/'));
+    let folder = format!("{}/", key.trim_end_matches('/'));
+    listed
+        .into_iter()
+        .filter_map(|(object, size)| {
+            let path = if object.key == key {
+                base.clone()
+            } else {
+                format!("{base}/{}", object.key.strip_prefix(&folder)?)
+            };
+            Some(DownloadItem { object, size, path })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,6 +149,35 @@ mod tests {
         let ready =
             sync.ready(&inv(&[("a_500.safetensors", 500, 20), ("a_1000.safetensors", 1000, 5)]), &synced);
         assert_eq!(ready.iter().map(|c| c.path.as_str()).collect::<Vec<_>>(), ["a_1000.safetensors"]);
+    }
+
+    #[test]
+    fn restoring_takes_the_file_or_the_folder_and_nothing_that_only_shares_a_prefix() {
+        let listed = |keys: &[&str]| keys.iter().map(|k| (ObjectRef::new("b", *k), 5)).collect::<Vec<_>>();
+        let file = restore_plan(
+            "p/checkpoints/demo_10.safetensors",
+            "/w/output",
+            "demo_10.safetensors",
+            listed(&["p/checkpoints/demo_10.safetensors", "p/checkpoints/demo_10.safetensors.bak"]),
+        );
+        assert_eq!(
+            file.iter().map(|i| i.path.as_str()).collect::<Vec<_>>(),
+            ["/w/output/demo_10.safetensors"]
+        );
+        let folder = restore_plan(
+            "p/checkpoints/checkpoint-5",
+            "/w/output/",
+            "checkpoint-5",
+            listed(&[
+                "p/checkpoints/checkpoint-5/a.bin",
+                "p/checkpoints/checkpoint-5/o/s.bin",
+                "p/checkpoints/checkpoint-50/a.bin",
+            ]),
+        );
+        assert_eq!(
+            folder.iter().map(|i| i.path.as_str()).collect::<Vec<_>>(),
+            ["/w/output/checkpoint-5/a.bin", "/w/output/checkpoint-5/o/s.bin"]
+        );
     }
 
     #[test]

@@ -166,4 +166,26 @@ impl ObjectStore for FakeObjectStore {
         let etag = self.state.lock().unwrap().etags.get(object).cloned().unwrap_or_else(|| md5_file(&path));
         Ok(Some(ObjectHead { size: meta.len(), etag: Some(etag), ..Default::default() }))
     }
+
+    async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<(ObjectRef, u64)>, ArtifactError> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() { walk(&path, out) } else { out.push(path) }
+            }
+        }
+        let root = self.root.join(bucket);
+        let mut files = Vec::new();
+        walk(&root, &mut files);
+        let mut out: Vec<(ObjectRef, u64)> = files
+            .into_iter()
+            .filter_map(|p| {
+                let key = p.strip_prefix(&root).ok()?.to_string_lossy().into_owned();
+                let size = std::fs::metadata(&p).ok()?.len();
+                key.starts_with(prefix).then(|| (ObjectRef::new(bucket, key), size))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.key.cmp(&b.0.key));
+        Ok(out)
+    }
 }

@@ -183,6 +183,43 @@ async fn folder_checkpoint_is_uploaded_file_by_file() {
 
 #[tokio::test]
 #[ignore = "needs tests/ environment"]
+async fn a_synced_checkpoint_folder_comes_back_onto_a_new_machine() {
+    let f = fixture();
+    f.write("output/checkpoint-500/adapter.safetensors", &data(3 * MIB, 1));
+    f.write("output/checkpoint-500/optimizer/state.bin", b"state!");
+    f.write("output/checkpoint-5000/adapter.safetensors", b"a later one, not asked for");
+    let uploader = Uploader::new(&f.store, UploadSettings::default());
+    let folder = |path: &str, step| crate::monitor::checkpoints::Checkpoint {
+        path: path.into(),
+        step: Some(step),
+        epoch: None,
+        size_bytes: 1,
+    };
+    super::checkpoints::sync_checkpoints(
+        &uploader,
+        &f.remote,
+        &f.dest,
+        "output",
+        &[folder("checkpoint-500", 500), folder("checkpoint-5000", 5000)],
+    )
+    .await
+    .unwrap();
+
+    let fresh = tempfile::tempdir().unwrap();
+    let machine = LocalExec::new(fresh.path().join("work")).unwrap();
+    let items =
+        super::checkpoints::restore_items(&f.store, &f.dest, "output", "checkpoint-500").await.unwrap();
+    assert_eq!(items.len(), 2, "{items:?}");
+    let ttl = Duration::from_secs(120);
+    super::download::download(&f.store, &machine, &items, ttl, ttl).await.unwrap();
+    let restored = fresh.path().join("work/output/checkpoint-500");
+    assert!(std::fs::read(restored.join("adapter.safetensors")).unwrap() == data(3 * MIB, 1));
+    assert_eq!(std::fs::read(restored.join("optimizer/state.bin")).unwrap(), b"state!");
+    assert!(!fresh.path().join("work/output/checkpoint-5000").exists());
+}
+
+#[tokio::test]
+#[ignore = "needs tests/ environment"]
 async fn expired_url_is_refused() {
     let f = fixture();
     f.write("m.bin", b"x");

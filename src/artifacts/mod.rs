@@ -10,6 +10,7 @@
 //! - `upload`: inspect → plan → presign → run → complete → verify, returning `ArtifactStatus`.
 //! - `verify` (pure): a HEAD response against what the machine reported.
 //! - `checkpoints`: which checkpoints are ready to sync while training, and syncing them.
+//! - `download`: presigned GETs back onto a machine (a synced checkpoint for a new machine).
 //! - `huggingface`: `hf upload` with the token only in that command's environment.
 //! - `model_card`: README.md for the model, marking a run stopped early as incomplete.
 //! - `notify`: webhook notifications, best effort.
@@ -21,6 +22,7 @@
 //! its text or a command line), and every type holding one redacts the signature in `Debug`.
 
 pub mod checkpoints;
+pub mod download;
 pub mod huggingface;
 pub mod model_card;
 pub mod notify;

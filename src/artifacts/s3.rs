@@ -264,6 +264,20 @@ impl ObjectStore for S3Store {
             Err(e) => Err(storage("HEAD", object, e)),
         }
     }
+
+    async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<(ObjectRef, u64)>, ArtifactError> {
+        let mut out = Vec::new();
+        let mut pages = self.client.list_objects_v2().bucket(bucket).prefix(prefix).into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| storage("list", &ObjectRef::new(bucket, prefix), e))?;
+            for object in page.contents() {
+                if let Some(key) = object.key() {
+                    out.push((ObjectRef::new(bucket, key), object.size().unwrap_or(0).max(0) as u64));
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]

@@ -132,4 +132,8 @@ pub trait ObjectStore: Send + Sync {
 
     /// HEAD; `None` when the object does not exist.
     async fn head(&self, object: &ObjectRef) -> Result<Option<ObjectHead>, ArtifactError>;
+
+    /// Every object whose key starts with `prefix`, with its size, in key order (a checkpoint
+    /// folder to bring back onto a new machine).
+    async fn list(&self, bucket: &str, prefix: &str) -> Result<Vec<(ObjectRef, u64)>, ArtifactError>;
 }

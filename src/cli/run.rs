@@ -68,6 +68,10 @@ pub struct RunArgs {
     /// `config/tools`.
     #[arg(long, value_name = "DIR")]
     tools_dir: Option<PathBuf>,
+    /// The Hugging Face CLI the machines run for `spec.output.huggingFace` (installed there with
+    /// pip when missing).
+    #[arg(long, env = "GPU_TRAINER_HF_CLI", default_value = "hf", value_name = "COMMAND")]
+    hf_cli: String,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -131,6 +135,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         tools,
         remote_base: args.remote_base.clone(),
         sessions: Default::default(),
+        hf_cli: args.hf_cli.clone(),
     };
     let job_controller = tokio::spawn(trainingjob::run(Arc::new(jobs), shutdown()));
     let sweeper_config = SweeperConfig {

@@ -65,6 +65,10 @@ pub enum Step {
     Done,
 }
 
+/// How long the upload step may keep failing (connection lost, storage down) before the machine
+/// is released anyway.
+pub const UPLOAD_GRACE: chrono::Duration = chrono::Duration::minutes(60);
+
 /// Decides the next step.
 pub fn next_step(
     spec: &TrainingJobSpec,
@@ -135,7 +139,7 @@ pub fn next_step(
                     if !is_condition_true(&status.conditions, job_condition::DATA_STAGED) {
                         Step::Stage
                     } else if !training {
-                        Step::Launch { resume: status.attempts > 1 && !status.checkpoints.is_empty() }
+                        Step::Launch { resume: status.attempts > 1 && status.resumed_from.is_some() }
                     } else {
                         match &observed.training {
                             TrainingObservation::Unknown | TrainingObservation::Running => Step::Poll,
@@ -154,11 +158,24 @@ pub fn next_step(
             }
         }
         TrainingJobPhase::Uploading => {
+            let uploading_since = crate::api::find_condition(&status.conditions, job_condition::UPLOADED)
+                .filter(|c| c.status == "False")
+                .map(|c| from_k8s_time(&c.last_transition_time));
             if is_condition_true(&status.conditions, job_condition::UPLOADED) {
                 Step::Finish {
                     phase: TrainingJobPhase::Succeeded,
                     reason: Reason::Succeeded,
                     message: "training finished and its results are verified".into(),
+                }
+            } else if uploading_since.is_some_and(|since| now - since >= UPLOAD_GRACE) {
+                // Uploads that keep failing must not keep the GPU rented.
+                Step::Finish {
+                    phase: TrainingJobPhase::Failed,
+                    reason: Reason::UploadFailed,
+                    message: format!(
+                        "the results could not be uploaded within {} minutes; they are lost with the machine",
+                        UPLOAD_GRACE.num_minutes()
+                    ),
                 }
             } else {
                 Step::Upload
@@ -227,11 +244,38 @@ mod tests {
         );
         let staged = status(TrainingJobPhase::Staging, &[job_condition::DATA_STAGED]);
         assert_eq!(next_step(&spec, &staged, &ready(), at(3)), Step::Launch { resume: false });
+        // A replacement machine resumes only from a checkpoint that is really there.
+        let replacement = TrainingJobStatus { attempts: 2, ..staged.clone() };
+        assert_eq!(next_step(&spec, &replacement, &ready(), at(3)), Step::Launch { resume: false });
+        let restored = TrainingJobStatus {
+            resumed_from: Some(crate::api::CheckpointStatus {
+                name: "a_10".into(),
+                step: 10,
+                ..Default::default()
+            }),
+            ..replacement
+        };
+        assert_eq!(next_step(&spec, &restored, &ready(), at(3)), Step::Launch { resume: true });
         let training =
             status(TrainingJobPhase::Training, &[job_condition::DATA_STAGED, job_condition::TRAINING]);
         assert_eq!(next_step(&spec, &training, &ready(), at(4)), Step::Poll);
         let finished = Observations { training: TrainingObservation::Finished, ..ready() };
         assert_eq!(next_step(&spec, &training, &finished, at(5)), Step::Upload);
+        let mut uploading = status(TrainingJobPhase::Uploading, &[]);
+        set_condition(
+            &mut uploading.conditions,
+            job_condition::UPLOADED,
+            ConditionStatus::False,
+            Reason::Uploading,
+            "",
+            None,
+            at(10),
+        );
+        assert_eq!(next_step(&spec, &uploading, &ready(), at(10 + 59 * 60)), Step::Upload);
+        assert!(matches!(
+            next_step(&spec, &uploading, &ready(), at(10 + 60 * 60)),
+            Step::Finish { phase: TrainingJobPhase::Failed, reason: Reason::UploadFailed, .. }
+        ));
         let uploaded = status(TrainingJobPhase::Uploading, &[job_condition::UPLOADED]);
         assert!(matches!(
             next_step(&spec, &uploaded, &ready(), at(6)),

@@ -4,7 +4,8 @@
 //!
 //! Files in the work dir (design section 2): `train.log` (stdout and stderr), `train.pid` (pid of
 //! the wrapper shell, which is also the process group id), `exit_code` (written by the wrapper
-//! when the command ends). Launch is idempotent: a live pid means training is already running, and
+//! when the command ends), `launches` (one line per start, time and pid: the audit trail that
+//! shows training was started once per machine). Launch is idempotent: a live pid means training is already running, and
 //! an `exit_code` means it already ran; neither starts it again (resume rules, design section 4).
 
 use std::time::Duration;
@@ -185,6 +186,7 @@ fn launch_script(layout: &RemoteLayout, command: &str) -> Result<String, RemoteE
          rm -f exit_code train.pid\n\
          PYTHONUNBUFFERED=1 nohup setsid sh -c {wrapper} gpu-trainer-run {cmd} > train.log 2>&1 < /dev/null &\n\
          i=0; while [ ! -s train.pid ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done\n\
+         printf '%s %s\\n' \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\" \"$(cat train.pid)\" >> launches\n\
          cat train.pid\n",
         wrapper = shell_quote(wrapper)?,
         cmd = shell_quote(command)?,
@@ -336,6 +338,11 @@ pub(crate) mod tests {
             launch(f.exec.as_ref(), &layout, &spec).await.unwrap(),
             LaunchOutcome::Started { .. }
         ));
+        // Every start, and only a start, leaves a line in the audit trail.
+        let launches = f.exec.read_from(&layout.join("launches"), 0, 10_000).await.unwrap();
+        let launches = String::from_utf8_lossy(&launches.data).into_owned();
+        assert_eq!(launches.lines().count(), 2, "{launches}");
+        assert!(launches.lines().next().unwrap().ends_with(&format!(" {pid}")), "{launches}");
         wait_state(&f, &layout, |s| matches!(s, TrainingState::Exited { .. })).await;
         for dir in [layout.dataset_dir(), layout.output_dir()] {
             assert!(f.exec.run(&format!("test -d {dir}"), quick()).await.unwrap().success());

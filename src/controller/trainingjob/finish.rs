@@ -2,6 +2,13 @@
 //! write the final phase with its conditions. Stopping and releasing are idempotent, so a
 //! finish interrupted by a restart is simply done again.
 
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+use tracing::info;
+
+use super::pass::Pass;
+use super::{phase_label, provision, session};
+use crate::api::from_k8s_time;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -92,6 +99,19 @@ pub fn finish_status(
             );
         }
     }
+    if crate::api::find_condition(&status.conditions, job_condition::UPLOADED).is_some()
+        && !crate::api::is_condition_true(&status.conditions, job_condition::UPLOADED)
+    {
+        set_condition(
+            &mut status.conditions,
+            job_condition::UPLOADED,
+            ConditionStatus::False,
+            reason,
+            message,
+            None,
+            now,
+        );
+    }
     if let Some(progress) = status.progress.as_mut() {
         progress.eta_seconds = None;
         progress.steps_per_second = None;
@@ -110,6 +130,65 @@ pub fn ttl_left(
 ) -> Option<Duration> {
     let due = completed? + chrono::Duration::seconds(ttl_seconds?.max(0));
     Some((due - now).to_std().unwrap_or(Duration::ZERO))
+}
+
+impl Pass<'_> {
+    /// Marks the job finished; the next step (`Finish` is decided from the phase) releases the
+    /// machine.
+    pub(super) async fn record_finish(
+        &mut self,
+        phase: TrainingJobPhase,
+        reason: Reason,
+        message: &str,
+    ) -> Result<(), Error> {
+        let now = Utc::now();
+        finish_status(&mut self.status, phase, reason, message, now);
+        self.record_finish_metrics(phase, reason, now);
+        self.release().await?;
+        let type_ = if phase == TrainingJobPhase::Succeeded { EventType::Normal } else { EventType::Warning };
+        let event_reason = if phase == TrainingJobPhase::Succeeded { "Succeeded" } else { "Failed" };
+        self.event(type_, event_reason, "Finish", message).await;
+        self.notify(super::notify::finish_kind(reason), message).await;
+        Ok(())
+    }
+
+    pub(super) async fn finish(
+        &mut self,
+        runtime: &mut session::JobRuntime,
+        phase: TrainingJobPhase,
+        reason: Reason,
+        message: &str,
+    ) -> Result<(), Error> {
+        runtime.reset();
+        info!(job = %self.job.name_any(), ?phase, %reason, "Finished");
+        self.record_finish(phase, reason, message).await
+    }
+
+    pub(super) fn record_finish_metrics(&self, phase: TrainingJobPhase, reason: Reason, now: DateTime<Utc>) {
+        let metrics = &self.ctrl.ctx.metrics;
+        let label = crate::metrics::PhaseLabels { phase: phase_label(phase) };
+        if let Some(created) = self.job.meta().creation_timestamp.as_ref() {
+            let seconds = (now - from_k8s_time(created)).num_milliseconds().max(0) as f64 / 1000.0;
+            metrics.job_duration.get_or_create(&label).observe(seconds);
+        }
+        if let Some(cost) = &self.status.cost {
+            metrics.job_cost.observe(cost.accrued);
+        }
+        if phase == TrainingJobPhase::Failed {
+            metrics
+                .job_failures
+                .get_or_create(&crate::metrics::ReasonLabels { reason: reason.as_str() })
+                .inc();
+        }
+    }
+
+    /// Deletes the GpuInstance; its finalizer releases the machine.
+    pub(super) async fn release(&mut self) -> Result<(), Error> {
+        if let Some(instance) = &self.status.instance {
+            provision::ensure_instance_deleted(&self.instances, &instance.name).await?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,9 @@ use kube::ResourceExt;
 use kube::api::Api;
 
 use super::Error;
+use super::outputs::Outputs;
 use crate::api::GpuInstance;
+use crate::artifacts::checkpoints::CheckpointSync;
 use crate::controller::gpuinstance::sshkey::PRIVATE_KEY;
 use crate::monitor::poller::TrainingMonitor;
 use crate::remote::ssh::{SshExec, SshKey, SshOptions, SshTarget};
@@ -25,6 +27,10 @@ pub struct JobRuntime {
     pub session: Option<(String, Arc<SshExec>)>,
     /// The monitor and the GpuInstance whose trainer it follows.
     pub monitor: Option<(String, TrainingMonitor)>,
+    /// The job's upload destinations (credentials resolved from Secrets).
+    pub outputs: Option<Arc<Outputs>>,
+    /// Checkpoint sizes seen at the last poll, to sync only complete ones.
+    pub checkpoint_sync: CheckpointSync,
 }
 
 impl JobRuntime {
@@ -32,6 +38,7 @@ impl JobRuntime {
     pub fn reset(&mut self) {
         self.session = None;
         self.monitor = None;
+        self.outputs = None;
     }
 }
 

@@ -3,7 +3,16 @@
 //! `Suspended → AcquireMachine`). The decision is pure; the engine itself does not look at the
 //! flag, so the driver asks here first.
 
+use chrono::Utc;
+use kube::ResourceExt;
+use kube::runtime::events::EventType;
+use tracing::info;
+
+use super::pass::Pass;
+use super::{Error, finish, session, train};
+use crate::api::{ConditionStatus, GpuInstance, Reason, is_condition_true, job_condition, set_condition};
 use crate::api::{TrainingJobPhase, TrainingJobSpec, TrainingJobStatus};
+use crate::engine::MachineObservation;
 
 /// What the suspend flag asks for now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,6 +32,68 @@ pub fn suspend_step(spec: &TrainingJobSpec, status: &TrainingJobStatus) -> Suspe
         SuspendStep::StaySuspended
     } else {
         SuspendStep::Suspend
+    }
+}
+
+impl Pass<'_> {
+    /// Stops the trainer (it saves on TERM), lists what it saved, keeps the latest checkpoint in
+    /// S3 (with `spec.output.s3`), releases the machine and enters `Suspended`. Resuming rents a
+    /// new machine, brings the checkpoint back and starts the tool's resume command.
+    pub(super) async fn suspend(
+        &mut self,
+        runtime: &mut session::JobRuntime,
+        instance: Option<&GpuInstance>,
+        machine: &MachineObservation,
+    ) -> Result<(), Error> {
+        let mut kept = None;
+        if let MachineObservation::Ready { .. } = machine
+            && is_condition_true(&self.status.conditions, job_condition::TRAINING)
+        {
+            let exec = self.session(runtime, instance).await?;
+            finish::stop(exec.as_ref(), &self.layout).await?;
+            let kind = train::parser_kind(self.tool.parser);
+            let (_, found) = finish::collect(exec.as_ref(), &self.layout, &self.tool, kind).await?;
+            self.status.checkpoints =
+                super::outputs::merge_checkpoints(&self.status.checkpoints, &found, &[]);
+            kept = Some(self.keep_latest_checkpoint(runtime, exec.as_ref()).await?);
+        }
+        runtime.reset();
+        self.release().await?;
+        let now = Utc::now();
+        let message = format!(
+            "spec.suspend is set: the GPU is released; {}",
+            kept.unwrap_or_else(|| "training had not started".into())
+        );
+        for c in [job_condition::INSTANCE_READY, job_condition::DATA_STAGED, job_condition::TRAINING] {
+            if crate::api::find_condition(&self.status.conditions, c).is_some() {
+                set_condition(
+                    &mut self.status.conditions,
+                    c,
+                    ConditionStatus::False,
+                    Reason::Suspended,
+                    &message,
+                    None,
+                    now,
+                );
+            }
+        }
+        set_condition(
+            &mut self.status.conditions,
+            job_condition::SUSPENDED,
+            ConditionStatus::True,
+            Reason::Suspended,
+            &message,
+            None,
+            now,
+        );
+        self.set_phase(TrainingJobPhase::Suspended, Reason::Suspended, &message);
+        if let Some(progress) = self.status.progress.as_mut() {
+            progress.eta_seconds = None;
+            progress.steps_per_second = None;
+        }
+        info!(job = %self.job.name_any(), "Suspended");
+        self.event(EventType::Normal, "Suspended", "Suspend", &message).await;
+        Ok(())
     }
 }
 

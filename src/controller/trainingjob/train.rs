@@ -3,6 +3,13 @@
 //! (a live `train.pid` or an `exit_code` means it is not started again), and polls that turn
 //! the monitor's reading into `status.progress`, `status.cost` and a [`TrainingObservation`].
 
+use kube::ResourceExt;
+use kube::runtime::events::EventType;
+
+use super::pass::Pass;
+use super::session;
+use crate::api::{ConditionStatus, GpuInstance, Reason, is_condition_true, job_condition, set_condition};
+use crate::monitor::poller::{TrainingFiles, TrainingMonitor};
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
@@ -123,6 +130,61 @@ fn round3(v: f64) -> f64 {
 
 fn round4(v: f64) -> f64 {
     (v * 10_000.0).round() / 10_000.0
+}
+
+impl Pass<'_> {
+    /// One poll: progress, stall condition and events, and what the engine should make of it.
+    pub(super) async fn poll(
+        &mut self,
+        runtime: &mut session::JobRuntime,
+        exec: &dyn crate::remote::RemoteExec,
+        instance: Option<&GpuInstance>,
+    ) -> Result<TrainingObservation, Error> {
+        let instance_name = instance.map(|i| i.name_any()).unwrap_or_default();
+        if runtime.monitor.as_ref().is_none_or(|(n, _)| *n != instance_name) {
+            let monitor = TrainingMonitor::new(
+                TrainingFiles::in_work_dir(self.layout.work_dir()),
+                parser_kind(self.tool.parser),
+                &self.job.spec.monitoring,
+            );
+            runtime.monitor = Some((instance_name, monitor));
+        }
+        let Some((_, monitor)) = runtime.monitor.as_mut() else { return Ok(TrainingObservation::Unknown) };
+        let now = Utc::now();
+        let polled = monitor.poll(exec, now).await.map_err(Box::new)?;
+        record_progress(&mut self.status, &polled, now);
+        let stalled = is_condition_true(&self.status.conditions, job_condition::STALLED);
+        match polled.stall.recommendation {
+            Recommendation::WaitForRecovery | Recommendation::StopJob if !stalled => {
+                set_condition(
+                    &mut self.status.conditions,
+                    job_condition::STALLED,
+                    ConditionStatus::True,
+                    Reason::Stalled,
+                    &polled.stall.reason,
+                    None,
+                    now,
+                );
+                self.ctrl.ctx.metrics.stalls_detected.inc();
+                self.event(EventType::Warning, "Stalled", "Monitor", &polled.stall.reason).await;
+                self.notify(crate::artifacts::notify::EventKind::StallDetected, &polled.stall.reason).await;
+            }
+            Recommendation::Continue if stalled => {
+                set_condition(
+                    &mut self.status.conditions,
+                    job_condition::STALLED,
+                    ConditionStatus::False,
+                    Reason::Recovered,
+                    &polled.stall.reason,
+                    None,
+                    now,
+                );
+                self.event(EventType::Normal, "Recovered", "Monitor", &polled.stall.reason).await;
+            }
+            _ => {}
+        }
+        Ok(observation(&polled))
+    }
 }
 
 #[cfg(test)]

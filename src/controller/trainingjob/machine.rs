@@ -1,0 +1,116 @@
+//! The job's machine: renting one GpuInstance per attempt, and reading its state, price and
+//! readiness into the job's status.
+
+use chrono::{DateTime, Utc};
+use kube::ResourceExt;
+use kube::runtime::events::EventType;
+use tracing::info;
+
+use super::pass::Pass;
+use super::{Error, provision, train};
+use crate::api::{
+    ConditionStatus, GpuInstance, Reason, TrainingJobPhase, from_k8s_time, is_condition_true, job_condition,
+    set_condition, to_k8s_time,
+};
+use crate::engine::MachineObservation;
+
+impl Pass<'_> {
+    /// Instance details, cost and the InstanceReady condition from the GpuInstance.
+    pub(super) async fn record_machine(
+        &mut self,
+        instance: Option<&GpuInstance>,
+        machine: &MachineObservation,
+        now: DateTime<Utc>,
+    ) {
+        let Some(instance) = instance else { return };
+        let name = instance.name_any();
+        self.status.instance = Some(provision::instance_status(&name, Some(instance)));
+        let gi_status = instance.status.clone().unwrap_or_default();
+        let eta = self.status.progress.as_ref().and_then(|p| p.eta_seconds);
+        if let Some(cost) = train::cost(
+            gi_status.offer.as_ref().map(|o| o.price_per_hour),
+            gi_status.launched_at.as_ref().map(from_k8s_time),
+            eta,
+            provision::prior_cost(instance),
+            self.status.cost.as_ref(),
+            now,
+        ) {
+            self.status.cost = Some(cost);
+        }
+        if let MachineObservation::Ready { .. } = machine
+            && !is_condition_true(&self.status.conditions, job_condition::INSTANCE_READY)
+        {
+            let gpu = self.status.instance.as_ref().and_then(|i| i.gpu.clone()).unwrap_or_default();
+            let message = format!("GpuInstance {name} is ready ({gpu})");
+            set_condition(
+                &mut self.status.conditions,
+                job_condition::INSTANCE_READY,
+                ConditionStatus::True,
+                Reason::Ready,
+                &message,
+                None,
+                now,
+            );
+            self.event(EventType::Normal, "InstanceReady", "Provision", &message).await;
+        }
+    }
+
+    /// Creates the key Secret and the GpuInstance of `attempt`, releasing the previous machine.
+    pub(super) async fn acquire(&mut self, attempt: i32, now: DateTime<Utc>) -> Result<(), Error> {
+        let job_name = self.job.name_any();
+        let name = provision::instance_name(&job_name, attempt);
+        if let Some(previous) = self.status.instance.as_ref().filter(|i| i.name != name) {
+            provision::ensure_instance_deleted(&self.instances, &previous.name).await?;
+        }
+        provision::ensure_key_secret(&self.secrets, self.job).await?;
+        let tool_image = self.tool.image.clone();
+        let spent = self.status.cost.as_ref().map(|c| c.accrued).unwrap_or(0.0);
+        let desired = provision::desired_instance(self.job, attempt, &tool_image, spent)?;
+        let created = provision::ensure_instance(&self.instances, &desired).await?;
+        let status = &mut self.status;
+        status.attempts = attempt;
+        status.start_time.get_or_insert_with(|| to_k8s_time(now));
+        status.instance = Some(provision::instance_status(&name, None));
+        // A new machine has nothing on it: stage and launch again there.
+        for c in [job_condition::INSTANCE_READY, job_condition::DATA_STAGED, job_condition::TRAINING] {
+            if crate::api::find_condition(&status.conditions, c).is_some() {
+                set_condition(
+                    &mut status.conditions,
+                    c,
+                    ConditionStatus::False,
+                    Reason::Launching,
+                    "new machine",
+                    None,
+                    now,
+                );
+            }
+        }
+        if self.status.phase == TrainingJobPhase::Suspended {
+            set_condition(
+                &mut self.status.conditions,
+                job_condition::SUSPENDED,
+                ConditionStatus::False,
+                Reason::Resumed,
+                "spec.suspend was cleared",
+                None,
+                now,
+            );
+            if created {
+                self.event(
+                    EventType::Normal,
+                    "Resumed",
+                    "Resume",
+                    "spec.suspend was cleared: renting a new machine",
+                )
+                .await;
+            }
+        }
+        let message = format!("renting a machine: GpuInstance {name} (attempt {attempt})");
+        self.set_phase(TrainingJobPhase::Provisioning, Reason::Launching, &message);
+        if created {
+            info!(job = %job_name, gpuinstance = %name, attempt, "Created GpuInstance");
+            self.event(EventType::Normal, "Provisioning", "Provision", &message).await;
+        }
+        Ok(())
+    }
+}

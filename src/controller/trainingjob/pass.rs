@@ -1,0 +1,223 @@
+//! One pass over one job: ask the engine for the next step, do it, and ask again until a step has
+//! to wait. The steps themselves live in the files named after their phase.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+use tracing::debug;
+
+use super::{Error, JobController, finish, kube_err, provision, session, stage, suspend, train};
+use crate::api::{
+    ConditionStatus, GpuInstance, Reason, TrainingJob, TrainingJobPhase, TrainingJobStatus, from_k8s_time,
+    is_condition_true, job_condition, set_condition,
+};
+use crate::engine::{MachineObservation, Observations, Step, TrainingObservation, next_step};
+use crate::remote::launch::{self, LaunchOutcome, RemoteLayout};
+use crate::remote::tool::RenderedTool;
+
+/// How often a job waiting for its machine is looked at even without a GpuInstance change.
+const MACHINE_WAIT: Duration = Duration::from_secs(15);
+
+/// Steps done in one reconcile before it yields; the engine normally waits long before this.
+const MAX_STEPS_PER_PASS: usize = 12;
+
+/// What one pass works on.
+pub(super) struct Pass<'a> {
+    pub(super) job: &'a TrainingJob,
+    pub(super) ctrl: &'a JobController,
+    pub(super) instances: Api<GpuInstance>,
+    pub(super) secrets: Api<Secret>,
+    pub(super) layout: RemoteLayout,
+    pub(super) tool: RenderedTool,
+    pub(super) status: TrainingJobStatus,
+}
+
+impl Pass<'_> {
+    pub(super) async fn run(&mut self, runtime: &mut session::JobRuntime) -> Result<Action, Error> {
+        let mut training = TrainingObservation::Unknown;
+        for _ in 0..MAX_STEPS_PER_PASS {
+            let now = Utc::now();
+            let instance = match &self.status.instance {
+                Some(i) => self.instances.get_opt(&i.name).await.map_err(kube_err("read the GpuInstance"))?,
+                None => None,
+            };
+            let machine = provision::observe(instance.as_ref());
+            self.record_machine(instance.as_ref(), &machine, now).await;
+            match suspend::suspend_step(&self.job.spec, &self.status) {
+                suspend::SuspendStep::Run => {}
+                suspend::SuspendStep::StaySuspended => return Ok(Action::await_change()),
+                suspend::SuspendStep::Suspend => {
+                    self.suspend(runtime, instance.as_ref(), &machine).await?;
+                    return Ok(Action::await_change());
+                }
+            }
+            if train::soft_deadline_passed(&self.job.spec, &self.status, now)
+                && !is_condition_true(&self.status.conditions, train::SOFT_DEADLINE_CONDITION)
+            {
+                let message = format!(
+                    "softDeadlineSeconds ({} s) passed; the job keeps running",
+                    self.job.spec.soft_deadline_seconds.unwrap_or_default()
+                );
+                set_condition(
+                    &mut self.status.conditions,
+                    train::SOFT_DEADLINE_CONDITION,
+                    ConditionStatus::True,
+                    Reason::SoftDeadlineExceeded,
+                    &message,
+                    None,
+                    now,
+                );
+                self.event(EventType::Warning, Reason::SoftDeadlineExceeded.as_str(), "Monitor", &message)
+                    .await;
+            }
+            let observed = Observations { machine: machine.clone(), training: training.clone() };
+            let step = next_step(&self.job.spec, &self.status, &observed, now);
+            debug!(job = %self.job.name_any(), ?step, "Next step");
+            match step {
+                Step::Done => return Ok(Action::await_change()),
+                Step::AcquireMachine { attempt } => {
+                    runtime.reset();
+                    self.acquire(attempt, now).await?;
+                    // The GpuInstance's changes wake the job (`owns`); the requeue is a fallback.
+                    return Ok(Action::requeue(MACHINE_WAIT));
+                }
+                Step::WaitForMachine => return Ok(Action::requeue(MACHINE_WAIT)),
+                Step::Stage => {
+                    let exec = self.session(runtime, instance.as_ref()).await?;
+                    self.set_phase(TrainingJobPhase::Staging, Reason::Staging, "staging dataset and recipe");
+                    if let Some(instance) = instance.as_ref() {
+                        stage::claim_work_dir(exec.as_ref(), &self.layout, &instance.name_any()).await?;
+                    }
+                    match stage::stage(exec.as_ref(), &self.layout, &self.job.spec, &self.tool).await? {
+                        Ok(message) => {
+                            // A replacement machine gets its checkpoint before it counts as staged.
+                            self.restore(runtime, exec.as_ref()).await?;
+                            set_condition(
+                                &mut self.status.conditions,
+                                job_condition::DATA_STAGED,
+                                ConditionStatus::True,
+                                Reason::Staged,
+                                &message,
+                                None,
+                                Utc::now(),
+                            );
+                            self.event(EventType::Normal, "Staged", "Stage", &message).await;
+                        }
+                        Err((reason, message)) => {
+                            self.finish(runtime, TrainingJobPhase::Failed, reason, &message).await?
+                        }
+                    }
+                }
+                Step::Launch { resume } => {
+                    let exec = self.session(runtime, instance.as_ref()).await?;
+                    let env = match train::resolve_env(&self.secrets, &self.job.spec).await? {
+                        Ok(env) => env,
+                        Err(message) => {
+                            self.finish(runtime, TrainingJobPhase::Failed, Reason::SecretNotFound, &message)
+                                .await?;
+                            continue;
+                        }
+                    };
+                    let outcome =
+                        launch::launch(exec.as_ref(), &self.layout, &self.tool.launch_spec(resume, env))
+                            .await?;
+                    let message = match outcome {
+                        LaunchOutcome::Started { pid } => format!("{} started (pid {pid})", self.tool.tool),
+                        LaunchOutcome::AlreadyRunning { pid } => {
+                            format!("{} is running (pid {pid})", self.tool.tool)
+                        }
+                        LaunchOutcome::AlreadyExited { exit_code } => {
+                            format!("{} already ran (exit code {exit_code})", self.tool.tool)
+                        }
+                    };
+                    self.set_phase(TrainingJobPhase::Training, Reason::Training, &message);
+                    set_condition(
+                        &mut self.status.conditions,
+                        job_condition::TRAINING,
+                        ConditionStatus::True,
+                        Reason::Training,
+                        &message,
+                        None,
+                        Utc::now(),
+                    );
+                    if matches!(outcome, LaunchOutcome::Started { .. }) {
+                        if self.status.attempts == 1
+                            && let Some(created) = self.job.meta().creation_timestamp.as_ref()
+                        {
+                            let waited = (Utc::now() - from_k8s_time(created)).num_milliseconds().max(0)
+                                as f64
+                                / 1000.0;
+                            self.ctrl.ctx.metrics.apply_to_training_seconds.observe(waited);
+                        }
+                        self.event(EventType::Normal, "TrainingStarted", "Launch", &message).await;
+                    }
+                }
+                Step::Poll => {
+                    let exec = self.session(runtime, instance.as_ref()).await?;
+                    training = self.poll(runtime, exec.as_ref(), instance.as_ref()).await?;
+                    if training == TrainingObservation::Running {
+                        self.sync_checkpoints(runtime, exec.as_ref()).await?;
+                        let every =
+                            Duration::from_secs(u64::from(self.job.spec.monitoring.poll_interval_seconds));
+                        return Ok(Action::requeue(every));
+                    }
+                }
+                Step::StopAndFail { reason, message } => {
+                    let mut message = message;
+                    if let Ok(exec) = self.session(runtime, instance.as_ref()).await {
+                        finish::stop(exec.as_ref(), &self.layout).await?;
+                        // What the trainer saved is listed, and the latest checkpoint saved with
+                        // a model card marked incomplete, before the machine goes.
+                        let kind = train::parser_kind(self.tool.parser);
+                        let (_, found) =
+                            finish::collect(exec.as_ref(), &self.layout, &self.tool, kind).await?;
+                        self.status.checkpoints =
+                            super::outputs::merge_checkpoints(&self.status.checkpoints, &found, &[]);
+                        let stop_reason = format!("{reason}: {message}");
+                        let saved = self.salvage(runtime, exec.as_ref(), &stop_reason).await?;
+                        message = format!("{message}; {saved}");
+                    }
+                    self.finish(runtime, TrainingJobPhase::Failed, reason, &message).await?;
+                }
+                Step::Upload => {
+                    let exec = self.session(runtime, instance.as_ref()).await?;
+                    self.upload(runtime, exec.as_ref()).await?;
+                }
+                Step::Finish { phase, reason, message } => {
+                    if let MachineObservation::Ready { .. } = machine
+                        && let Ok(exec) = self.session(runtime, instance.as_ref()).await
+                    {
+                        finish::stop(exec.as_ref(), &self.layout).await?;
+                    }
+                    self.finish(runtime, phase, reason, &message).await?;
+                }
+            }
+        }
+        Ok(Action::requeue(Duration::from_secs(1)))
+    }
+
+    pub(super) async fn session(
+        &self,
+        runtime: &mut session::JobRuntime,
+        instance: Option<&GpuInstance>,
+    ) -> Result<Arc<crate::remote::ssh::SshExec>, Error> {
+        let instance = instance.ok_or(Error::Missing("GpuInstance"))?;
+        session::ensure_session(runtime, &self.secrets, instance).await
+    }
+
+    pub(super) async fn event(&self, type_: EventType, reason: &str, action: &str, note: &str) {
+        self.ctrl.ctx.event(self.job, type_, reason, action, note).await;
+    }
+
+    pub(super) fn set_phase(&mut self, phase: TrainingJobPhase, reason: Reason, message: &str) {
+        self.status.phase = phase;
+        self.status.reason = Some(reason);
+        self.status.message = Some(message.to_string());
+    }
+}

@@ -1,0 +1,472 @@
+//! Getting results off the machine, always before it is released:
+//! - while training, every new checkpoint is synced to `spec.output.s3` once it is complete;
+//! - at the end, the final model, its model card and any checkpoint not yet synced go to S3
+//!   and/or Hugging Face, each verified, and only then does the job succeed;
+//! - a run stopped early (stall, deadline, budget) saves its latest checkpoint and a model card
+//!   marked incomplete, within a bounded time, and says what was saved and what was lost;
+//! - a replacement machine gets the latest synced checkpoint back before training resumes.
+//!
+//! A failed upload never keeps the machine: the job fails with `UploadFailed` naming what was not
+//! uploaded, and the finish step releases the GPU.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use kube::ResourceExt;
+use kube::runtime::events::EventType;
+use tracing::{info, warn};
+
+use super::outputs::{self, Outputs};
+use super::pass::Pass;
+use super::session::JobRuntime;
+use super::{Error, finish, train};
+use crate::api::{
+    ArtifactStatus, CheckpointStatus, ConditionStatus, Reason, TrainingJobPhase, job_condition, set_condition,
+};
+use crate::artifacts::checkpoints::{checkpoint_item, restore_items};
+use crate::artifacts::download::download;
+use crate::artifacts::huggingface::{HfUpload, upload_to_hub};
+use crate::artifacts::model_card::write_to_machine;
+use crate::artifacts::{UploadItem, UploadSettings, Uploader};
+use crate::controller::gpuinstance::error_chain;
+use crate::monitor::checkpoints::Checkpoint;
+use crate::remote::RemoteExec;
+
+/// Longest a Hugging Face upload may take.
+const HF_TIMEOUT: Duration = Duration::from_secs(60 * 60);
+/// Longest bringing a checkpoint back onto a new machine may take.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Where the model card is written on the machine, relative to the work dir.
+const CARD: &str = "README.md";
+
+/// What the upload of one set of files came to.
+struct Sent {
+    artifacts: Vec<ArtifactStatus>,
+    checkpoints: Vec<CheckpointStatus>,
+    /// Destinations that failed, with why (no credentials or URLs in the text).
+    failures: Vec<String>,
+}
+
+impl Pass<'_> {
+    /// The job's destinations, resolved once per connection. `Ok(Err)` names what is missing.
+    async fn outputs(&self, runtime: &mut JobRuntime) -> Result<Result<Arc<Outputs>, String>, Error> {
+        if let Some(outputs) = &runtime.outputs {
+            return Ok(Ok(outputs.clone()));
+        }
+        let uid = self.job.uid().ok_or(Error::Missing("uid"))?;
+        let resolved = outputs::resolve(&self.secrets, &self.job.spec, &self.job.name_any(), &uid).await?;
+        Ok(resolved.map(|o| {
+            let o = Arc::new(o);
+            runtime.outputs = Some(o.clone());
+            o
+        }))
+    }
+
+    /// After a poll of a running trainer: lists the checkpoints and syncs the complete ones to
+    /// S3 when the job asks for it. A failed sync is a Warning, not a failed job.
+    pub(super) async fn sync_checkpoints(
+        &mut self,
+        runtime: &mut JobRuntime,
+        exec: &dyn RemoteExec,
+    ) -> Result<(), Error> {
+        let Ok(outputs) = self.outputs(runtime).await? else { return Ok(()) };
+        let Some(s3) = outputs.s3.as_ref().filter(|s| s.sync_checkpoints) else { return Ok(()) };
+        let kind = train::parser_kind(self.tool.parser);
+        let inventory = crate::monitor::poller::checkpoint_inventory(exec, &self.layout.output_dir(), kind)
+            .await
+            .map_err(Box::new)?;
+        let ready = runtime.checkpoint_sync.ready(&inventory, &self.status.checkpoints);
+        let mut synced = Vec::new();
+        if !ready.is_empty() {
+            let uploader = Uploader::new(&s3.store, UploadSettings::default());
+            let output_dir = self.layout.output_dir();
+            match crate::artifacts::checkpoints::sync_checkpoints(
+                &uploader,
+                exec,
+                &s3.dest,
+                &output_dir,
+                &ready,
+            )
+            .await
+            {
+                Ok(done) => {
+                    for cp in &done {
+                        info!(job = %self.job.name_any(), checkpoint = %cp.name, step = cp.step, "Checkpoint synced");
+                    }
+                    synced = done;
+                }
+                Err(e) => {
+                    let message = format!("checkpoint sync to S3 failed (will retry): {}", error_chain(&e));
+                    warn!(job = %self.job.name_any(), error = %message, "Checkpoint sync failed");
+                    self.event(EventType::Warning, "CheckpointSyncFailed", "Sync", &message).await;
+                }
+            }
+        }
+        self.status.checkpoints =
+            outputs::merge_checkpoints(&self.status.checkpoints, &inventory.to_status(), &synced);
+        Ok(())
+    }
+
+    /// The end of a successful run: upload and verify the model, its card and the checkpoints
+    /// to every destination, then mark the job `Uploaded` (or failed, naming what was lost).
+    pub(super) async fn upload(
+        &mut self,
+        runtime: &mut JobRuntime,
+        exec: &dyn RemoteExec,
+    ) -> Result<(), Error> {
+        self.set_phase(TrainingJobPhase::Uploading, Reason::Uploading, "collecting results");
+        // Its time is when uploading began: the engine gives up after `UPLOAD_GRACE`.
+        set_condition(
+            &mut self.status.conditions,
+            job_condition::UPLOADED,
+            ConditionStatus::False,
+            Reason::Uploading,
+            "uploading the results",
+            None,
+            Utc::now(),
+        );
+        let kind = train::parser_kind(self.tool.parser);
+        let (model, found) = finish::collect(exec, &self.layout, &self.tool, kind).await?;
+        self.status.checkpoints = outputs::merge_checkpoints(&self.status.checkpoints, &found, &[]);
+        let Some(model) = model else {
+            let message =
+                format!("the trainer finished but left no model at {}", self.tool.outputs.final_model);
+            return self.record_finish(TrainingJobPhase::Failed, Reason::UploadFailed, &message).await;
+        };
+        let listed = format!(
+            "model {} ({} bytes, sha256 {})",
+            model.uri,
+            model.size_bytes,
+            model.sha256.clone().unwrap_or_default()
+        );
+        self.status.artifacts = vec![model];
+        let outputs = match self.outputs(runtime).await? {
+            Ok(outputs) => outputs,
+            Err(why) => {
+                let message = format!("{why}; {listed} was not uploaded");
+                return self.record_finish(TrainingJobPhase::Failed, Reason::UploadFailed, &message).await;
+            }
+        };
+        if outputs.is_empty() {
+            let message = format!("no spec.output: results listed, not uploaded: {listed}");
+            return self.mark_uploaded(&message).await;
+        }
+        let model_file = self.model_file_name();
+        let card = outputs::model_card(
+            &self.job.name_any(),
+            &self.job.spec,
+            &self.status,
+            None,
+            vec![model_file.clone()],
+        );
+        self.write_card(exec, &card.render()).await?;
+        let unsynced: Vec<CheckpointStatus> =
+            self.status.checkpoints.iter().filter(|c| c.uri.is_none()).cloned().collect();
+        let files = vec![
+            ("model".to_string(), self.layout.join(&self.tool.outputs.final_model), model_file),
+            ("model-card".to_string(), self.layout.join(CARD), CARD.to_string()),
+        ];
+        let sent = self.send(&outputs, exec, &files, &unsynced, UploadSettings::default()).await;
+        self.status.checkpoints =
+            outputs::merge_checkpoints(&self.status.checkpoints, &[], &sent.checkpoints);
+        let uploaded = describe(&sent.artifacts);
+        if sent.artifacts.iter().any(|a| a.name == "model") {
+            self.status.artifacts = sent.artifacts;
+        }
+        if !sent.failures.is_empty() {
+            let saved = if uploaded.is_empty() {
+                String::new()
+            } else {
+                format!("uploaded and verified: {uploaded}; ")
+            };
+            let message = format!("{saved}{}; {listed} was not uploaded there", sent.failures.join("; "));
+            return self.record_finish(TrainingJobPhase::Failed, Reason::UploadFailed, &message).await;
+        }
+        self.mark_uploaded(&format!("uploaded and verified: {uploaded}")).await
+    }
+
+    async fn mark_uploaded(&mut self, message: &str) -> Result<(), Error> {
+        set_condition(
+            &mut self.status.conditions,
+            job_condition::UPLOADED,
+            ConditionStatus::True,
+            Reason::Uploaded,
+            message,
+            None,
+            Utc::now(),
+        );
+        self.event(EventType::Normal, "Uploaded", "Upload", message).await;
+        Ok(())
+    }
+
+    /// A run stopped early: saves the latest checkpoint and a model card marked incomplete to
+    /// every destination, within a bounded time. Returns a sentence for the final message.
+    pub(super) async fn salvage(
+        &mut self,
+        runtime: &mut JobRuntime,
+        exec: &dyn RemoteExec,
+        stop_reason: &str,
+    ) -> Result<String, Error> {
+        let outputs = match self.outputs(runtime).await? {
+            Ok(outputs) if !outputs.is_empty() => outputs,
+            Ok(_) => return Ok(self.checkpoint_sentence("stays on the machine and is lost with it")),
+            Err(why) => return Ok(format!("nothing was saved: {why}")),
+        };
+        let Some(latest) = self.status.checkpoints.iter().max_by_key(|c| c.step).cloned() else {
+            return Ok("there was no checkpoint to save".into());
+        };
+        self.set_phase(TrainingJobPhase::Uploading, Reason::Uploading, "saving the latest checkpoint");
+        let path_in_repo = format!("checkpoints/{}", latest.name);
+        let card = outputs::model_card(
+            &self.job.name_any(),
+            &self.job.spec,
+            &self.status,
+            Some(stop_reason),
+            vec![path_in_repo.clone()],
+        );
+        self.write_card(exec, &card.render()).await?;
+        let mut files = vec![("model-card".to_string(), self.layout.join(CARD), CARD.to_string())];
+        // Hugging Face takes files: a folder checkpoint (no extension, e.g. `checkpoint-500`)
+        // goes to S3 only.
+        if outputs.hf.is_some() && latest.name.contains('.') {
+            let path = format!("{}/{}", self.layout.output_dir(), latest.name);
+            files.push((format!("checkpoint-{}", latest.step), path, path_in_repo));
+        }
+        let pending: Vec<CheckpointStatus> =
+            std::iter::once(latest.clone()).filter(|c| c.uri.is_none()).collect();
+        let sent = self.send(&outputs, exec, &files, &pending, outputs::salvage_settings()).await;
+        self.status.checkpoints =
+            outputs::merge_checkpoints(&self.status.checkpoints, &[], &sent.checkpoints);
+        self.status.artifacts.extend(sent.artifacts.iter().cloned());
+        let saved = describe(&sent.artifacts);
+        let mut sentence = match self
+            .status
+            .checkpoints
+            .iter()
+            .find(|c| c.name == latest.name)
+            .and_then(|c| c.uri.clone())
+        {
+            Some(uri) => format!("latest checkpoint {} (step {}) saved to {uri}", latest.name, latest.step),
+            None => format!("latest checkpoint {} (step {}) was not saved to S3", latest.name, latest.step),
+        };
+        if !saved.is_empty() {
+            sentence.push_str(&format!("; saved with a model card marked incomplete: {saved}"));
+        }
+        if !sent.failures.is_empty() {
+            sentence.push_str(&format!("; {}", sent.failures.join("; ")));
+        }
+        Ok(sentence)
+    }
+
+    /// Before a suspended job's machine is released: the latest checkpoint goes to S3 (when the
+    /// job has `spec.output.s3`) so the next machine can resume from it. Returns a sentence for
+    /// the Suspended message.
+    pub(super) async fn keep_latest_checkpoint(
+        &mut self,
+        runtime: &mut JobRuntime,
+        exec: &dyn RemoteExec,
+    ) -> Result<String, Error> {
+        let Some(latest) = self.status.checkpoints.iter().max_by_key(|c| c.step).cloned() else {
+            return Ok("there is no checkpoint: training will start over".into());
+        };
+        let outputs = match self.outputs(runtime).await? {
+            Ok(outputs) if outputs.s3.is_some() => outputs,
+            Ok(_) => return Ok(self.checkpoint_sentence("stays on this machine only")),
+            Err(why) => return Ok(format!("the latest checkpoint was not saved: {why}")),
+        };
+        if latest.uri.is_none() {
+            let sent = self
+                .send(&outputs, exec, &[], std::slice::from_ref(&latest), outputs::salvage_settings())
+                .await;
+            self.status.checkpoints =
+                outputs::merge_checkpoints(&self.status.checkpoints, &[], &sent.checkpoints);
+            if let Some(failure) = sent.failures.first() {
+                return Ok(format!(
+                    "latest checkpoint {} (step {}) was not saved: {failure}",
+                    latest.name, latest.step
+                ));
+            }
+        }
+        Ok(self.checkpoint_sentence("stays on this machine only"))
+    }
+
+    /// On a replacement machine, before the trainer starts: the latest checkpoint is found on the
+    /// machine or brought back from S3, and recorded as `resumedFrom`. Without one, training
+    /// starts over (with a Warning saying so).
+    pub(super) async fn restore(
+        &mut self,
+        runtime: &mut JobRuntime,
+        exec: &dyn RemoteExec,
+    ) -> Result<(), Error> {
+        self.status.resumed_from = None;
+        if self.status.attempts <= 1 || self.status.checkpoints.is_empty() {
+            return Ok(());
+        }
+        let kind = train::parser_kind(self.tool.parser);
+        let output_dir = self.layout.output_dir();
+        let on_machine = crate::monitor::poller::checkpoint_inventory(exec, &output_dir, kind)
+            .await
+            .map_err(Box::new)?
+            .to_status();
+        let wanted = outputs::latest_synced(&self.status.checkpoints).cloned();
+        let newest_here = on_machine.iter().max_by_key(|c| c.step).cloned();
+        let from = match (wanted, newest_here) {
+            (Some(w), Some(h)) if h.step >= w.step => Some(h),
+            (None, here) => here,
+            (Some(w), here) => match self.bring_back(runtime, exec, &w).await? {
+                Ok(()) => Some(w),
+                Err(why) => {
+                    let message = format!(
+                        "could not bring checkpoint {} (step {}) back from storage: {why}",
+                        w.name, w.step
+                    );
+                    warn!(job = %self.job.name_any(), error = %message, "Restore failed");
+                    self.event(EventType::Warning, "RestoreFailed", "Restore", &message).await;
+                    here
+                }
+            },
+        };
+        match &from {
+            Some(cp) => {
+                let message = format!("resuming from checkpoint {} (step {})", cp.name, cp.step);
+                self.event(EventType::Normal, "Restored", "Restore", &message).await;
+            }
+            None => {
+                let message = "no checkpoint reached this machine: training starts over (sync checkpoints with spec.output.s3 to resume on a new machine)";
+                self.event(EventType::Warning, "NoCheckpoint", "Restore", message).await;
+            }
+        }
+        self.status.resumed_from = from;
+        Ok(())
+    }
+
+    /// Downloads the synced checkpoint `cp` into the output folder.
+    async fn bring_back(
+        &mut self,
+        runtime: &mut JobRuntime,
+        exec: &dyn RemoteExec,
+        cp: &CheckpointStatus,
+    ) -> Result<Result<(), String>, Error> {
+        let outputs = match self.outputs(runtime).await? {
+            Ok(outputs) => outputs,
+            Err(why) => return Ok(Err(why)),
+        };
+        let Some(s3) = outputs.s3.as_ref() else { return Ok(Err("spec.output.s3 is not set".into())) };
+        let output_dir = self.layout.output_dir();
+        let items = match restore_items(&s3.store, &s3.dest, &output_dir, &cp.name).await {
+            Ok(items) if items.is_empty() => {
+                return Ok(Err(format!("nothing stored under {}", cp.uri.clone().unwrap_or_default())));
+            }
+            Ok(items) => items,
+            Err(e) => return Ok(Err(error_chain(&e))),
+        };
+        let ttl = UploadSettings::default().url_ttl;
+        Ok(download(&s3.store, exec, &items, ttl, RESTORE_TIMEOUT).await.map_err(|e| error_chain(&e)))
+    }
+
+    /// Uploads `files` (artifact name, path on the machine, name at the destination) and the
+    /// checkpoints `pending` to every destination.
+    async fn send(
+        &self,
+        outputs: &Outputs,
+        exec: &dyn RemoteExec,
+        files: &[(String, String, String)],
+        pending: &[CheckpointStatus],
+        settings: UploadSettings,
+    ) -> Sent {
+        let mut sent = Sent { artifacts: vec![], checkpoints: vec![], failures: vec![] };
+        if let Some(s3) = &outputs.s3 {
+            let output_dir = self.layout.output_dir();
+            let mut items: Vec<UploadItem> = files
+                .iter()
+                .map(|(name, path, dst)| UploadItem {
+                    name: name.clone(),
+                    path: path.clone(),
+                    object: s3.dest.object(dst),
+                })
+                .collect();
+            let checkpoints: Vec<Checkpoint> = pending
+                .iter()
+                .map(|c| Checkpoint {
+                    path: c.name.clone(),
+                    step: Some(c.step),
+                    epoch: None,
+                    size_bytes: c.size_bytes.unwrap_or(0),
+                })
+                .collect();
+            items.extend(checkpoints.iter().map(|c| checkpoint_item(&s3.dest, &output_dir, c)));
+            let uploader = Uploader::new(&s3.store, settings.clone());
+            match uploader.upload(exec, &items).await {
+                Ok(statuses) => {
+                    let (file_statuses, cp_statuses) = statuses.split_at(files.len().min(statuses.len()));
+                    sent.artifacts.extend(file_statuses.iter().cloned());
+                    for (cp, status) in pending.iter().zip(cp_statuses) {
+                        sent.checkpoints.push(CheckpointStatus {
+                            uri: Some(status.uri.clone()),
+                            size_bytes: Some(status.size_bytes),
+                            ..cp.clone()
+                        });
+                    }
+                }
+                Err(e) => {
+                    warn!(job = %self.job.name_any(), error = %error_chain(&e), "Upload to S3 failed");
+                    sent.failures.push(format!("upload to S3 failed: {}", error_chain(&e)));
+                }
+            }
+        }
+        if let Some(hf) = outputs.hf.as_ref().filter(|_| !files.is_empty()) {
+            let upload = HfUpload {
+                repo: hf.output.repo.clone(),
+                private: hf.output.private,
+                files: files.to_vec(),
+                commit_message: format!("gpu-trainer: TrainingJob {}", self.job.name_any()),
+                staging_dir: self.layout.join("hf-staging"),
+                cli: self.ctrl.hf_cli.clone(),
+            };
+            let timeout = settings.step_timeout.min(HF_TIMEOUT);
+            match upload_to_hub(exec, &upload, &hf.token, timeout).await {
+                Ok(statuses) => sent.artifacts.extend(statuses),
+                Err(e) => {
+                    warn!(job = %self.job.name_any(), error = %error_chain(&e), "Upload to Hugging Face failed");
+                    sent.failures.push(format!("upload to Hugging Face failed: {}", error_chain(&e)));
+                }
+            }
+        }
+        sent
+    }
+
+    async fn write_card(&self, exec: &dyn RemoteExec, text: &str) -> Result<(), Error> {
+        write_to_machine(exec, text, &self.layout.join(CARD)).await.map_err(|e| {
+            Error::Remote(crate::remote::RemoteError::io("write the model card", error_chain(&e)))
+        })
+    }
+
+    /// The final model's file name (the last part of the tool's `finalModel`).
+    fn model_file_name(&self) -> String {
+        let final_model = &self.tool.outputs.final_model;
+        final_model.rsplit('/').find(|s| !s.is_empty()).unwrap_or("model").to_string()
+    }
+
+    fn checkpoint_sentence(&self, fate: &str) -> String {
+        match self.status.checkpoints.iter().max_by_key(|c| c.step) {
+            Some(cp) if cp.uri.is_some() => format!(
+                "latest checkpoint {} (step {}) is in {}",
+                cp.name,
+                cp.step,
+                cp.uri.clone().unwrap_or_default()
+            ),
+            Some(cp) => format!("no spec.output: latest checkpoint {} (step {}) {fate}", cp.name, cp.step),
+            None => "there was no checkpoint".into(),
+        }
+    }
+}
+
+/// `name uri (size bytes)` of each artifact, comma-separated.
+fn describe(artifacts: &[ArtifactStatus]) -> String {
+    artifacts
+        .iter()
+        .map(|a| format!("{} {} ({} bytes)", a.name, a.uri, a.size_bytes))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
