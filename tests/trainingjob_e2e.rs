@@ -899,14 +899,14 @@ async fn the_controller_killed_at_random_moments_never_loses_or_repeats_work() {
         "\nthe operator killed (SIGKILL) and restarted twice per round, {JOBS_PER_ROUND} jobs per round"
     );
     println!(
-        "{:<7} {:<30} {:<10} {:>8} {:>8}",
+        "{:<7} {:<42} {:<10} {:>8} {:>8}",
         "job", "kills: time (phase then)", "outcome", "launches", "machines"
     );
     for trial in &trials {
         let kills: Vec<String> =
             trial.kills.iter().map(|(at, phase)| format!("{:.1}s ({phase})", at.as_secs_f64())).collect();
         println!(
-            "{:<7} {:<30} {:<10} {:>8} {:>8}",
+            "{:<7} {:<42} {:<10} {:>8} {:>8}",
             trial.job,
             kills.join(", "),
             trial.outcome,

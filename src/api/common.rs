@@ -89,7 +89,7 @@ impl Default for GpuRequirements {
 
 /// The machine to rent. Unset fields fall back to the operator's defaults (shown per field),
 /// then to the training tool's own recommendation.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MachineRequirements {
     /// GPU model, count and memory.
@@ -120,6 +120,22 @@ pub struct MachineRequirements {
     /// Rent only machines the marketplace has verified. Defaults to true.
     #[serde(default = "default_true")]
     pub verified_only: bool,
+}
+
+// By hand rather than derived: an omitted `resources` must mean the same as `resources: {}`,
+// and `verifiedOnly` defaults to true (a derived Default would say false).
+impl Default for MachineRequirements {
+    fn default() -> Self {
+        Self {
+            gpu: GpuRequirements::default(),
+            disk_gb: None,
+            max_price_per_hour: None,
+            min_reliability: None,
+            regions: Vec::new(),
+            image: None,
+            verified_only: default_true(),
+        }
+    }
 }
 
 pub(crate) fn default_true() -> bool {

@@ -6,38 +6,61 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 use super::{Reason, to_k8s_time};
 
-/// Condition types of a `TrainingJob`.
-pub mod job_condition {
-    /// The job's GpuInstance is `Ready`.
-    pub const INSTANCE_READY: &str = "InstanceReady";
-    /// Dataset and recipe are on the machine and verified.
-    pub const DATA_STAGED: &str = "DataStaged";
-    /// The trainer is running.
-    pub const TRAINING: &str = "Training";
-    /// A stall was detected; True until training recovers or the job is stopped.
-    pub const STALLED: &str = "Stalled";
-    /// Artifacts are uploaded and verified.
-    pub const UPLOADED: &str = "Uploaded";
-    /// The job is suspended.
-    pub const SUSPENDED: &str = "Suspended";
-    /// The job finished successfully.
-    pub const SUCCEEDED: &str = "Succeeded";
-    /// The job failed; the reason says why.
-    pub const FAILED: &str = "Failed";
+/// Declares a module of condition-type constants plus `ALL`: every type with its description
+/// (the doc comment), for documentation and checks.
+macro_rules! condition_types {
+    ($(#[doc = $module_doc:literal])* pub mod $module:ident {
+        $( $(#[doc = $doc:literal])+ $name:ident = $value:literal; )+
+    }) => {
+        $(#[doc = $module_doc])*
+        pub mod $module {
+            $( $(#[doc = $doc])+ pub const $name: &str = $value; )+
+
+            /// Every condition type and its description, in declaration order.
+            pub const ALL: &[(&str, &str)] = &[$(($value, concat!($($doc),+))),+];
+        }
+    };
 }
 
-/// Condition types of a `GpuInstance`.
-pub mod instance_condition {
-    /// The provider accepted the rent call and returned an instance id.
-    pub const LAUNCHED: &str = "Launched";
-    /// SSH answers on the machine.
-    pub const REACHABLE: &str = "Reachable";
-    /// The machine is ready for work.
-    pub const READY: &str = "Ready";
-    /// The machine is being released.
-    pub const INSTANCE_TERMINATING: &str = "InstanceTerminating";
-    /// Releasing the machine has taken more than 10 minutes; the operator keeps trying.
-    pub const TERMINATION_STUCK: &str = "TerminationStuck";
+condition_types! {
+    /// Condition types of a `TrainingJob`.
+    pub mod job_condition {
+        /// The job's GpuInstance is `Ready`.
+        INSTANCE_READY = "InstanceReady";
+        /// Dataset and recipe are on the machine and verified.
+        DATA_STAGED = "DataStaged";
+        /// The trainer is running.
+        TRAINING = "Training";
+        /// A stall was detected; True until training recovers or the job is stopped.
+        STALLED = "Stalled";
+        /// `softDeadlineSeconds` passed; a warning only, the job keeps running.
+        SOFT_DEADLINE_EXCEEDED = "SoftDeadlineExceeded";
+        /// Artifacts are uploaded and verified.
+        UPLOADED = "Uploaded";
+        /// The job is suspended.
+        SUSPENDED = "Suspended";
+        /// The job finished successfully.
+        SUCCEEDED = "Succeeded";
+        /// The job failed; the reason says why.
+        FAILED = "Failed";
+    }
+}
+
+condition_types! {
+    /// Condition types of a `GpuInstance`.
+    pub mod instance_condition {
+        /// The provider accepted the rent call and returned an instance id.
+        LAUNCHED = "Launched";
+        /// SSH answers on the machine.
+        REACHABLE = "Reachable";
+        /// The machine is ready for work.
+        READY = "Ready";
+        /// The machine is being released.
+        INSTANCE_TERMINATING = "InstanceTerminating";
+        /// Releasing the machine has taken more than 10 minutes (`--termination-stuck-seconds`);
+        /// the operator keeps trying.
+        TERMINATION_STUCK = "TerminationStuck";
+    }
 }
 
 /// Condition status values.

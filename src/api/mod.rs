@@ -7,6 +7,7 @@
 
 mod common;
 mod conditions;
+pub mod docs;
 mod gpuinstance;
 mod reason;
 mod schema;
@@ -106,6 +107,26 @@ mod tests {
         )
         .unwrap();
         assert_eq!(box_.spec.max_lifetime_seconds, 28800);
+    }
+
+    /// Leaving `resources` out means the same as `resources: {}`, in serde and in the CRD default
+    /// the API server fills in: `verifiedOnly` is documented to default to true.
+    #[test]
+    fn omitted_resources_take_the_documented_defaults() {
+        let spec = |resources: &str| -> TrainingJobSpec {
+            serde_yaml::from_str(&format!(
+                "tool: demo@1\ndataset: {{url: {{href: http://h/d.tar}}}}\n{resources}"
+            ))
+            .unwrap()
+        };
+        let omitted = spec("");
+        assert_eq!(omitted.resources, spec("resources: {}").resources);
+        assert!(omitted.resources.verified_only);
+        assert_eq!(omitted.resources.gpu.count, 1);
+        let crd = serde_json::to_value(TrainingJob::crd()).unwrap();
+        let default = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+            ["resources"]["default"];
+        assert_eq!(default["verifiedOnly"], true, "{default}");
     }
 
     #[test]

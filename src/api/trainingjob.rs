@@ -407,7 +407,8 @@ pub struct TrainingJobStatus {
     /// A sentence for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-    /// Conditions: InstanceReady, DataStaged, Training, Stalled, Uploaded, Suspended, Succeeded, Failed.
+    /// Conditions: InstanceReady, DataStaged, Training, Stalled, SoftDeadlineExceeded, Uploaded,
+    /// Suspended, Succeeded, Failed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "schema::conditions")]
     pub conditions: Vec<Condition>,

@@ -84,6 +84,8 @@ pub struct Context {
     pub config: OperatorConfig,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
+    /// The provider's instances, listed once for all the GpuInstances' state checks.
+    pub listing: crate::controller::listing::SharedListing,
     /// UIDs of GpuInstances whose termination is stuck; its size is the `termination_stuck` gauge.
     stuck_terminations: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -100,8 +102,15 @@ impl Context {
         let reporter =
             Reporter { controller: "gpu-trainer".into(), instance: std::env::var("POD_NAME").ok() };
         let recorder = Recorder::new(client.clone(), reporter);
+        // A booting machine is checked every `boot_poll`; a listing no older than that serves
+        // every check in between.
+        let listing = crate::controller::listing::SharedListing::new(
+            provider.clone(),
+            config.boot_poll.min(config.liveness_poll),
+        );
         Self {
             client,
+            listing,
             provider,
             provider_config,
             ssh_probe,

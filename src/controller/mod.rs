@@ -4,6 +4,7 @@ pub mod context;
 pub mod gpuinstance;
 pub mod http;
 pub mod leader;
+pub mod listing;
 pub mod metered;
 pub mod patch;
 pub mod probe;

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 /// A rented instance's id at the provider (Vast.ai calls it a contract; `new_contract` on create,
 /// `id` in listings).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct InstanceId(pub i64);
 
@@ -154,10 +154,11 @@ impl fmt::Debug for LaunchRequest {
 
 /// The lifecycle of an instance, normalised from the provider's three state fields
 /// (`actual_status`, `intended_status`, `cur_state`/`next_state`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum InstanceState {
     /// Rented; the host is preparing the container (`actual_status` null, `created`, `scheduling`).
+    #[default]
     Creating,
     /// Pulling the image and starting the container.
     Loading,
@@ -221,7 +222,7 @@ pub struct SshEndpoint {
 }
 
 /// One rented instance, with the provider's inconsistent field names normalised.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Instance {
     pub id: InstanceId,
     pub label: Option<String>,

@@ -106,7 +106,8 @@ install_garage() {
   log "garage cached in $root"
 }
 
-apt_install etcd-server openssh-server openssl curl jq rsync ca-certificates
+# lua5.1: tests/argocd_health.rs runs the Argo CD health checks with it (Argo CD's gopher-lua is Lua 5.1).
+apt_install etcd-server openssh-server openssl curl jq rsync ca-certificates lua5.1
 build_kube
 install_vastai_cli
 install_garage

@@ -27,11 +27,7 @@ pub async fn observe(
     now: DateTime<Utc>,
 ) -> Result<Action, Error> {
     let id = provider_id(status)?;
-    let observed = match ctx.provider.get_instance(id).await {
-        Ok(observed) => Some(observed),
-        Err(err) if err.is_not_found() => None,
-        Err(err) => return Err(provider_err("get the instance")(err)),
-    };
+    let observed = ctx.listing.get(id).await.map_err(provider_err("get the instance"))?;
     status.last_observed_at = Some(to_k8s_time(now));
     let was_ready = is_condition_true(&status.conditions, instance_condition::READY);
 
