@@ -73,8 +73,7 @@ impl Pass<'_> {
                     None,
                     now,
                 );
-                self.event(EventType::Warning, Reason::SoftDeadlineExceeded.as_str(), "Monitor", &message)
-                    .await;
+                self.event(EventType::Warning, Reason::SoftDeadlineExceeded, "Monitor", &message).await;
             }
             let observed = Observations { machine: machine.clone(), training: training.clone() };
             let step = next_step(&self.job.spec, &self.status, &observed, now);
@@ -107,7 +106,7 @@ impl Pass<'_> {
                                 None,
                                 Utc::now(),
                             );
-                            self.event(EventType::Normal, "Staged", "Stage", &message).await;
+                            self.event(EventType::Normal, Reason::Staged, "Stage", &message).await;
                         }
                         Err((reason, message)) => {
                             self.finish(runtime, TrainingJobPhase::Failed, reason, &message).await?
@@ -155,7 +154,7 @@ impl Pass<'_> {
                                 / 1000.0;
                             self.ctrl.ctx.metrics.apply_to_training_seconds.observe(waited);
                         }
-                        self.event(EventType::Normal, "TrainingStarted", "Launch", &message).await;
+                        self.event(EventType::Normal, Reason::TrainingStarted, "Launch", &message).await;
                     }
                 }
                 Step::Poll => {
@@ -211,7 +210,7 @@ impl Pass<'_> {
         session::ensure_session(runtime, &self.secrets, instance).await
     }
 
-    pub(super) async fn event(&self, type_: EventType, reason: &str, action: &str, note: &str) {
+    pub(super) async fn event(&self, type_: EventType, reason: Reason, action: &str, note: &str) {
         self.ctrl.ctx.event(self.job, type_, reason, action, note).await;
     }
 
