@@ -1,10 +1,18 @@
-//! `gpu-trainer launch` with the local provider, as a user runs it: the quickstart finishes and
-//! prints the model path; bad parameters are refused naming the parameter; a failing trainer
-//! fails the job; an interrupted launch continues without starting the trainer twice.
+//! `gpu-trainer launch` as a user runs it. Local provider: the quickstart finishes and prints the
+//! model path; bad parameters are refused naming the parameter; a failing trainer fails the
+//! job; an interrupted launch continues without starting the trainer twice. Vast.ai provider
+//! (against `fake-vastai` in this process, whose machines are this machine over the test sshd):
+//! a dry run rents nothing; a run rents one instance, trains, downloads the model and destroys
+//! it; a killed launch resumes on the same instance; `--cancel` destroys it.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
+
+use common::operator::{API_KEY, live_instances, start_fake};
+use gpu_trainer::provider::fake::{self, FakeConfig, FakeServer};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -156,4 +164,239 @@ fn launch_over_ssh_runs_on_the_machine_and_brings_the_model_back() {
     let state = std::fs::read_to_string(dir.path().join(".gpu-trainer/t.json")).unwrap();
     assert!(state.contains("\"hostKey\": \"SHA256:"), "host key pinned: {state}");
     assert!(remote_base.is_dir(), "the work dir is under --remote-base on the machine");
+}
+
+// --- `--provider vastai` against `fake-vastai` in this process ---------------------------------
+
+/// `launch` with `--provider vastai` against `fake`, run off the async runtime that serves it.
+async fn launch_vastai(job: &Path, fake: &FakeServer, remote_base: &Path, extra: &[&str]) -> Output {
+    let mut command = vastai_command(job, fake, remote_base, extra);
+    tokio::task::spawn_blocking(move || command.output().unwrap()).await.unwrap()
+}
+
+fn vastai_command(job: &Path, fake: &FakeServer, remote_base: &Path, extra: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gpu-trainer"));
+    command
+        .arg("launch")
+        .arg(job)
+        .args(["--provider", "vastai", "--remote-base", remote_base.to_str().unwrap()])
+        .args(["--tools-dir", repo().join("config/tools").to_str().unwrap()])
+        .args(extra)
+        .env("VASTAI_API_KEY", API_KEY)
+        .env("VASTAI_API_BASE_URL", fake.url())
+        .env_remove("GPU_TRAINER_CRASH_AT");
+    command
+}
+
+/// The job's state file as JSON.
+fn state(dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join(".gpu-trainer/t.json")).expect("state file");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The work dir on "the machine" (this machine through the test sshd).
+fn remote_work_dir(dir: &Path, remote_base: &Path) -> PathBuf {
+    remote_base.join(state(dir)["uid"].as_str().expect("uid in state"))
+}
+
+/// Waits until the trainer started on the machine; returns its pid file.
+async fn wait_for_training(dir: &Path, remote_base: &Path) -> PathBuf {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if dir.join(".gpu-trainer/t.json").exists() {
+            let pid = remote_work_dir(dir, remote_base).join("train.pid");
+            if pid.exists() {
+                return pid;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "training never started");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether `pid` runs (a zombie waiting for a parent that does not reap it has stopped).
+fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next()).unwrap_or_default();
+    !matches!(state, Some('Z' | 'X'))
+}
+
+fn creates(fake: &FakeServer) -> u64 {
+    fake.counters().endpoint("create_instance")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_with_vastai_shows_the_offer_and_cost_and_rents_nothing() {
+    let fake =
+        fake::spawn(FakeConfig { api_key: Some(API_KEY.into()), ..FakeConfig::default() }).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_in(dir.path(), "{steps: 5}");
+    let out = launch_vastai(&job, &fake, &dir.path().join("remote"), &["--dry-run"]).await;
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    let machine = all.lines().find(|l| l.starts_with("machine:")).expect("machine line");
+    assert!(machine.contains("/h, reliability 0.9") && machine.contains("(offer 4"), "{all}");
+    assert!(all.contains("cost:      at most $"), "{all}");
+    assert!(all.contains("activeDeadlineSeconds 4h00m"), "{all}");
+    assert!(all.contains("run:       python3 -u demo_trainer.py"), "{all}");
+    assert!(all.contains("nothing was rented"), "{all}");
+    assert_eq!(creates(&fake), 0, "a dry run rents nothing");
+    assert!(fake.instances().is_empty());
+    assert!(!all.contains(API_KEY), "the API key is never printed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vastai_errors_name_the_missing_key_and_the_requirements_that_match_nothing() {
+    let fake =
+        fake::spawn(FakeConfig { api_key: Some(API_KEY.into()), ..FakeConfig::default() }).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_in(dir.path(), "{steps: 5}");
+    let mut no_key = vastai_command(&job, &fake, &dir.path().join("remote"), &[]);
+    no_key.env_remove("VASTAI_API_KEY");
+    let out = tokio::task::spawn_blocking(move || no_key.output().unwrap()).await.unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("set VASTAI_API_KEY or pass --api-key-file FILE"), "{}", text(&out));
+
+    let yaml = std::fs::read_to_string(&job).unwrap().replace(
+        "  dataset:",
+        "  resources: {gpu: {names: [\"RTX 4090\"]}, maxPricePerHour: 0.05}\n  dataset:",
+    );
+    std::fs::write(&job, yaml).unwrap();
+    let out = launch_vastai(&job, &fake, &dir.path().join("remote"), &[]).await;
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("no offer matches spec.resources"), "{all}");
+    assert!(all.contains("price above $0.05/h (spec.resources.maxPricePerHour)"), "{all}");
+    assert!(all.contains("(spec.resources.gpu.names)"), "{all}");
+    assert_eq!(creates(&fake), 0);
+
+    // With the key in a file instead of the environment the search works (and still finds nothing).
+    let key_file = dir.path().join("vast.key");
+    std::fs::write(&key_file, format!("{API_KEY}\n")).unwrap();
+    let mut from_file = vastai_command(
+        &job,
+        &fake,
+        &dir.path().join("remote"),
+        &["--api-key-file", key_file.to_str().unwrap()],
+    );
+    from_file.env_remove("VASTAI_API_KEY");
+    let out = tokio::task::spawn_blocking(move || from_file.output().unwrap()).await.unwrap();
+    assert!(text(&out).contains("no offer matches spec.resources"), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn launch_on_vastai_rents_trains_downloads_and_destroys_the_instance() {
+    let fake = start_fake(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let remote_base = dir.path().join("remote");
+    let job = job_in(dir.path(), "{steps: 12, secondsPerStep: 0.05, saveEvery: 4}");
+    let out = launch_vastai(&job, &fake, &remote_base, &[]).await;
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains("t: Succeeded"), "{all}");
+    let model =
+        all.lines().find_map(|l| l.strip_prefix("model: ")).expect("model path printed").trim().to_string();
+    assert!(model.contains(".gpu-trainer/results/"), "downloaded from the machine: {model}");
+    assert!(Path::new(&model).is_file());
+    assert!(all.contains("destroyed; the job cost $"), "{all}");
+
+    // One rent, with the label, the job's key and the dead-man timer; then destroyed.
+    assert_eq!(creates(&fake), 1);
+    let create = fake.requests().into_iter().find(|r| r.endpoint == "create_instance").unwrap();
+    let body = create.body.unwrap();
+    let label = body["label"].as_str().unwrap().to_string();
+    assert!(label.starts_with("gputrainer:") && label.len() <= 60, "{label}");
+    assert!(body["onstart"].as_str().unwrap().contains("dead-man timer"), "{body}");
+    assert!(fake.counters().endpoint("destroy_instance") >= 1);
+    assert!(live_instances(&fake, "gputrainer:").await.is_empty(), "the instance is destroyed");
+
+    let state = state(dir.path());
+    assert_eq!(state["rented"]["label"], label);
+    assert_eq!(state["rented"]["released"], true);
+    assert!(state["hostKey"].as_str().unwrap().starts_with("SHA256:"), "host key pinned: {state}");
+    assert!(state["status"]["cost"]["accrued"].as_f64().unwrap() > 0.0, "{state}");
+    let key = std::fs::read_to_string(dir.path().join(".gpu-trainer/t.ssh-key")).unwrap();
+    assert!(!all.contains(key.trim()), "the private key is never printed");
+    assert!(!all.contains(API_KEY), "the API key is never printed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn a_killed_vastai_launch_resumes_on_the_same_instance_without_training_twice() {
+    let fake = start_fake(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let remote_base = dir.path().join("remote");
+    let job = job_in(dir.path(), "{steps: 30, secondsPerStep: 0.25}");
+    let mut first = vastai_command(&job, &fake, &remote_base, &[]);
+    first.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    let mut first = first.spawn().unwrap();
+    let pid_file = wait_for_training(dir.path(), &remote_base).await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let pid_before = std::fs::read_to_string(&pid_file).unwrap();
+    let live = live_instances(&fake, "gputrainer:").await;
+    assert_eq!(live.len(), 1, "the instance stays rented after a kill: {live:?}");
+
+    let out = launch_vastai(&job, &fake, &remote_base, &[]).await;
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains("t: Succeeded"), "{all}");
+    assert_eq!(creates(&fake), 1, "no second instance was rented");
+    assert_eq!(std::fs::read_to_string(&pid_file).unwrap(), pid_before, "the trainer was not started again");
+    assert!(all.contains(&format!("instance {} destroyed", live[0].id)), "{all}");
+    assert!(live_instances(&fake, "gputrainer:").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn a_launch_killed_between_rent_and_recording_finds_its_instance_by_label() {
+    let fake = start_fake(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let remote_base = dir.path().join("remote");
+    let job = job_in(dir.path(), "{steps: 6, secondsPerStep: 0.05}");
+    let mut crashing = vastai_command(&job, &fake, &remote_base, &[]);
+    crashing.env("GPU_TRAINER_CRASH_AT", "launch-after-rent");
+    let out = tokio::task::spawn_blocking(move || crashing.output().unwrap()).await.unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("GPU_TRAINER_CRASH_AT=launch-after-rent"), "{}", text(&out));
+    let pending = state(dir.path());
+    assert!(pending["rented"]["createPendingSince"].is_string(), "{pending}");
+    assert!(pending["rented"]["instanceId"].is_null(), "the id was never recorded: {pending}");
+    assert_eq!(live_instances(&fake, "gputrainer:").await.len(), 1);
+
+    let out = launch_vastai(&job, &fake, &remote_base, &[]).await;
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains("adopted instance"), "{all}");
+    assert_eq!(creates(&fake), 1, "the instance was found by its label, not rented again");
+    assert!(live_instances(&fake, "gputrainer:").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn cancel_stops_the_trainer_and_destroys_the_instance() {
+    let fake = start_fake(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let remote_base = dir.path().join("remote");
+    let job = job_in(dir.path(), "{steps: 600, secondsPerStep: 0.1}");
+    let mut first = vastai_command(&job, &fake, &remote_base, &[]);
+    first.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    let mut first = first.spawn().unwrap();
+    let pid_file = wait_for_training(dir.path(), &remote_base).await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let live = live_instances(&fake, "gputrainer:").await;
+    assert_eq!(live.len(), 1);
+    let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    assert!(alive(pid), "the trainer runs on after the launcher was killed");
+
+    let out = launch_vastai(&job, &fake, &remote_base, &["--cancel"]).await;
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains(&format!("instance {} destroyed", live[0].id)), "{all}");
+    assert!(live_instances(&fake, "gputrainer:").await.is_empty(), "destroyed");
+    assert!(!alive(pid), "the trainer was stopped");
+    assert_eq!(state(dir.path())["status"]["phase"], "Failed");
+    assert_eq!(creates(&fake), 1);
 }

@@ -34,6 +34,10 @@ pub const GPUINSTANCE_FINALIZER: &str = "gputrainer.dev/terminate";
 pub const CREATE_PENDING_ANNOTATION: &str = "gputrainer.dev/create-pending";
 /// Annotation written once the provider's create call has returned an instance id.
 pub const CREATE_SUCCEEDED_ANNOTATION: &str = "gputrainer.dev/create-succeeded";
+/// GpuInstance annotation: provider machine ids (comma-separated) never to rent for it. The
+/// TrainingJob controller sets it on a replacement with the machines that failed the job before;
+/// a person may set it on an interactive GpuInstance to avoid a known bad host.
+pub const AVOID_MACHINES_ANNOTATION: &str = "gputrainer.dev/avoid-machines";
 
 /// Both CRDs, in the order they are printed by `gpu-trainer crd` and stored under `crds/`.
 pub fn crds() -> Vec<CustomResourceDefinition> {

@@ -120,6 +120,30 @@ reasons! {
     OrphanDestroyed,
     /// The resource was deleted while work was in progress.
     Deleted,
+    /// Event: a job rents a machine (a GpuInstance is created for it).
+    Provisioning,
+    /// Event: the job's machine is ready (SSH answers).
+    InstanceReady,
+    /// Event: the trainer was started on the machine.
+    TrainingStarted,
+    /// Event: the job failed; its reason is in `status.reason`.
+    Failed,
+    /// Event: the sweeper deleted a GpuInstance whose job is gone or finished, or whose
+    /// lifetime passed.
+    Swept,
+    /// Event: an extra machine rented for the same GpuInstance (a create retried after a lost
+    /// answer) was destroyed.
+    DuplicateInstanceDestroyed,
+    /// Event: a checkpoint could not be copied to S3 during training (retried at the next poll).
+    CheckpointSyncFailed,
+    /// Event: a replacement machine got the latest checkpoint and resumes from it.
+    Restored,
+    /// Event: a replacement machine has no checkpoint to resume from; training starts over.
+    NoCheckpoint,
+    /// Event: a synced checkpoint could not be brought back onto the replacement machine.
+    RestoreFailed,
+    /// Event: the job's webhook Secret is missing or holds no http(s) URL.
+    NotifyFailed,
 }
 
 impl std::fmt::Display for Reason {

@@ -133,8 +133,12 @@ fn default_backoff_limit() -> i32 {
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = dataset_schema)]
 pub struct DatasetSource {
-    /// A tar archive in S3-compatible storage. The machine downloads it through a short-lived
-    /// presigned URL; storage credentials never leave the operator.
+    /// A tar archive in S3-compatible storage. The machine downloads it through a presigned GET
+    /// valid for 15 minutes; storage credentials never leave the operator. It is read with the
+    /// connection of `output.s3` (endpoint, region, forcePathStyle, credentialsSecretRef) when
+    /// that names the same bucket; otherwise with the operator's own settings (`AWS_*`
+    /// environment), or, when the operator has none, with `output.s3`'s connection. With
+    /// neither, the job fails at staging naming this field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3Dataset>,
     /// A tar archive at an HTTP(S) URL the machine downloads itself.
@@ -162,7 +166,9 @@ pub struct S3Dataset {
     /// Object key of the tar archive (as made by `gpu-trainer dataset pack`).
     #[schemars(length(min = 1, max = 1024))]
     pub key: String,
-    /// Expected SHA-256 of the archive, lower-case hex. Checked on the machine before unpacking.
+    /// Expected SHA-256 of the archive, lower-case hex. Checked on the machine before unpacking;
+    /// a mismatch fails the job (reason `ChecksumMismatch`). Unset: the archive's checksum is
+    /// computed and reported, not checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(SHA256_PATTERN))]
     pub sha256: Option<String>,

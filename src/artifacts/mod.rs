@@ -9,6 +9,7 @@
 //!   size, SHA-256 and MD5 computed there) and the parser of its report.
 //! - `upload`: inspect → plan → presign → run → complete → verify, returning `ArtifactStatus`.
 //! - `verify` (pure): a HEAD response against what the machine reported.
+//! - `dataset`: which storage connection reads `spec.dataset.s3`, and its presigned GET.
 //! - `checkpoints`: which checkpoints are ready to sync while training, and syncing them.
 //! - `download`: presigned GETs back onto a machine (a synced checkpoint for a new machine).
 //! - `huggingface`: `hf upload` with the token only in that command's environment.
@@ -22,6 +23,7 @@
 //! its text or a command line), and every type holding one redacts the signature in `Debug`.
 
 pub mod checkpoints;
+pub mod dataset;
 pub mod download;
 pub mod huggingface;
 pub mod model_card;

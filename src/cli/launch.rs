@@ -10,8 +10,11 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::api::{TrainingJob, TrainingJobPhase, TrainingJobStatus};
-use crate::engine::local::{LocalRun, MachineSpec};
+use crate::engine::local::{LocalRun, MachineSpec, Update};
+use crate::engine::rent::{self, RentSpec};
 use crate::monitor::poller::TrainingStatus;
+use crate::provider::config::{ENV_API_KEY, ProviderConfig};
+use crate::provider::vastai::VastClient;
 use crate::remote::ssh::{SshKey, SshTarget};
 use crate::remote::tool::ToolRegistry;
 
@@ -21,13 +24,17 @@ enum Provider {
     Local,
     /// The existing machine in `spec.provider.ssh` (host, port, user), with `--ssh-key`.
     Ssh,
+    /// A machine rented on Vast.ai that matches `spec.resources` (VASTAI_API_KEY), destroyed
+    /// when the job ends and on `--cancel`.
+    Vastai,
 }
 
 /// Run one TrainingJob without a cluster. State is kept next to the job file, so Ctrl-C and a
 /// second `launch` continue the same run.
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:\n  gpu-trainer launch examples/quickstart.yaml --watch\n  \
-    gpu-trainer launch examples/quickstart.yaml --dry-run\n  gpu-trainer launch examples/quickstart.yaml --cancel")]
+    gpu-trainer launch examples/quickstart.yaml --dry-run\n  gpu-trainer launch examples/quickstart.yaml --cancel\n  \
+    VASTAI_API_KEY=... gpu-trainer launch job.yaml --provider vastai --dry-run")]
 pub struct LaunchArgs {
     /// The TrainingJob YAML file.
     file: PathBuf,
@@ -52,9 +59,12 @@ pub struct LaunchArgs {
     /// Private key (OpenSSH, ed25519) for `--provider ssh`.
     #[arg(long, value_name = "FILE", required_if_eq("provider", "ssh"))]
     ssh_key: Option<PathBuf>,
-    /// Base of the work dirs on the machine for `--provider ssh`.
+    /// Base of the work dirs on the machine for `--provider ssh` and `vastai`.
     #[arg(long, value_name = "DIR", default_value = crate::remote::launch::DEFAULT_REMOTE_BASE)]
     remote_base: String,
+    /// File holding the Vast.ai API key for `--provider vastai` [default: $VASTAI_API_KEY].
+    #[arg(long, value_name = "FILE")]
+    api_key_file: Option<PathBuf>,
     /// Folder of the tool registry [default: config/tools].
     #[arg(long, env = "GPU_TRAINER_TOOLS_DIR", value_name = "DIR")]
     tools_dir: Option<PathBuf>,
@@ -92,21 +102,78 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
                 remote_base: args.remote_base.clone(),
             }
         }
+        Provider::Vastai => {
+            let config = provider_config(args.api_key_file.as_deref())?;
+            let client = VastClient::from_config(&config).context("failed to set up the Vast.ai client")?;
+            let name = job.metadata.name.clone().unwrap_or_default();
+            let key = job_key(&state_dir, &name)?;
+            MachineSpec::Vastai(Box::new(RentSpec::new(
+                std::sync::Arc::new(client),
+                config,
+                key,
+                args.remote_base.clone(),
+            )))
+        }
     };
     let name = job.metadata.name.clone().unwrap_or_default();
+    let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
     if args.restart {
         let state = state_dir.join(format!("{name}.json"));
         if state.exists() {
+            // Forgetting a run must not forget a machine it still rents.
+            let mut earlier =
+                LocalRun::prepare(job.clone(), &args.file, &state_dir, &tools_dir, machine.clone())
+                    .with_context(|| format!("job {} cannot run", args.file.display()))?;
+            if let Some(id) =
+                runtime.block_on(earlier.release()).context("failed to release the earlier run's machine")?
+            {
+                println!("destroyed instance {id} of the earlier run");
+            }
             std::fs::remove_file(&state).with_context(|| format!("failed to remove {}", state.display()))?;
         }
     }
-    let mut run = LocalRun::prepare(job, &args.file, &state_dir, &tools_dir, machine)
+    let mut run = LocalRun::prepare(job, &args.file, &state_dir, &tools_dir, machine.clone())
         .with_context(|| format!("job {} cannot run", args.file.display()))?;
 
     if args.dry_run {
         let tool = run.tool();
         println!("job:       {name} ({})", tool.tool);
-        println!("machine:   {:?} provider, $0.00/h, estimated cost $0.00", args.provider);
+        match &machine {
+            MachineSpec::Vastai(rent_spec) => {
+                let selection = runtime
+                    .block_on(rent::choose_offer(
+                        &*rent_spec.provider,
+                        &run.job().spec.resources,
+                        &rent_spec.config,
+                        &[],
+                    ))
+                    .context("no machine to rent")?;
+                let offer = &selection.offer;
+                let spec = &run.job().spec;
+                let (ceiling, why) = rent::cost_ceiling(
+                    offer.price_per_hour,
+                    spec.active_deadline_seconds,
+                    spec.budget.as_ref().map(|b| b.max_total_cost),
+                );
+                println!("machine:   {}", rent::describe_offer(offer));
+                println!(
+                    "           chosen from {} matching offers ({})",
+                    selection.candidates,
+                    rent::requirements_text(&crate::provider::select::Criteria::from_requirements(
+                        &spec.resources,
+                        &rent_spec.config,
+                        &[]
+                    ))
+                );
+                println!("cost:      at most ${ceiling:.2} ({why}); billed per second while rented");
+                println!(
+                    "image:     {}, disk {} GB",
+                    run.image(),
+                    spec.resources.disk_gb.unwrap_or(rent_spec.config.default_disk_gb)
+                );
+            }
+            _ => println!("machine:   {:?} provider, $0.00/h, estimated cost $0.00", args.provider),
+        }
         println!("work dir:  {}", run.layout().work_dir());
         println!("params:    {}", serde_json::to_string(&tool.params)?);
         for (i, cmd) in tool.bootstrap.iter().enumerate() {
@@ -114,17 +181,26 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
         }
         println!("run:       {}", tool.run);
         println!("model:     {}", run.final_model_path());
+        if matches!(machine, MachineSpec::Vastai(_)) {
+            println!("nothing was rented (--dry-run)");
+        }
         return Ok(());
     }
 
-    let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
     if args.cancel {
-        runtime.block_on(run.cancel())?;
-        println!("cancelled {name}; the trainer is stopped");
+        match (runtime.block_on(run.cancel())?, &machine) {
+            (Some(id), _) => println!("cancelled {name}; the trainer is stopped and instance {id} destroyed"),
+            (None, MachineSpec::Vastai(_)) => println!("cancelled {name}; no instance was rented"),
+            (None, _) => println!("cancelled {name}; the trainer is stopped"),
+        }
         return Ok(());
     }
     if run.state.status.phase.is_finished() {
-        report(&name, &run.state.status, &run.final_model_path());
+        // A launcher stopped between the end of the job and the release left the machine.
+        if let Some(id) = runtime.block_on(run.release()).context("failed to release the machine")? {
+            println!("destroyed instance {id}");
+        }
+        report(&name, &run, &run.final_model_path());
         println!("(already finished; `--restart` runs it again)");
         return exit_for(&run.state.status);
     }
@@ -137,7 +213,24 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     let mut last_line = String::new();
-    let mut observer = |status: &TrainingJobStatus, polled: Option<&TrainingStatus>| {
+    let mut last_message = String::new();
+    let mut observer = |update: Update<'_>| {
+        let (status, polled): (&TrainingJobStatus, Option<&TrainingStatus>) = match update {
+            Update::Note(note) => {
+                bar.suspend(|| eprintln!("{note}"));
+                return;
+            }
+            Update::Step(status) => {
+                // What the run is doing (renting, booting, staging...), once per change.
+                let message = status.message.clone().unwrap_or_default();
+                if !message.is_empty() && message != last_message {
+                    bar.suspend(|| eprintln!("{:?}: {message}", status.phase));
+                    last_message = message;
+                }
+                (status, None)
+            }
+            Update::Polled(status, polled) => (status, Some(polled)),
+        };
         let Some(progress) = &status.progress else { return };
         if let Some(total) = progress.total_steps {
             bar.set_length(total);
@@ -177,21 +270,94 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     match result {
         None => {
-            println!(
-                "interrupted; the trainer keeps running. `gpu-trainer launch {}` continues, `--cancel` stops it",
-                args.file.display()
-            );
+            let again = match args.provider {
+                Provider::Vastai => format!("gpu-trainer launch {} --provider vastai", args.file.display()),
+                _ => format!("gpu-trainer launch {}", args.file.display()),
+            };
+            match (run.holds_machine(), run.rented_instance()) {
+                (true, Some(id)) => {
+                    let price =
+                        run.state.status.instance.as_ref().and_then(|i| i.price_per_hour).unwrap_or(0.0);
+                    println!(
+                        "interrupted; the trainer keeps running and instance {id} stays rented (${price:.3}/h). \
+                         `{again}` continues, `{again} --cancel` stops it and destroys the instance"
+                    );
+                }
+                (true, None) => println!(
+                    "interrupted while renting; `{again}` finds the instance by its label, `{again} --cancel` destroys it"
+                ),
+                _ => println!(
+                    "interrupted; the trainer keeps running. `{again}` continues, `--cancel` stops it"
+                ),
+            }
             Ok(())
         }
         Some(result) => {
             let status = result?;
-            report(&name, &status, &run.final_model_path());
+            report(&name, &run, &run.final_model_path());
             exit_for(&status)
         }
     }
 }
 
-fn report(name: &str, status: &TrainingJobStatus, model: &str) {
+/// The provider settings, with the API key from `--api-key-file` or `VASTAI_API_KEY`.
+fn provider_config(key_file: Option<&Path>) -> anyhow::Result<ProviderConfig> {
+    let file_key = match key_file {
+        Some(path) => {
+            let key = std::fs::read_to_string(path)
+                .with_context(|| format!("failed to read the Vast.ai API key file {}", path.display()))?;
+            let key = key.trim().to_string();
+            if key.is_empty() {
+                bail!("--api-key-file {} is empty", path.display());
+            }
+            Some(key)
+        }
+        None => None,
+    };
+    ProviderConfig::from_lookup(|name| {
+        if name == ENV_API_KEY && file_key.is_some() {
+            return file_key.clone();
+        }
+        std::env::var(name).ok()
+    })
+    .map_err(|err| match err {
+        crate::provider::config::ConfigError::MissingApiKey => anyhow::anyhow!(
+            "--provider vastai needs a Vast.ai API key: set {ENV_API_KEY} or pass --api-key-file FILE"
+        ),
+        other => anyhow::Error::new(other),
+    })
+}
+
+/// The job's SSH key (`<state dir>/<job>.ssh-key`, owner-only), made on first use. Its public
+/// half is attached to every machine rented for the job; the private half never leaves the file.
+fn job_key(state_dir: &Path, name: &str) -> anyhow::Result<SshKey> {
+    let path = state_dir.join(format!("{name}.ssh-key"));
+    if !path.exists() {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let (private, _public) =
+            crate::controller::gpuinstance::sshkey::generate_key(&format!("gpu-trainer:{name}"))
+                .context("failed to make the job's SSH key")?;
+        let tmp = path.with_extension("ssh-key.tmp");
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("failed to write {}", tmp.display()))?;
+        file.write_all(private.as_bytes()).with_context(|| format!("failed to write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("failed to write {}", path.display()))?;
+    }
+    SshKey::from_file(&path).with_context(|| format!("the job's SSH key {}", path.display()))
+}
+
+fn report(name: &str, run: &LocalRun, model: &str) {
+    let status = &run.state.status;
+    if let (Some(id), false) = (run.rented_instance(), run.holds_machine()) {
+        let cost = status.cost.as_ref().map(|c| c.accrued).unwrap_or_default();
+        println!("instance {id} destroyed; the job cost ${cost:.2}");
+    }
     let phase = status.phase;
     let reason = status.reason.map(|r| r.as_str()).unwrap_or("");
     let message = status.message.clone().unwrap_or_default();

@@ -149,7 +149,7 @@ impl Context {
         &self,
         obj: &K,
         type_: EventType,
-        reason: &str,
+        reason: crate::api::Reason,
         action: &str,
         note: impl Into<String>,
     ) where
@@ -163,10 +163,15 @@ impl Context {
             }
             note.truncate(cut);
         }
-        let event =
-            Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+        let event = Event {
+            type_,
+            reason: reason.as_str().into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
         if let Err(err) = self.recorder.publish(&event, &obj.object_ref(&())).await {
-            warn!(reason, error = %err, "Could not publish event");
+            warn!(reason = reason.as_str(), error = %err, "Could not publish event");
         }
     }
 }

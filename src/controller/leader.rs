@@ -137,7 +137,13 @@ pub async fn run_elector(
 /// we hold the lease afterwards.
 async fn try_acquire_or_renew(leases: &Api<Lease>, config: &LeaderConfig) -> Result<bool, kube::Error> {
     let now = Utc::now();
-    let current = leases.get_opt(&config.lease_name).await?;
+    let current = match leases.get_opt(&config.lease_name).await {
+        Ok(current) => current,
+        Err(err) => {
+            warn!(lease = %config.lease_name, error = %err, "Could not read the leader lease");
+            return Err(err);
+        }
+    };
     let decision = decide(current.as_ref().and_then(|l| l.spec.as_ref()), &config.identity, now);
     let mut spec = current.as_ref().and_then(|l| l.spec.clone()).unwrap_or_default();
     match decision {

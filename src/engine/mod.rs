@@ -6,5 +6,6 @@
 
 pub mod decide;
 pub mod local;
+pub mod rent;
 
 pub use decide::{MachineObservation, Observations, Step, TrainingObservation, next_step};

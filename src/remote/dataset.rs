@@ -503,8 +503,25 @@ pub async fn stage_url(
     )?;
     let got =
         run_stage_script(exec, &script, vec![(URL_ENV.to_string(), url.to_string())], sha256.as_deref())
-            .await?;
+            .await
+            .map_err(|err| match err {
+                // curl names the URL in some of its messages; a presigned query is a credential.
+                DatasetError::Stage(message) => DatasetError::Stage(redact_in(&message, url)),
+                other => other,
+            })?;
     Ok(StageReport { sha256: got, already_staged: false })
+}
+
+/// `text` with every occurrence of `url`'s query (and the whole URL) replaced by a redacted form.
+fn redact_in(text: &str, url: &str) -> String {
+    let redacted = crate::artifacts::redact_url(url);
+    let mut out = text.replace(url, &redacted);
+    if let Some((_, query)) = url.split_once('?')
+        && !query.is_empty()
+    {
+        out = out.replace(query, "<redacted>");
+    }
+    out
 }
 
 #[cfg(test)]
@@ -652,6 +669,13 @@ mod tests {
         // Without a known checksum it is computed and reported.
         let layout3 = RemoteLayout::new(&machine.path().display().to_string(), "job3").unwrap();
         assert_eq!(stage_url(&exec, &layout3, &url, None).await.unwrap().sha256, packed.sha256);
+        // A failed download never reports the URL's query.
+        let layout4 = RemoteLayout::new(&machine.path().display().to_string(), "job4").unwrap();
+        let secret_url = format!("file://{}/missing.tar?X-Amz-Signature=s3cr3t", tmp.path().display());
+        let err = stage_url(&exec, &layout4, &secret_url, None).await.unwrap_err();
+        assert!(matches!(err, DatasetError::Stage(_)), "{err:?}");
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
+        assert_eq!(redact_in("GET a?b=c failed, b=c", "a?b=c"), "GET a?<redacted> failed, <redacted>");
         let script = download_script("/w/d.tar", None, "/w/dataset", "/w/m").unwrap();
         assert!(script.contains("\"$GPU_TRAINER_DATASET_URL\"") && !script.contains("file://"));
     }

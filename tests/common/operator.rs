@@ -84,10 +84,15 @@ pub struct OperatorProcess {
 pub struct OperatorOptions<'a> {
     pub namespace: &'a str,
     pub fake_url: String,
+    /// Empty: not passed, so the operator derives it from the kube-system namespace.
     pub installation_id: &'a str,
     pub env: Vec<(&'a str, String)>,
     pub args: Vec<String>,
     pub leader_elect: bool,
+    /// Namespace of the leader Lease; default: `namespace`.
+    pub lease_namespace: Option<String>,
+    /// Credentials of the operator; default: the admin kubeconfig of `tests/env/up.sh`.
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl<'a> OperatorOptions<'a> {
@@ -99,6 +104,8 @@ impl<'a> OperatorOptions<'a> {
             env: Vec::new(),
             args: Vec::new(),
             leader_elect: false,
+            lease_namespace: None,
+            kubeconfig: None,
         }
     }
 }
@@ -117,14 +124,15 @@ impl OperatorProcess {
         ));
         let log_file = std::fs::File::create(&log).expect("log file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_gpu-trainer"));
+        command.arg("run").args(["--namespace", options.namespace]);
+        if !options.installation_id.is_empty() {
+            command.args(["--installation-id", options.installation_id]);
+        }
         command
-            .arg("run")
-            .args(["--namespace", options.namespace])
-            .args(["--installation-id", options.installation_id])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
             .args(["--log-format", "pretty"])
             .arg(format!("--leader-elect={}", options.leader_elect))
-            .args(["--lease-namespace", options.namespace])
+            .args(["--lease-namespace", options.lease_namespace.as_deref().unwrap_or(options.namespace)])
             .args([
                 "--fast-poll-seconds",
                 "1",
@@ -135,7 +143,7 @@ impl OperatorProcess {
             ])
             .args(["--sweep-interval-seconds", "2", "--sweep-grace-seconds", "3"])
             .args(&options.args)
-            .env("KUBECONFIG", kubeconfig_path())
+            .env("KUBECONFIG", options.kubeconfig.clone().unwrap_or_else(kubeconfig_path))
             .env("VASTAI_API_KEY", API_KEY)
             .env("VASTAI_API_BASE_URL", &options.fake_url)
             .env("RUST_LOG", "info,gpu_trainer=debug,kube=warn")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts the real components the tests use, all on loopback, in $GPU_TRAINER_ENV_DIR:
-#   etcd, kube-apiserver v1.20.2 (token auth, RBAC), kube-controller-manager (garbage collector)
+#   etcd, kube-apiserver v1.20.2 (token auth, RBAC, ServiceAccount tokens, an audit log of
+#   ServiceAccount requests), kube-controller-manager (garbage collector, ServiceAccount token Secrets)
 #   an OpenSSH sshd with generated host and user keys, and a single-node Garage (S3, checks SigV4).
 # Writes $GPU_TRAINER_ENV_DIR/env (shell exports) and $GPU_TRAINER_ENV_DIR/kubeconfig, and each
 # component's command line as cmd/NAME (tests/env/restart.sh starts it again from there).
@@ -60,6 +61,19 @@ ADMIN_TOKEN=$(openssl rand -hex 24)
 printf '%s,admin,admin-uid,"system:masters"\n' "$ADMIN_TOKEN" > pki/tokens.csv
 chmod 600 pki/tokens.csv
 
+# Requests made as a ServiceAccount are audited (metadata only: never request or response bodies,
+# so no Secret data), so tests can show which permissions an operator's role really uses.
+# Everything else, the admin token's traffic included, is not logged.
+cat > pki/audit-policy.yaml <<'AP'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  userGroups: ["system:serviceaccounts"]
+- level: None
+AP
+
 # --- etcd ---
 ETCD_PORT=$(free_port); ETCD_PEER_PORT=$(free_port)
 start etcd etcd --name test --data-dir "$ENV_DIR/etcd" \
@@ -78,7 +92,10 @@ start kube-apiserver "$KUBE_BIN/kube-apiserver" \
   --token-auth-file pki/tokens.csv --authorization-mode RBAC \
   --service-account-issuer https://kubernetes.default.svc --service-account-key-file pki/sa.pub \
   --service-account-signing-key-file pki/sa.key --service-cluster-ip-range 10.96.0.0/24 \
+  --api-audiences https://kubernetes.default.svc \
+  --audit-policy-file pki/audit-policy.yaml --audit-log-path "$ENV_DIR/logs/audit.log" \
   --disable-admission-plugins ServiceAccount --enable-priority-and-fairness=false \
+  --enable-admission-plugins OwnerReferencesPermissionEnforcement \
   --v 1
 wait_for 120 kube-apiserver curl -sf --cacert pki/ca.crt -H "Authorization: Bearer $ADMIN_TOKEN" \
   "https://127.0.0.1:$API_PORT/readyz"
@@ -102,9 +119,12 @@ current-context: test
 KC
 chmod 600 kubeconfig
 
-# --- kube-controller-manager: garbage collector (owner references cascade) and namespace deletion ---
+# --- kube-controller-manager: garbage collector (owner references cascade), namespace deletion,
+# and a signed token Secret for every ServiceAccount (no `default` ServiceAccounts are made: the
+# serviceaccount controller is off) ---
 start kube-controller-manager "$KUBE_BIN/kube-controller-manager" \
-  --kubeconfig "$ENV_DIR/kubeconfig" --controllers garbagecollector,namespace \
+  --kubeconfig "$ENV_DIR/kubeconfig" --controllers garbagecollector,namespace,serviceaccount-token \
+  --service-account-private-key-file pki/sa.key --root-ca-file pki/ca.crt \
   --secure-port 0 --port 0 --leader-elect=false --v 1
 wait_for 30 kube-controller-manager pgrep -F pids/kube-controller-manager.pid
 
@@ -181,6 +201,7 @@ wait_for 30 "garage S3 API" curl -s -o /dev/null "http://127.0.0.1:$S3_PORT/"
 cat > env <<EV
 export GPU_TRAINER_ENV_DIR=$ENV_DIR
 export KUBECONFIG=$ENV_DIR/kubeconfig
+export GPU_TRAINER_TEST_AUDIT_LOG=$ENV_DIR/logs/audit.log
 export GPU_TRAINER_TEST_SSH_HOST=127.0.0.1
 export GPU_TRAINER_TEST_SSH_PORT=$SSH_PORT
 export GPU_TRAINER_TEST_SSH_USER=$(id -un)

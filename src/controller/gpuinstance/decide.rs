@@ -129,6 +129,14 @@ pub fn annotation_time(now: DateTime<Utc>) -> String {
     now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
+/// The machine ids in a GpuInstance's `gputrainer.dev/avoid-machines` annotation. Pure.
+pub fn avoided_machines(instance: &crate::api::GpuInstance) -> Vec<i64> {
+    kube::ResourceExt::annotations(instance)
+        .get(crate::api::AVOID_MACHINES_ANNOTATION)
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

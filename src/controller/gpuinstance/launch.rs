@@ -56,16 +56,14 @@ pub async fn ensure_launched(
         Err(message) => {
             status.phase = GpuInstancePhase::Failed;
             set_reason(status, Reason::SecretNotFound, &message);
-            ctx.event(instance, EventType::Warning, Reason::SecretNotFound.as_str(), "Launch", message).await;
+            ctx.event(instance, EventType::Warning, Reason::SecretNotFound, "Launch", message).await;
             return Ok(Action::await_change());
         }
     };
 
-    let criteria = Criteria::from_requirements(
-        &instance.spec.requirements,
-        &ctx.provider_config,
-        &status.excluded_machine_ids,
-    );
+    let mut excluded = status.excluded_machine_ids.clone();
+    excluded.extend(super::decide::avoided_machines(instance));
+    let criteria = Criteria::from_requirements(&instance.spec.requirements, &ctx.provider_config, &excluded);
     let offers =
         ctx.provider.search_offers(&query_for(&criteria)).await.map_err(provider_err("search offers"))?;
     let selection = match select_offer(&offers, &criteria) {
@@ -73,14 +71,8 @@ pub async fn ensure_launched(
         Err(no_match) => {
             let message = no_match.to_string();
             if status.reason != Some(Reason::NoOffers) {
-                ctx.event(
-                    instance,
-                    EventType::Warning,
-                    Reason::NoOffers.as_str(),
-                    "SelectOffer",
-                    message.clone(),
-                )
-                .await;
+                ctx.event(instance, EventType::Warning, Reason::NoOffers, "SelectOffer", message.clone())
+                    .await;
             }
             status.phase = GpuInstancePhase::Pending;
             set_reason(status, Reason::NoOffers, &message);
@@ -150,7 +142,7 @@ pub async fn ensure_launched(
             ctx.event(
                 instance,
                 EventType::Normal,
-                Reason::Launched.as_str(),
+                Reason::Launched,
                 "Launch",
                 format!("Rented {} as instance {id}", describe_offer(&offer)),
             )
@@ -166,7 +158,7 @@ pub async fn ensure_launched(
                     .await
                     .map_err(provider_err("destroy a contract left by a failed rent"))?;
                 exclude_machine(status, offer.machine_id);
-                ctx.event(instance, EventType::Warning, Reason::BootFailed.as_str(), "Launch",
+                ctx.event(instance, EventType::Warning, Reason::BootFailed, "Launch",
                     format!("Renting {} failed and left contract {contract}, which was destroyed; trying another offer", describe_offer(&offer))).await;
                 clear_pending(api, &marked).await?;
                 return Ok(Action::requeue(Duration::ZERO));
@@ -176,7 +168,7 @@ pub async fn ensure_launched(
                     ctx.event(
                         instance,
                         EventType::Normal,
-                        Reason::OfferUnavailable.as_str(),
+                        Reason::OfferUnavailable,
                         "Launch",
                         format!("Offer {} was taken before we could rent it; choosing another", offer.id),
                     )
@@ -193,7 +185,7 @@ pub async fn ensure_launched(
                         Reason::ProviderError
                     };
                     let message = format!("the provider refused to rent {}: {err}", describe_offer(&offer));
-                    ctx.event(instance, EventType::Warning, reason.as_str(), "Launch", message.clone()).await;
+                    ctx.event(instance, EventType::Warning, reason, "Launch", message.clone()).await;
                     clear_pending(api, &marked).await?;
                     status.phase = GpuInstancePhase::Failed;
                     set_reason(status, reason, &message);
@@ -225,7 +217,7 @@ async fn resolve_pending(
             ctx.event(
                 instance,
                 EventType::Warning,
-                "DuplicateInstanceDestroyed",
+                Reason::DuplicateInstanceDestroyed,
                 "Launch",
                 format!(
                     "Destroyed instance {} carrying this GpuInstance's label; kept the older {}",
@@ -259,7 +251,7 @@ async fn resolve_pending(
         ctx.event(
             instance,
             EventType::Normal,
-            Reason::Launched.as_str(),
+            Reason::Launched,
             "Launch",
             format!("Adopted instance {} found by its label", survivor.id),
         )

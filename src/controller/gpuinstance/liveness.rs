@@ -34,7 +34,7 @@ pub async fn observe(
     let Some(observed) = observed else {
         let message = format!("the provider no longer lists instance {id}");
         mark_released(status, GpuInstancePhase::Lost, Reason::InstanceLost, &message, now);
-        ctx.event(instance, EventType::Warning, Reason::InstanceLost.as_str(), "Observe", message).await;
+        ctx.event(instance, EventType::Warning, Reason::InstanceLost, "Observe", message).await;
         return Ok(Action::await_change());
     };
     status.provider_status = Some(ProviderStatus {
@@ -72,7 +72,7 @@ pub async fn observe(
             ctx.event(
                 instance,
                 EventType::Warning,
-                reason.as_str(),
+                reason,
                 "Observe",
                 format!("Instance {id}: {message}; released it"),
             )
@@ -133,7 +133,7 @@ async fn probe_ssh(
             ctx.event(
                 instance,
                 EventType::Normal,
-                Reason::Ready.as_str(),
+                Reason::Ready,
                 "Observe",
                 format!(
                     "Instance {} is ready; SSH answers at {}:{} ({took} s after rent)",
@@ -190,7 +190,7 @@ async fn check_boot_deadline(
         timeout.as_secs()
     );
     mark_released(status, GpuInstancePhase::Failed, Reason::BootTimeout, &message, now);
-    ctx.event(instance, EventType::Warning, Reason::BootTimeout.as_str(), "Observe", message).await;
+    ctx.event(instance, EventType::Warning, Reason::BootTimeout, "Observe", message).await;
     Ok(Action::requeue(ctx.config.termination_poll))
 }
 

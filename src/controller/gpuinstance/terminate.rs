@@ -45,7 +45,7 @@ pub async fn cleanup(api: &Api<GpuInstance>, instance: &GpuInstance, ctx: &Conte
         ctx.event(
             instance,
             EventType::Normal,
-            Reason::Terminating.as_str(),
+            Reason::Terminating,
             "Terminate",
             format!("Releasing instance {}", status.provider_id.as_deref().unwrap_or("(not rented yet)")),
         )
@@ -93,7 +93,7 @@ pub async fn cleanup(api: &Api<GpuInstance>, instance: &GpuInstance, ctx: &Conte
         ctx.event(
             instance,
             EventType::Normal,
-            Reason::Terminated.as_str(),
+            Reason::Terminated,
             "Terminate",
             format!("Released instance {} ({:.0} s)", status_id(instance), took.as_secs_f64()),
         )
@@ -117,8 +117,7 @@ pub async fn cleanup(api: &Api<GpuInstance>, instance: &GpuInstance, ctx: &Conte
             None,
             now,
         );
-        ctx.event(instance, EventType::Warning, Reason::TerminationStuck.as_str(), "Terminate", message)
-            .await;
+        ctx.event(instance, EventType::Warning, Reason::TerminationStuck, "Terminate", message).await;
     }
     if is_condition_true(&status.conditions, instance_condition::TERMINATION_STUCK) {
         ctx.stuck_terminations_insert(&instance.uid().unwrap_or_default());

@@ -168,7 +168,7 @@ async fn act(ctx: &Context, action: &SweepAction, dry_run: bool) -> String {
                         ctx.event(
                             &obj,
                             EventType::Normal,
-                            "Swept",
+                            Reason::Swept,
                             "Sweep",
                             format!("Deleted by the sweeper: {why}"),
                         )

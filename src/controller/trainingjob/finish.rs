@@ -146,7 +146,8 @@ impl Pass<'_> {
         self.record_finish_metrics(phase, reason, now);
         self.release().await?;
         let type_ = if phase == TrainingJobPhase::Succeeded { EventType::Normal } else { EventType::Warning };
-        let event_reason = if phase == TrainingJobPhase::Succeeded { "Succeeded" } else { "Failed" };
+        let event_reason =
+            if phase == TrainingJobPhase::Succeeded { Reason::Succeeded } else { Reason::Failed };
         self.event(type_, event_reason, "Finish", message).await;
         self.notify(super::notify::finish_kind(reason), message).await;
         Ok(())

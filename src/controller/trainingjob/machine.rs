@@ -30,6 +30,12 @@ impl Pass<'_> {
         let name = instance.name_any();
         self.status.instance = Some(provision::instance_status(&name, Some(instance)));
         let gi_status = instance.status.clone().unwrap_or_default();
+        if self.status.phase == TrainingJobPhase::Provisioning
+            && let Some(message) = provision::provisioning_message(&name, self.status.attempts, &gi_status)
+        {
+            // Why renting takes long (no offers, booting, a bad host) is visible on the job.
+            self.status.message = Some(message);
+        }
         let eta = self.status.progress.as_ref().and_then(|p| p.eta_seconds);
         if let Some(cost) = train::cost(
             gi_status.offer.as_ref().map(|o| o.price_per_hour),
@@ -55,7 +61,7 @@ impl Pass<'_> {
                 None,
                 now,
             );
-            self.event(EventType::Normal, "InstanceReady", "Provision", &message).await;
+            self.event(EventType::Normal, Reason::InstanceReady, "Provision", &message).await;
         }
     }
 
@@ -63,13 +69,23 @@ impl Pass<'_> {
     pub(super) async fn acquire(&mut self, attempt: i32, now: DateTime<Utc>) -> Result<(), Error> {
         let job_name = self.job.name_any();
         let name = provision::instance_name(&job_name, attempt);
-        if let Some(previous) = self.status.instance.as_ref().filter(|i| i.name != name) {
+        let mut avoid = Vec::new();
+        if let Some(previous) = self.status.instance.clone().filter(|i| i.name != name) {
+            // What failed this job before is not rented again.
+            if let Some(gone) = self
+                .instances
+                .get_opt(&previous.name)
+                .await
+                .map_err(super::kube_err("read the GpuInstance"))?
+            {
+                avoid = provision::machines_to_avoid(&gone);
+            }
             provision::ensure_instance_deleted(&self.instances, &previous.name).await?;
         }
         provision::ensure_key_secret(&self.secrets, self.job).await?;
         let tool_image = self.tool.image.clone();
         let spent = self.status.cost.as_ref().map(|c| c.accrued).unwrap_or(0.0);
-        let desired = provision::desired_instance(self.job, attempt, &tool_image, spent)?;
+        let desired = provision::desired_instance(self.job, attempt, &tool_image, spent, &avoid)?;
         let created = provision::ensure_instance(&self.instances, &desired).await?;
         let status = &mut self.status;
         status.attempts = attempt;
@@ -102,7 +118,7 @@ impl Pass<'_> {
             if created {
                 self.event(
                     EventType::Normal,
-                    "Resumed",
+                    Reason::Resumed,
                     "Resume",
                     "spec.suspend was cleared: renting a new machine",
                 )
@@ -113,7 +129,7 @@ impl Pass<'_> {
         self.set_phase(TrainingJobPhase::Provisioning, Reason::Launching, &message);
         if created {
             info!(job = %job_name, gpuinstance = %name, attempt, "Created GpuInstance");
-            self.event(EventType::Normal, "Provisioning", "Provision", &message).await;
+            self.event(EventType::Normal, Reason::Provisioning, "Provision", &message).await;
         }
         Ok(())
     }

@@ -158,7 +158,7 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctrl: Arc<JobController>) -> Resul
             let mut status = before.clone();
             let message = invalid.to_string();
             finish::finish_status(&mut status, TrainingJobPhase::Failed, Reason::InvalidSpec, &message, now);
-            ctx.event(&*job, EventType::Warning, Reason::InvalidSpec.as_str(), "Validate", &message).await;
+            ctx.event(&*job, EventType::Warning, Reason::InvalidSpec, "Validate", &message).await;
             info!(job = %job.name_any(), field = invalid.field, "Invalid spec");
             write_status(&jobs, &job, &before, status).await?;
             return Ok(Action::await_change());

@@ -68,7 +68,7 @@ impl Pass<'_> {
                 "spec.notify.webhookSecretRef: key {} of Secret {} is missing or not an http(s) URL; no webhook sent",
                 r.key, r.name
             );
-            self.event(EventType::Warning, "NotifyFailed", "Notify", &note).await;
+            self.event(EventType::Warning, Reason::NotifyFailed, "Notify", &note).await;
             return;
         };
         let job = JobRef {

@@ -74,8 +74,7 @@ impl Pass<'_> {
                     None,
                     now,
                 );
-                self.event(EventType::Warning, Reason::SoftDeadlineExceeded.as_str(), "Monitor", &message)
-                    .await;
+                self.event(EventType::Warning, Reason::SoftDeadlineExceeded, "Monitor", &message).await;
             }
             let observed = Observations { machine: machine.clone(), training: training.clone() };
             let step = next_step(&self.job.spec, &self.status, &observed, now);
@@ -170,7 +169,7 @@ impl Pass<'_> {
         if let Some(instance) = instance {
             stage::claim_work_dir(exec.as_ref(), &self.layout, &instance.name_any()).await?;
         }
-        match stage::stage(exec.as_ref(), &self.layout, &self.job.spec, &self.tool).await? {
+        match stage::stage(exec.as_ref(), &self.layout, &self.job.spec, &self.tool, &self.secrets).await? {
             Ok(message) => {
                 // A replacement machine gets its checkpoint before it counts as staged.
                 self.restore(runtime, exec.as_ref()).await?;
@@ -183,7 +182,7 @@ impl Pass<'_> {
                     None,
                     Utc::now(),
                 );
-                self.event(EventType::Normal, "Staged", "Stage", &message).await;
+                self.event(EventType::Normal, Reason::Staged, "Stage", &message).await;
                 Ok(())
             }
             Err((reason, message)) => self.finish(runtime, TrainingJobPhase::Failed, reason, &message).await,
@@ -232,7 +231,7 @@ impl Pass<'_> {
                 let waited = (Utc::now() - from_k8s_time(created)).num_milliseconds().max(0) as f64 / 1000.0;
                 self.ctrl.ctx.metrics.apply_to_training_seconds.observe(waited);
             }
-            self.event(EventType::Normal, "TrainingStarted", "Launch", &message).await;
+            self.event(EventType::Normal, Reason::TrainingStarted, "Launch", &message).await;
         }
         Ok(())
     }
@@ -285,7 +284,7 @@ impl Pass<'_> {
         session::ensure_session(runtime, &self.secrets, instance).await
     }
 
-    pub(super) async fn event(&self, type_: EventType, reason: &str, action: &str, note: &str) {
+    pub(super) async fn event(&self, type_: EventType, reason: Reason, action: &str, note: &str) {
         self.ctrl.ctx.event(self.job, type_, reason, action, note).await;
     }
 

@@ -10,8 +10,8 @@ use kube::{Resource, ResourceExt};
 
 use super::Error;
 use crate::api::{
-    GpuInstance, GpuInstancePhase, GpuInstanceSpec, JobInstanceStatus, Reason, SecretRef, TrainingJob,
-    describe_gpu, instance_condition, is_condition_true,
+    GpuInstance, GpuInstancePhase, GpuInstanceSpec, GpuInstanceStatus, JobInstanceStatus, Reason, SecretRef,
+    TrainingJob, describe_gpu, instance_condition, is_condition_true,
 };
 use crate::controller::gpuinstance::sshkey::{PRIVATE_KEY, PUBLIC_KEY, generate_key};
 use crate::engine::MachineObservation;
@@ -41,6 +41,7 @@ pub fn desired_instance(
     attempt: i32,
     tool_image: &str,
     prior_cost: f64,
+    avoid_machines: &[i64],
 ) -> Result<GpuInstance, Error> {
     let name = job.metadata.name.clone().ok_or(Error::Missing("name"))?;
     let owner = job.controller_owner_ref(&()).ok_or(Error::Missing("uid"))?;
@@ -59,8 +60,13 @@ pub fn desired_instance(
     let mut instance = GpuInstance::new(&instance_name(&name, attempt), spec);
     instance.metadata.namespace = job.namespace();
     instance.metadata.owner_references = Some(vec![owner]);
-    instance.metadata.annotations =
-        Some([(PRIOR_COST_ANNOTATION.to_string(), format!("{:.4}", prior_cost.max(0.0)))].into());
+    let mut annotations: std::collections::BTreeMap<String, String> =
+        [(PRIOR_COST_ANNOTATION.to_string(), format!("{:.4}", prior_cost.max(0.0)))].into();
+    if !avoid_machines.is_empty() {
+        let ids: Vec<String> = avoid_machines.iter().map(i64::to_string).collect();
+        annotations.insert(crate::api::AVOID_MACHINES_ANNOTATION.to_string(), ids.join(","));
+    }
+    instance.metadata.annotations = Some(annotations);
     instance.metadata.labels = Some(
         [
             ("app.kubernetes.io/managed-by".to_string(), "gpu-trainer".to_string()),
@@ -101,6 +107,30 @@ pub fn observe(instance: Option<&GpuInstance>) -> MachineObservation {
 }
 
 /// What the job's earlier machines cost, as recorded on this one. Pure.
+/// The job's message while its machine is being rented: the GpuInstance's own reason and
+/// message (`NoOffers: ...`, `Booting: ...`), so a job that waits says why. Pure.
+pub fn provisioning_message(name: &str, attempt: i32, status: &GpuInstanceStatus) -> Option<String> {
+    let reason = status.reason?;
+    let detail = status.message.as_deref().filter(|m| !m.is_empty()).unwrap_or("");
+    Some(format!("renting a machine: GpuInstance {name} (attempt {attempt}): {reason}: {detail}"))
+}
+
+/// Machines a replacement for `previous` must not use: those it excluded (boot failures), those
+/// it was told to avoid, and its own machine when that was lost or failed. Pure.
+pub fn machines_to_avoid(previous: &GpuInstance) -> Vec<i64> {
+    let status = previous.status.clone().unwrap_or_default();
+    let mut ids = crate::controller::gpuinstance::decide::avoided_machines(previous);
+    ids.extend(status.excluded_machine_ids.iter().copied());
+    if matches!(status.phase, GpuInstancePhase::Lost | GpuInstancePhase::Failed)
+        && let Some(machine) = status.offer.as_ref().map(|o| o.machine_id).filter(|m| *m != 0)
+    {
+        ids.push(machine);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 pub fn prior_cost(instance: &GpuInstance) -> f64 {
     instance.annotations().get(PRIOR_COST_ANNOTATION).and_then(|v| v.parse().ok()).unwrap_or(0.0)
 }
@@ -198,7 +228,7 @@ mod tests {
 
     #[test]
     fn the_instance_is_owned_by_the_job_and_uses_its_key() {
-        let gi = desired_instance(&job(), 2, "python:3.12-slim", 0.25).unwrap();
+        let gi = desired_instance(&job(), 2, "python:3.12-slim", 0.25, &[]).unwrap();
         assert_eq!(gi.name_any(), "lora-2");
         assert_eq!(gi.namespace().as_deref(), Some("ml"));
         let owner = &gi.owner_references()[0];
@@ -217,11 +247,11 @@ mod tests {
     fn resources_image_overrides_the_tool_image() {
         let mut j = job();
         j.spec.resources.image = Some("mine:1".into());
-        assert_eq!(desired_instance(&j, 1, "python:3.12-slim", 0.0).unwrap().spec.image, "mine:1");
+        assert_eq!(desired_instance(&j, 1, "python:3.12-slim", 0.0, &[]).unwrap().spec.image, "mine:1");
     }
 
     fn with_status(status: GpuInstanceStatus) -> GpuInstance {
-        let mut gi = desired_instance(&job(), 1, "img", 0.0).unwrap();
+        let mut gi = desired_instance(&job(), 1, "img", 0.0, &[]).unwrap();
         gi.status = Some(status);
         gi
     }
@@ -245,6 +275,39 @@ mod tests {
         );
         status.offer = Some(OfferStatus { price_per_hour: 0.4, ..Default::default() });
         assert_eq!(observe(Some(&with_status(status))), MachineObservation::Ready { price_per_hour: 0.4 });
+    }
+
+    #[test]
+    fn a_job_that_waits_for_a_machine_says_why() {
+        let status = GpuInstanceStatus {
+            reason: Some(Reason::NoOffers),
+            message: Some("no offer matches: 0 of 64 have RTX 4090".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            provisioning_message("lora-1", 1, &status).unwrap(),
+            "renting a machine: GpuInstance lora-1 (attempt 1): NoOffers: no offer matches: 0 of 64 have RTX 4090"
+        );
+        assert_eq!(provisioning_message("lora-1", 1, &GpuInstanceStatus::default()), None);
+    }
+
+    #[test]
+    fn a_replacement_avoids_the_machines_that_failed_the_job() {
+        let mut status = GpuInstanceStatus {
+            phase: GpuInstancePhase::Lost,
+            excluded_machine_ids: vec![7, 3],
+            ..Default::default()
+        };
+        status.offer = Some(OfferStatus { machine_id: 42, ..Default::default() });
+        let mut lost = with_status(status.clone());
+        lost.annotations_mut().insert(crate::api::AVOID_MACHINES_ANNOTATION.into(), "3, 9".into());
+        assert_eq!(machines_to_avoid(&lost), [3, 7, 9, 42]);
+        // The replacement carries them, and the GpuInstance controller reads them back.
+        let next = desired_instance(&job(), 2, "img", 0.0, &machines_to_avoid(&lost)).unwrap();
+        assert_eq!(crate::controller::gpuinstance::decide::avoided_machines(&next), [3, 7, 9, 42]);
+        // A machine that merely finished (the job was suspended) is fine to rent again.
+        status.phase = GpuInstancePhase::Terminated;
+        assert_eq!(machines_to_avoid(&with_status(status)), [3, 7]);
     }
 
     #[test]

@@ -92,7 +92,7 @@ impl Pass<'_> {
             progress.steps_per_second = None;
         }
         info!(job = %self.job.name_any(), "Suspended");
-        self.event(EventType::Normal, "Suspended", "Suspend", &message).await;
+        self.event(EventType::Normal, Reason::Suspended, "Suspend", &message).await;
         Ok(())
     }
 }

@@ -166,7 +166,7 @@ impl Pass<'_> {
                     now,
                 );
                 self.ctrl.ctx.metrics.stalls_detected.inc();
-                self.event(EventType::Warning, "Stalled", "Monitor", &polled.stall.reason).await;
+                self.event(EventType::Warning, Reason::Stalled, "Monitor", &polled.stall.reason).await;
                 self.notify(crate::artifacts::notify::EventKind::StallDetected, &polled.stall.reason).await;
             }
             Recommendation::Continue if stalled => {
@@ -179,7 +179,7 @@ impl Pass<'_> {
                     None,
                     now,
                 );
-                self.event(EventType::Normal, "Recovered", "Monitor", &polled.stall.reason).await;
+                self.event(EventType::Normal, Reason::Recovered, "Monitor", &polled.stall.reason).await;
             }
             _ => {}
         }

@@ -99,7 +99,7 @@ impl Pass<'_> {
                 Err(e) => {
                     let message = format!("checkpoint sync to S3 failed (will retry): {}", error_chain(&e));
                     warn!(job = %self.job.name_any(), error = %message, "Checkpoint sync failed");
-                    self.event(EventType::Warning, "CheckpointSyncFailed", "Sync", &message).await;
+                    self.event(EventType::Warning, Reason::CheckpointSyncFailed, "Sync", &message).await;
                 }
             }
         }
@@ -196,7 +196,7 @@ impl Pass<'_> {
             None,
             Utc::now(),
         );
-        self.event(EventType::Normal, "Uploaded", "Upload", message).await;
+        self.event(EventType::Normal, Reason::Uploaded, "Upload", message).await;
         Ok(())
     }
 
@@ -322,7 +322,7 @@ impl Pass<'_> {
                         w.name, w.step
                     );
                     warn!(job = %self.job.name_any(), error = %message, "Restore failed");
-                    self.event(EventType::Warning, "RestoreFailed", "Restore", &message).await;
+                    self.event(EventType::Warning, Reason::RestoreFailed, "Restore", &message).await;
                     here
                 }
             },
@@ -330,11 +330,11 @@ impl Pass<'_> {
         match &from {
             Some(cp) => {
                 let message = format!("resuming from checkpoint {} (step {})", cp.name, cp.step);
-                self.event(EventType::Normal, "Restored", "Restore", &message).await;
+                self.event(EventType::Normal, Reason::Restored, "Restore", &message).await;
             }
             None => {
                 let message = "no checkpoint reached this machine: training starts over (sync checkpoints with spec.output.s3 to resume on a new machine)";
-                self.event(EventType::Warning, "NoCheckpoint", "Restore", message).await;
+                self.event(EventType::Warning, Reason::NoCheckpoint, "Restore", message).await;
             }
         }
         self.status.resumed_from = from;
