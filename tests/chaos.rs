@@ -48,7 +48,7 @@ const SWEEP_WINDOW: Duration = Duration::from_secs(45);
 /// How long releasing every machine of a trial may take once its jobs are done.
 const RELEASE_LIMIT: Duration = Duration::from_secs(90);
 /// Faults are injected this long after a trial starts, when jobs are renting, staging, training.
-const FAULT_WINDOW_MS: std::ops::Range<u64> = 500..14_000;
+const FAULT_WINDOW_MS: std::ops::Range<u64> = 500..10_000;
 /// Faults aimed at renting come in this window.
 const RENT_WINDOW_MS: std::ops::Range<u64> = 0..2500;
 
@@ -247,7 +247,7 @@ fn plan_trial(trial: usize, seed: u64) -> TrialPlan {
             backoff_limit: if i == 0 { 0 } else { 1 },
             // One job keeps its checkpoints and model in S3 (a replacement resumes from there).
             s3_output: i == JOBS_PER_TRIAL - 1,
-            create_after: Duration::from_millis(rng.random_range(0..2000)),
+            create_after: Duration::from_millis(rng.random_range(0..1500)),
         })
         .collect();
     let count = rng.random_range(1..=2);
