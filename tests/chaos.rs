@@ -317,6 +317,9 @@ struct Injected {
     death: Option<(String, String)>,
     /// The provider fault added, to tell afterwards how much of it was used.
     fault: Option<Fault>,
+    /// What went wrong with the fault itself (the operator stopped watching, a component did
+    /// not come back): a violation.
+    problem: Option<String>,
 }
 
 /// How much of a counting provider fault is left: its count.
@@ -372,6 +375,7 @@ async fn inject(suite: &Suite, started: Instant, fault: &FaultPlan, names: &[Str
     let at = started.elapsed();
     let mut death = None;
     let mut added = None;
+    let mut problem = None;
     let what = match &fault.kind {
         FaultKind::OperatorKill { down } => {
             let mut operator = suite.operator.lock().await;
@@ -387,12 +391,27 @@ async fn inject(suite: &Suite, started: Instant, fault: &FaultPlan, names: &[Str
             format!("operator SIGKILL, down {:.1}s", down.as_secs_f64())
         }
         FaultKind::ApiServerRestart { kill, down } => match restart("apiserver", *kill, *down).await {
-            Ok(took) => format!("apiserver {}, down {:.1}s", signal_name(*kill), took.as_secs_f64()),
-            Err(e) => format!("apiserver restart FAILED: {e}"),
+            Ok(took) => {
+                let down = format!("apiserver {}, down {:.1}s", signal_name(*kill), took.as_secs_f64());
+                match watch_probe(suite, &format!("{}-probe{}", names[0], at.as_millis())).await {
+                    Ok(seen) => format!("{down}, new job seen in {:.1}s", seen.as_secs_f64()),
+                    Err(e) => {
+                        problem = Some(format!("NOT WATCHING after an API server restart: {e}"));
+                        format!("{down}, new job NOT seen")
+                    }
+                }
+            }
+            Err(e) => {
+                problem = Some(format!("the API server did not come back: {e}"));
+                format!("apiserver restart FAILED: {e}")
+            }
         },
         FaultKind::SshdKill { kill, down } => match restart("sshd", *kill, *down).await {
             Ok(took) => format!("sshd {}, down {:.1}s", signal_name(*kill), took.as_secs_f64()),
-            Err(e) => format!("sshd restart FAILED: {e}"),
+            Err(e) => {
+                problem = Some(format!("sshd did not come back: {e}"));
+                format!("sshd restart FAILED: {e}")
+            }
         },
         FaultKind::RateLimitStorm { count, retry_after } => {
             added = Some(Fault::RateLimit { count: *count, retry_after_secs: *retry_after, endpoint: None });
@@ -433,7 +452,36 @@ async fn inject(suite: &Suite, started: Instant, fault: &FaultPlan, names: &[Str
     if let Some(fault) = &added {
         suite.fake.add_fault(fault.clone());
     }
-    Injected { at, what, death, fault: added }
+    Injected { at, what, death, fault: added, problem }
+}
+
+/// After an API server restart the operator must still watch: a TrainingJob created now is only
+/// ever reconciled through a watch event. An invalid one fails at once (nothing is rented).
+/// Returns how long until the operator marked it failed; the probe job is deleted.
+async fn watch_probe(suite: &Suite, name: &str) -> Result<Duration, String> {
+    let mut probe = suite.job(&JobPlan {
+        name: name.to_string(),
+        steps: 1,
+        backoff_limit: 0,
+        s3_output: false,
+        create_after: Duration::ZERO,
+    });
+    probe.spec.params = serde_json::from_value(serde_json::json!({"stepz": 1})).unwrap();
+    suite.jobs.create(&PostParams::default(), &probe).await.map_err(|e| format!("create {name}: {e}"))?;
+    let created = Instant::now();
+    let result = loop {
+        if let Ok(job) = suite.jobs.get(name).await
+            && job.status.is_some_and(|s| s.phase == TrainingJobPhase::Failed)
+        {
+            break Ok(created.elapsed());
+        }
+        if created.elapsed() > Duration::from_secs(30) {
+            break Err(format!("{name} was not reconciled within 30 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let _ = suite.jobs.delete(name, &DeleteParams::background()).await;
+    result
 }
 
 fn signal_name(kill: bool) -> &'static str {
@@ -713,7 +761,7 @@ async fn run_trial(suite: &Suite, trial: usize, seed: u64) -> TrialRow {
 
     // Outcomes, against what the faults allow.
     let mut outcomes = Vec::new();
-    let mut violations: Vec<String> = Vec::new();
+    let mut violations: Vec<String> = faults.iter().filter_map(|f| f.problem.clone()).collect();
     let mut launches = Vec::new();
     for job_plan in &plan.jobs {
         let name = &job_plan.name;
