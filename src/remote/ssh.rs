@@ -19,7 +19,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use russh::client;
@@ -29,6 +29,8 @@ use russh_sftp::client::SftpSession;
 use russh_sftp::protocol::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::{OnceCell, mpsc};
+
+use crate::metrics::TRANSPORT;
 
 use super::{
     ExecOutput, FileChunk, OutputChunk, RemoteError, RemoteExec, RunOptions, TransferReport, shell_quote,
@@ -141,6 +143,25 @@ pub struct SshExec {
 struct Connection {
     handle: client::Handle<Client>,
     sftp: OnceCell<Arc<SftpSession>>,
+    _counted: OpenConnection,
+}
+
+/// Counts a connection in `gputrainer_ssh_connections_opened_total` and, while it lives, in
+/// `gputrainer_ssh_connections_open`.
+struct OpenConnection;
+
+impl OpenConnection {
+    fn new() -> Self {
+        TRANSPORT.ssh_connections_opened.inc();
+        TRANSPORT.ssh_connections_open.inc();
+        Self
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        TRANSPORT.ssh_connections_open.dec();
+    }
 }
 
 struct Client {
@@ -223,7 +244,9 @@ impl SshExec {
             host_key: Arc::new(StdMutex::new(host_key_fingerprint)),
             conn: tokio::sync::Mutex::new(None),
         };
+        let started = Instant::now();
         exec.connection().await?;
+        TRANSPORT.observe("connect", started);
         Ok(exec)
     }
 
@@ -286,7 +309,9 @@ impl SshExec {
         match auth {
             Err(_) => Err(AttemptError::Retry("authentication timed out".into())),
             Ok(Err(e)) => Err(AttemptError::Retry(Box::new(e))),
-            Ok(Ok(result)) if result.success() => Ok(Connection { handle, sftp: OnceCell::new() }),
+            Ok(Ok(result)) if result.success() => {
+                Ok(Connection { handle, sftp: OnceCell::new(), _counted: OpenConnection::new() })
+            }
             Ok(Ok(_)) => Err(AttemptError::Auth),
         }
     }
@@ -399,6 +424,38 @@ impl SshExec {
         Ok((conn, sftp))
     }
 
+    /// One read of a file over SFTP (timed by the caller).
+    async fn read_from_inner(
+        &self,
+        remote_path: &str,
+        offset: u64,
+        max_len: u64,
+    ) -> Result<FileChunk, RemoteError> {
+        let (conn, sftp) = self.sftp().await?;
+        let result = async {
+            let mut file = sftp.open(remote_path).await.map_err(|e| map_sftp(remote_path, "open", e))?;
+            let file_size = file.metadata().await.map_err(|e| map_sftp(remote_path, "stat", e))?.len();
+            let mut data = Vec::new();
+            if offset < file_size {
+                file.seek(std::io::SeekFrom::Start(offset))
+                    .await
+                    .map_err(|e| RemoteError::io(format!("seek {remote_path}"), e))?;
+                (&mut file)
+                    .take(max_len.min(file_size - offset))
+                    .read_to_end(&mut data)
+                    .await
+                    .map_err(|e| RemoteError::io(format!("read {remote_path}"), e))?;
+            }
+            let _ = file.shutdown().await;
+            Ok(FileChunk { offset, data, file_size })
+        }
+        .await;
+        if matches!(result, Err(RemoteError::Io { .. })) && conn.handle.is_closed() {
+            self.discard(&conn).await;
+        }
+        result
+    }
+
     async fn run_inner(
         &self,
         command: &str,
@@ -470,9 +527,11 @@ impl SshExec {
         }
     }
 
+    /// Runs a step of a larger operation (not timed on its own: the operation is).
     async fn run_checked(&self, command: &str, what: &str) -> Result<ExecOutput, RemoteError> {
-        let out =
-            self.run(command, RunOptions { timeout: Duration::from_secs(600), env: Vec::new() }).await?;
+        let out = self
+            .run_inner(command, RunOptions { timeout: Duration::from_secs(600), env: Vec::new() }, None)
+            .await?;
         if !out.success() {
             return Err(RemoteError::io(
                 format!("{what} on {}", self.target),
@@ -816,7 +875,10 @@ fn command_script(command: &str, env: &[(String, String)], nonce: &str) -> Resul
 #[async_trait]
 impl RemoteExec for SshExec {
     async fn run(&self, command: &str, opts: RunOptions) -> Result<ExecOutput, RemoteError> {
-        self.run_inner(command, opts, None).await
+        let started = Instant::now();
+        let result = self.run_inner(command, opts, None).await;
+        TRANSPORT.observe("run", started);
+        result
     }
 
     async fn run_streaming(
@@ -825,15 +887,24 @@ impl RemoteExec for SshExec {
         opts: RunOptions,
         output: mpsc::Sender<OutputChunk>,
     ) -> Result<ExecOutput, RemoteError> {
-        self.run_inner(command, opts, Some(output)).await
+        let started = Instant::now();
+        let result = self.run_inner(command, opts, Some(output)).await;
+        TRANSPORT.observe("run", started);
+        result
     }
 
     async fn upload(&self, local_path: &Path, remote_path: &str) -> Result<TransferReport, RemoteError> {
-        Ok(self.upload_resumable(local_path, remote_path).await?.report)
+        let started = Instant::now();
+        let result = self.upload_resumable(local_path, remote_path).await;
+        TRANSPORT.observe("upload", started);
+        Ok(result?.report)
     }
 
     async fn download(&self, remote_path: &str, local_path: &Path) -> Result<TransferReport, RemoteError> {
-        self.transfer_down(remote_path, local_path).await
+        let started = Instant::now();
+        let result = self.transfer_down(remote_path, local_path).await;
+        TRANSPORT.observe("download", started);
+        result
     }
 
     async fn read_from(
@@ -842,28 +913,9 @@ impl RemoteExec for SshExec {
         offset: u64,
         max_len: u64,
     ) -> Result<FileChunk, RemoteError> {
-        let (conn, sftp) = self.sftp().await?;
-        let result = async {
-            let mut file = sftp.open(remote_path).await.map_err(|e| map_sftp(remote_path, "open", e))?;
-            let file_size = file.metadata().await.map_err(|e| map_sftp(remote_path, "stat", e))?.len();
-            let mut data = Vec::new();
-            if offset < file_size {
-                file.seek(std::io::SeekFrom::Start(offset))
-                    .await
-                    .map_err(|e| RemoteError::io(format!("seek {remote_path}"), e))?;
-                (&mut file)
-                    .take(max_len.min(file_size - offset))
-                    .read_to_end(&mut data)
-                    .await
-                    .map_err(|e| RemoteError::io(format!("read {remote_path}"), e))?;
-            }
-            let _ = file.shutdown().await;
-            Ok(FileChunk { offset, data, file_size })
-        }
-        .await;
-        if matches!(result, Err(RemoteError::Io { .. })) && conn.handle.is_closed() {
-            self.discard(&conn).await;
-        }
+        let started = Instant::now();
+        let result = self.read_from_inner(remote_path, offset, max_len).await;
+        TRANSPORT.observe("read", started);
         result
     }
 

@@ -88,6 +88,9 @@ pub struct OperatorOptions<'a> {
     pub env: Vec<(&'a str, String)>,
     pub args: Vec<String>,
     pub leader_elect: bool,
+    /// Short poll, grace and sweep intervals so tests finish quickly; off, the operator's
+    /// defaults apply unless `args` set them (benchmarks measure the defaults).
+    pub fast_polls: bool,
 }
 
 impl<'a> OperatorOptions<'a> {
@@ -99,6 +102,7 @@ impl<'a> OperatorOptions<'a> {
             env: Vec::new(),
             args: Vec::new(),
             leader_elect: false,
+            fast_polls: true,
         }
     }
 }
@@ -124,16 +128,20 @@ impl OperatorProcess {
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
             .args(["--log-format", "pretty"])
             .arg(format!("--leader-elect={}", options.leader_elect))
-            .args(["--lease-namespace", options.namespace])
-            .args([
-                "--fast-poll-seconds",
-                "1",
-                "--liveness-poll-seconds",
-                "5",
-                "--create-pending-grace-seconds",
-                "3",
-            ])
-            .args(["--sweep-interval-seconds", "2", "--sweep-grace-seconds", "3"])
+            .args(["--lease-namespace", options.namespace]);
+        if options.fast_polls {
+            command
+                .args([
+                    "--fast-poll-seconds",
+                    "1",
+                    "--liveness-poll-seconds",
+                    "5",
+                    "--create-pending-grace-seconds",
+                    "3",
+                ])
+                .args(["--sweep-interval-seconds", "2", "--sweep-grace-seconds", "3"]);
+        }
+        command
             .args(&options.args)
             .env("KUBECONFIG", kubeconfig_path())
             .env("VASTAI_API_KEY", API_KEY)
@@ -161,6 +169,11 @@ impl OperatorProcess {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The process id (benchmarks read its CPU time and memory from `/proc`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn is_running(&mut self) -> bool {

@@ -1,0 +1,2 @@
+//! Controller benchmarks (issue #11). Work in progress.
+fn main() {}
