@@ -83,10 +83,10 @@ pub static TRANSPORT: LazyLock<TransportMetrics> = LazyLock::new(|| TransportMet
 
 impl TransportMetrics {
     /// Records how long one SSH operation took.
-    pub fn observe(&self, operation: &'static str, started: Instant) {
+    pub fn observe(&self, operation: &'static str, took: std::time::Duration) {
         self.ssh_operation_duration
             .get_or_create(&SshOperationLabels { operation })
-            .observe(started.elapsed().as_secs_f64());
+            .observe(took.as_secs_f64());
     }
 }
 

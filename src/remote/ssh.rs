@@ -245,8 +245,9 @@ impl SshExec {
             conn: tokio::sync::Mutex::new(None),
         };
         let started = Instant::now();
-        exec.connection().await?;
-        TRANSPORT.observe("connect", started);
+        let connected = exec.connection().await;
+        exec.timed("connect", started);
+        connected?;
         Ok(exec)
     }
 
@@ -257,6 +258,14 @@ impl SshExec {
 
     pub fn target(&self) -> &SshTarget {
         &self.target
+    }
+
+    /// Records one operation's time (`gputrainer_ssh_operation_duration_seconds`, and a debug
+    /// log line that benchmarks use to subtract the SSH time from the controller's own).
+    fn timed(&self, operation: &'static str, started: Instant) {
+        let took = started.elapsed();
+        TRANSPORT.observe(operation, took);
+        tracing::debug!(machine = %self.target, operation, seconds = took.as_secs_f64(), "SSH operation");
     }
 
     /// Closes the connection politely. Later calls reconnect.
@@ -877,7 +886,7 @@ impl RemoteExec for SshExec {
     async fn run(&self, command: &str, opts: RunOptions) -> Result<ExecOutput, RemoteError> {
         let started = Instant::now();
         let result = self.run_inner(command, opts, None).await;
-        TRANSPORT.observe("run", started);
+        self.timed("run", started);
         result
     }
 
@@ -889,21 +898,21 @@ impl RemoteExec for SshExec {
     ) -> Result<ExecOutput, RemoteError> {
         let started = Instant::now();
         let result = self.run_inner(command, opts, Some(output)).await;
-        TRANSPORT.observe("run", started);
+        self.timed("run", started);
         result
     }
 
     async fn upload(&self, local_path: &Path, remote_path: &str) -> Result<TransferReport, RemoteError> {
         let started = Instant::now();
         let result = self.upload_resumable(local_path, remote_path).await;
-        TRANSPORT.observe("upload", started);
+        self.timed("upload", started);
         Ok(result?.report)
     }
 
     async fn download(&self, remote_path: &str, local_path: &Path) -> Result<TransferReport, RemoteError> {
         let started = Instant::now();
         let result = self.transfer_down(remote_path, local_path).await;
-        TRANSPORT.observe("download", started);
+        self.timed("download", started);
         result
     }
 
@@ -915,7 +924,7 @@ impl RemoteExec for SshExec {
     ) -> Result<FileChunk, RemoteError> {
         let started = Instant::now();
         let result = self.read_from_inner(remote_path, offset, max_len).await;
-        TRANSPORT.observe("read", started);
+        self.timed("read", started);
         result
     }
 

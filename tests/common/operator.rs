@@ -91,6 +91,8 @@ pub struct OperatorOptions<'a> {
     /// Short poll, grace and sweep intervals so tests finish quickly; off, the operator's
     /// defaults apply unless `args` set them (benchmarks measure the defaults).
     pub fast_polls: bool,
+    /// `pretty` (default) or `json` (benchmarks read timestamps from it).
+    pub log_format: &'static str,
 }
 
 impl<'a> OperatorOptions<'a> {
@@ -103,6 +105,7 @@ impl<'a> OperatorOptions<'a> {
             args: Vec::new(),
             leader_elect: false,
             fast_polls: true,
+            log_format: "pretty",
         }
     }
 }
@@ -126,7 +129,7 @@ impl OperatorProcess {
             .args(["--namespace", options.namespace])
             .args(["--installation-id", options.installation_id])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-            .args(["--log-format", "pretty"])
+            .args(["--log-format", options.log_format])
             .arg(format!("--leader-elect={}", options.leader_elect))
             .args(["--lease-namespace", options.namespace]);
         if options.fast_polls {

@@ -1,2 +1,0 @@
-//! Controller benchmarks (issue #11). Work in progress.
-fn main() {}
