@@ -113,7 +113,7 @@ pub fn sum_series(metrics: &BTreeMap<String, f64>, name: &str, needles: &[&str])
             series.split('{').next() == Some(name) && needles.iter().all(|n| series.contains(n))
         })
         .map(|(_, v)| v)
-        .sum()
+        .fold(0.0, |a, b| a + b)
 }
 
 /// `after - before` per series.
