@@ -159,12 +159,16 @@ impl Pass<'_> {
                     }
                 }
                 Step::Poll => {
+                    let every =
+                        Duration::from_secs(u64::from(self.job.spec.monitoring.poll_interval_seconds));
+                    if let Some(left) = runtime.poll_due_in(every, std::time::Instant::now()) {
+                        return Ok(Action::requeue(left));
+                    }
                     let exec = self.session(runtime, instance.as_ref()).await?;
+                    runtime.last_poll = Some(std::time::Instant::now());
                     training = self.poll(runtime, exec.as_ref(), instance.as_ref()).await?;
                     if training == TrainingObservation::Running {
                         self.sync_checkpoints(runtime, exec.as_ref()).await?;
-                        let every =
-                            Duration::from_secs(u64::from(self.job.spec.monitoring.poll_interval_seconds));
                         return Ok(Action::requeue(every));
                     }
                 }
