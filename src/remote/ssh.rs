@@ -433,6 +433,32 @@ impl SshExec {
         Ok((conn, sftp))
     }
 
+    /// A small file read to its end over SFTP whatever size it reports (`/proc` files report 0);
+    /// `None` when it does not exist.
+    async fn read_whole(&self, path: &str) -> Result<Option<String>, RemoteError> {
+        let (conn, sftp) = self.sftp().await?;
+        let result = async {
+            let mut file = match sftp.open(path).await {
+                Ok(file) => file,
+                Err(e) if sftp_not_found(&e) => return Ok(None),
+                Err(e) => return Err(map_sftp(path, "open", e)),
+            };
+            let mut data = Vec::new();
+            (&mut file)
+                .take(64 * 1024)
+                .read_to_end(&mut data)
+                .await
+                .map_err(|e| RemoteError::io(format!("read {path}"), e))?;
+            let _ = file.shutdown().await;
+            Ok(Some(String::from_utf8_lossy(&data).into_owned()))
+        }
+        .await;
+        if matches!(result, Err(RemoteError::Io { .. })) && conn.handle.is_closed() {
+            self.discard(&conn).await;
+        }
+        result
+    }
+
     /// One read of a file over SFTP (timed by the caller).
     async fn read_from_inner(
         &self,
@@ -932,6 +958,18 @@ impl RemoteExec for SshExec {
         if pid == 0 {
             return Ok(false);
         }
+        // `/proc/<pid>/stat` over SFTP starts no process on the machine (a command starts the
+        // login shell, at every poll of every job). Without `/proc` the command decides.
+        let started = Instant::now();
+        let from_proc = match self.read_whole(&format!("/proc/{pid}/stat")).await {
+            Ok(Some(stat)) => stat_says_alive(&stat),
+            Ok(None) if matches!(self.read_whole("/proc/self/stat").await, Ok(Some(_))) => Some(false),
+            _ => None,
+        };
+        self.timed("read", started);
+        if let Some(alive) = from_proc {
+            return Ok(alive);
+        }
         let out = self
             .run(&pid_alive_command(pid), RunOptions { timeout: Duration::from_secs(30), env: Vec::new() })
             .await?;
@@ -947,10 +985,31 @@ impl RemoteExec for SshExec {
     }
 }
 
+/// From the content of `/proc/<pid>/stat`: alive unless a zombie (`Z`) or dead (`X`); `None`
+/// when it cannot be read that way. The state follows the command name, which is in parentheses
+/// and may itself hold spaces and parentheses.
+fn stat_says_alive(stat: &str) -> Option<bool> {
+    let (_, rest) = stat.rsplit_once(") ")?;
+    let state = rest.chars().next()?;
+    Some(!matches!(state, 'Z' | 'X'))
+}
+
 /// Exit 0 when `pid` runs and is not a zombie, 1 otherwise (Linux `/proc`, else `kill -0`).
 pub(crate) fn pid_alive_command(pid: u32) -> String {
     format!(
         "if [ -r /proc/self/stat ]; then s=$(cat /proc/{pid}/stat 2>/dev/null) || exit 1; \
          case \"${{s##*) }}\" in Z*|X*) exit 1;; esac; exit 0; fi; kill -0 {pid} 2>/dev/null || exit 1"
     )
+}
+
+#[cfg(test)]
+mod stat_tests {
+    #[test]
+    fn proc_stat_tells_running_from_zombie() {
+        assert_eq!(super::stat_says_alive("4242 (python3) S 1 4242 4242 0 -1"), Some(true));
+        assert_eq!(super::stat_says_alive("4242 (odd) name (x)) R 1 2"), Some(true));
+        assert_eq!(super::stat_says_alive("4242 (python3) Z 1 4242"), Some(false));
+        assert_eq!(super::stat_says_alive("4242 (python3) X 1"), Some(false));
+        assert_eq!(super::stat_says_alive(""), None);
+    }
 }
