@@ -47,6 +47,9 @@ pub struct ScaleArgs {
     /// Jobs created concurrently.
     #[arg(long, default_value_t = 16)]
     create_concurrency: usize,
+    /// Jobs created per wave; the next wave starts when these train.
+    #[arg(long, default_value_t = 50)]
+    wave: usize,
     /// More arguments for `gpu-trainer run`.
     #[arg(long = "operator-arg", allow_hyphen_values = true)]
     operator_args: Vec<String>,
@@ -95,55 +98,66 @@ pub async fn run(args: ScaleArgs) {
     let (href, sha256) = bench_util::serve_dataset(tmp.path()).await;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
 
-    // Ramp.
+    // Ramp, in waves: every "machine" is this machine, so all jobs staging at once would measure
+    // this machine's sshd, not the operator.
     let ramp_started = now();
-    futures::stream::iter(0..n)
-        .map(|i| {
-            let jobs = jobs.clone();
-            let job = bench_util::demo_job(
-                &format!("scale-{i}"),
-                &href,
-                &sha256,
-                TOTAL_STEPS,
-                3600.0,
-                args.poll_seconds,
-            );
-            async move { jobs.create(&PostParams::default(), &job).await.expect("create job") }
-        })
-        .buffer_unordered(args.create_concurrency.max(1))
-        .collect::<Vec<_>>()
-        .await;
-    let created = now() - ramp_started;
-    eprintln!("created {n} TrainingJobs in {created:.1} s");
-    let ramp = bench_util::poll_until(
-        Duration::from_secs(args.ramp_timeout_seconds),
-        Duration::from_secs(10),
-        || async {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.ramp_timeout_seconds);
+    let mut ramp_phases = BTreeMap::new();
+    let mut ramp_done = true;
+    for first in (0..n).step_by(args.wave.max(1)) {
+        let last = (first + args.wave.max(1)).min(n);
+        futures::stream::iter(first..last)
+            .map(|i| {
+                let jobs = jobs.clone();
+                let job = bench_util::demo_job(
+                    &format!("scale-{i}"),
+                    &href,
+                    &sha256,
+                    TOTAL_STEPS,
+                    3600.0,
+                    args.poll_seconds,
+                );
+                async move { jobs.create(&PostParams::default(), &job).await.expect("create job") }
+            })
+            .buffer_unordered(args.create_concurrency.max(1))
+            .collect::<Vec<_>>()
+            .await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let wave_done = bench_util::poll_until(left, Duration::from_secs(5), || async {
             let list = jobs.list(&ListParams::default()).await.ok()?;
             let phases = phases(&list.items);
-            let sample = proc_sample(operator.pid());
-            eprintln!(
-                "{:>6.0} s: {phases:?}; operator RSS {} MiB",
-                now() - ramp_started,
-                sample.rss_kib / 1024
-            );
             let settled = list.items.iter().all(|j| {
                 j.status
                     .as_ref()
                     .is_some_and(|s| s.phase == TrainingJobPhase::Training || s.phase.is_finished())
             });
-            settled.then(|| (now() - ramp_started, phases))
-        },
-    )
-    .await;
-    let (ramp_seconds, ramp_phases) = match ramp {
-        Some(r) => r,
-        None => {
-            let list = jobs.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
-            eprintln!("the ramp did not finish in {} s\n{}", args.ramp_timeout_seconds, operator.log_tail());
-            (f64::NAN, phases(&list))
+            if settled {
+                let sample = proc_sample(operator.pid());
+                eprintln!(
+                    "{:>6.0} s: {last} jobs created: {phases:?}; operator RSS {} MiB",
+                    now() - ramp_started,
+                    sample.rss_kib / 1024
+                );
+            }
+            settled.then_some(phases)
+        })
+        .await;
+        match wave_done {
+            Some(phases) => ramp_phases = phases,
+            None => {
+                let list = jobs.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default();
+                ramp_phases = phases(&list);
+                eprintln!(
+                    "the ramp did not finish in {} s: {ramp_phases:?}\n{}",
+                    args.ramp_timeout_seconds,
+                    operator.log_tail()
+                );
+                ramp_done = false;
+                break;
+            }
         }
-    };
+    }
+    let ramp_seconds = if ramp_done { now() - ramp_started } else { f64::NAN };
     let training = ramp_phases.get("Training").copied().unwrap_or(0);
     let after_ramp = operator_metrics(&operator).await;
     let ramp_ssh_opened = sum_series(&after_ramp, "gputrainer_ssh_connections_opened_total", &[]);
@@ -248,7 +262,11 @@ pub async fn run(args: ScaleArgs) {
     println!("{:<62} {:>14}  target", "", "value");
     let row = |what: &str, value: String, target: &str| println!("{what:<62} {value:>14}  {target}");
     row("jobs in Training", format!("{training}/{n}"), "");
-    row("ramp: creation to all in Training", format!("{ramp_seconds:.0} s"), "");
+    row(
+        &format!("ramp: creation to all in Training (waves of {})", args.wave),
+        format!("{ramp_seconds:.0} s"),
+        "",
+    );
     row("operator peak RSS (VmHWM, ramp and steady)", format!("{peak_rss_mib:.1} MiB"), "< 200 MB");
     row(
         "operator RSS at the end of the window",
@@ -296,6 +314,7 @@ pub async fn run(args: ScaleArgs) {
         "bench": "scale",
         "jobs": n,
         "jobs_training": training,
+        "wave": args.wave,
         "poll_seconds": args.poll_seconds,
         "ramp_seconds": round(ramp_seconds, 1),
         "peak_rss_mib": round(peak_rss_mib, 1),
