@@ -7,6 +7,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use gpu_trainer::api::TrainingJob;
 
+/// How many offers the fake should generate so that `rents` machines can be rented with a job's
+/// default requirements (about a quarter of the generated catalogue matches them, and a rented
+/// offer is taken).
+pub fn offers_for(rents: usize) -> usize {
+    6 * rents + 100
+}
+
 /// Seconds since the Unix epoch (the fake stamps requests with the same clock).
 pub fn now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()

@@ -137,7 +137,7 @@ async fn apply_to_create(client: &kube::Client, args: &OverheadArgs) -> Vec<f64>
     let fake = start_fake(|c| {
         c.loading_after = Duration::ZERO;
         c.running_after = Duration::from_secs(24 * 3600);
-        c.generated_offers = args.create_samples + 50;
+        c.generated_offers = bench_util::offers_for(args.create_samples);
     })
     .await;
     let installation = installation_id();
@@ -180,7 +180,7 @@ async fn running_to_launched(client: &kube::Client, args: &OverheadArgs) -> Vec<
     let fake = start_fake(|c| {
         c.loading_after = Duration::ZERO;
         c.running_after = boot;
-        c.generated_offers = args.runs + 50;
+        c.generated_offers = bench_util::offers_for(args.runs);
     })
     .await;
     let installation = installation_id();

@@ -80,7 +80,7 @@ pub async fn run(args: ScaleArgs) {
     let fake = start_fake(|c| {
         c.loading_after = Duration::ZERO;
         c.running_after = Duration::from_secs(1);
-        c.generated_offers = 2 * n + 50;
+        c.generated_offers = bench_util::offers_for(n);
     })
     .await;
     let installation = installation_id();

@@ -61,7 +61,7 @@ pub async fn run(args: TerminationArgs) {
     let fake = start_fake(|c| {
         c.loading_after = Duration::ZERO;
         c.running_after = Duration::from_millis(500);
-        c.generated_offers = args.runs + args.orphans + 50;
+        c.generated_offers = bench_util::offers_for(args.runs + args.orphans);
     })
     .await;
     let installation = installation_id();
