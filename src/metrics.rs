@@ -1,7 +1,7 @@
 //! Prometheus metrics of the operator, exposed on `/metrics`. Every label has a small, closed set
 //! of values (phases, outcomes, controller names, error categories, `Reason`s), never names or ids.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use prometheus_client::encoding::{EncodeLabelSet, text::encode};
@@ -48,6 +48,48 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// One request to the Kubernetes API server, as [`crate::controller::kube_requests`] classifies it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KubeRequestLabels {
+    /// `get`, `list`, `watch`, `create`, `update`, `patch`, `delete` or `other`.
+    pub verb: &'static str,
+    /// `trainingjobs`, `gpuinstances`, `events`, `secrets`, `leases`, ... or `other`.
+    pub resource: &'static str,
+    /// `status`, `other`, or empty for the object itself.
+    pub subresource: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SshOperationLabels {
+    /// `connect`, `run`, `upload`, `download` or `read`.
+    pub operation: &'static str,
+}
+
+/// Metrics of the SSH transport. Process-wide, because connections are opened from several
+/// places (the GpuInstance probe, the job engine, the command line) and counting them in the
+/// transport itself means no caller can forget; [`Metrics::new`] registers them.
+pub struct TransportMetrics {
+    pub ssh_connections_opened: Counter,
+    pub ssh_connections_open: Gauge,
+    pub ssh_operation_duration: Family<SshOperationLabels, Histogram, fn() -> Histogram>,
+}
+
+/// The SSH transport's metrics of this process.
+pub static TRANSPORT: LazyLock<TransportMetrics> = LazyLock::new(|| TransportMetrics {
+    ssh_connections_opened: Counter::default(),
+    ssh_connections_open: Gauge::default(),
+    ssh_operation_duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+});
+
+impl TransportMetrics {
+    /// Records how long one SSH operation took.
+    pub fn observe(&self, operation: &'static str, took: std::time::Duration) {
+        self.ssh_operation_duration
+            .get_or_create(&SshOperationLabels { operation })
+            .observe(took.as_secs_f64());
+    }
+}
+
 fn duration_histogram() -> Histogram {
     // 5 ms .. ~80 s
     Histogram::new(exponential_buckets(0.005, 2.0, 15))
@@ -80,6 +122,7 @@ pub struct Metrics {
     pub job_cost: Histogram,
     pub apply_to_training_seconds: Histogram,
     pub job_failures: Family<ReasonLabels, Counter>,
+    pub kube_requests: Family<KubeRequestLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -110,6 +153,7 @@ impl Metrics {
             job_cost: Histogram::new(exponential_buckets(0.01, 2.0, 20)),
             apply_to_training_seconds: long_duration_histogram(),
             job_failures: Family::default(),
+            kube_requests: Family::default(),
             registry: Registry::default(),
         };
         registry.register("reconcile_runs", "Reconciliations started", m.reconcile_runs.clone());
@@ -166,6 +210,27 @@ impl Metrics {
             m.apply_to_training_seconds.clone(),
         );
         registry.register("job_failures", "Failed jobs by reason", m.job_failures.clone());
+        registry.register(
+            "kube_requests",
+            "Requests to the Kubernetes API server by verb, resource and subresource",
+            m.kube_requests.clone(),
+        );
+        let transport = &*TRANSPORT;
+        registry.register(
+            "ssh_connections_opened",
+            "SSH connections opened (connections are kept per machine and reused)",
+            transport.ssh_connections_opened.clone(),
+        );
+        registry.register(
+            "ssh_connections_open",
+            "SSH connections open now",
+            transport.ssh_connections_open.clone(),
+        );
+        registry.register(
+            "ssh_operation_duration_seconds",
+            "Time of SSH operations (connect, run, upload, download, read) by operation",
+            transport.ssh_operation_duration.clone(),
+        );
         Self { registry, ..m }
     }
 

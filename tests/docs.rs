@@ -11,8 +11,8 @@ use clap::CommandFactory;
 use gpu_trainer::api::{Reason, instance_condition, job_condition};
 use gpu_trainer::cli::Cli;
 use gpu_trainer::metrics::{
-    ControllerLabels, ErrorLabels, Metrics, OutcomeLabels, PhaseLabels, ProviderLabels, ReasonLabels,
-    SweepLabels,
+    ControllerLabels, ErrorLabels, KubeRequestLabels, Metrics, OutcomeLabels, PhaseLabels, ProviderLabels,
+    ReasonLabels, SshOperationLabels, SweepLabels,
 };
 use regex::Regex;
 
@@ -213,6 +213,13 @@ fn metrics_in_the_docs_are_exported() {
     m.provider_requests.get_or_create(&provider).inc();
     m.provider_request_duration.get_or_create(&provider).observe(0.1);
     m.job_failures.get_or_create(&ReasonLabels { reason: "Stalled" }).inc();
+    m.kube_requests
+        .get_or_create(&KubeRequestLabels { verb: "patch", resource: "trainingjobs", subresource: "status" })
+        .inc();
+    gpu_trainer::metrics::TRANSPORT
+        .ssh_operation_duration
+        .get_or_create(&SshOperationLabels { operation: "run" })
+        .observe(0.1);
     let exposition = m.encode();
     let metric = Regex::new(r"\bgputrainer_[a-z_]+").unwrap();
     let mut errors = BTreeSet::new();

@@ -7,8 +7,10 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::Args;
 use k8s_openapi::api::core::v1::Namespace;
+use kube::client::ClientBuilder;
 use kube::{Api, Client};
 
+use crate::controller::kube_requests::CountRequestsLayer;
 use crate::controller::metered::MeteredProvider;
 use crate::controller::probe::RusshProbe;
 use crate::controller::{Context, OperatorConfig};
@@ -60,9 +62,14 @@ pub struct Operator {
 }
 
 pub async fn start(args: &OperatorArgs, metrics: Arc<Metrics>) -> anyhow::Result<Operator> {
-    let client = Client::try_default()
+    let kube_config = kube::Config::infer()
         .await
         .context("failed to connect to Kubernetes (in a pod: the service account; elsewhere: KUBECONFIG)")?;
+    // Every request is counted by verb and resource (`gputrainer_kube_requests_total`).
+    let client = ClientBuilder::try_from(kube_config)
+        .context("failed to set up the Kubernetes client")?
+        .with_layer(&CountRequestsLayer::new(metrics.clone()))
+        .build();
     let provider_config = ProviderConfig::from_env().context("invalid provider configuration")?;
     let provider =
         VastClient::from_config(&provider_config).context("failed to set up the Vast.ai client")?;

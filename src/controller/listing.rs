@@ -1,6 +1,11 @@
 //! One provider listing shared by every GpuInstance's state check, so the provider sees a
 //! number of requests per minute that does not grow with the number of rented machines: each
 //! check reads a listing at most `max_age` old, and only one check at a time refreshes it.
+//! A check says how old a listing it accepts: a booting machine wants a fresh one (the boot
+//! poll), a running one is checked once per liveness poll and accepts half of that. Otherwise
+//! the running machines' checks, spread over the liveness interval, would refresh the listing
+//! every boot poll, and with Vast.ai's 25 instances per page a listing of hundreds of machines
+//! takes seconds of paging.
 //!
 //! A machine missing from the listing is confirmed with a direct call before anything is
 //! concluded from its absence: listings are eventually consistent, and "gone" makes the
@@ -32,7 +37,12 @@ impl SharedListing {
 
     /// The instance as the provider reports it; `None` when the provider does not know it.
     pub async fn get(&self, id: InstanceId) -> Result<Option<Instance>> {
-        if let Some(instance) = self.listing().await?.get(&id) {
+        self.get_within(id, self.max_age).await
+    }
+
+    /// Like [`Self::get`], from a listing at most `max_age` old.
+    pub async fn get_within(&self, id: InstanceId, max_age: Duration) -> Result<Option<Instance>> {
+        if let Some(instance) = self.listing(max_age).await?.get(&id) {
             return Ok(Some(instance.clone()));
         }
         match self.provider.get_instance(id).await {
@@ -42,12 +52,12 @@ impl SharedListing {
         }
     }
 
-    async fn listing(&self) -> Result<Listing> {
+    async fn listing(&self, max_age: Duration) -> Result<Listing> {
         // Held across the request: concurrent checks wait for one refresh instead of each
         // listing on their own.
         let mut cached = self.cached.lock().await;
         if let Some((at, listing)) = cached.as_ref()
-            && at.elapsed() < self.max_age
+            && at.elapsed() < max_age
         {
             return Ok(listing.clone());
         }
@@ -137,6 +147,21 @@ mod tests {
         assert_eq!(provider.calls("get_instance"), 0);
         tokio::time::sleep(Duration::from_millis(400)).await;
         listing.get(ids[0]).await.unwrap();
+        assert_eq!(provider.calls("list_instances"), 2);
+    }
+
+    #[tokio::test]
+    async fn a_check_that_accepts_an_older_listing_does_not_refresh_it() {
+        let provider = Arc::new(Counting::default());
+        let id = provider.add(1);
+        let listing = SharedListing::new(provider.clone(), Duration::from_millis(100));
+        listing.get(id).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // A running machine's check accepts it...
+        listing.get_within(id, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(provider.calls("list_instances"), 1);
+        // ...a booting machine's does not.
+        listing.get(id).await.unwrap();
         assert_eq!(provider.calls("list_instances"), 2);
     }
 

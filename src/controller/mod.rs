@@ -3,6 +3,7 @@
 pub mod context;
 pub mod gpuinstance;
 pub mod http;
+pub mod kube_requests;
 pub mod leader;
 pub mod listing;
 pub mod metered;

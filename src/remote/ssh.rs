@@ -19,7 +19,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use russh::client;
@@ -29,6 +29,8 @@ use russh_sftp::client::SftpSession;
 use russh_sftp::protocol::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::{OnceCell, mpsc};
+
+use crate::metrics::TRANSPORT;
 
 use super::{
     ExecOutput, FileChunk, OutputChunk, RemoteError, RemoteExec, RunOptions, TransferReport, shell_quote,
@@ -141,6 +143,25 @@ pub struct SshExec {
 struct Connection {
     handle: client::Handle<Client>,
     sftp: OnceCell<Arc<SftpSession>>,
+    _counted: OpenConnection,
+}
+
+/// Counts a connection in `gputrainer_ssh_connections_opened_total` and, while it lives, in
+/// `gputrainer_ssh_connections_open`.
+struct OpenConnection;
+
+impl OpenConnection {
+    fn new() -> Self {
+        TRANSPORT.ssh_connections_opened.inc();
+        TRANSPORT.ssh_connections_open.inc();
+        Self
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        TRANSPORT.ssh_connections_open.dec();
+    }
 }
 
 struct Client {
@@ -223,7 +244,10 @@ impl SshExec {
             host_key: Arc::new(StdMutex::new(host_key_fingerprint)),
             conn: tokio::sync::Mutex::new(None),
         };
-        exec.connection().await?;
+        let started = Instant::now();
+        let connected = exec.connection().await;
+        exec.timed("connect", started);
+        connected?;
         Ok(exec)
     }
 
@@ -234,6 +258,14 @@ impl SshExec {
 
     pub fn target(&self) -> &SshTarget {
         &self.target
+    }
+
+    /// Records one operation's time (`gputrainer_ssh_operation_duration_seconds`, and a debug
+    /// log line that benchmarks use to subtract the SSH time from the controller's own).
+    fn timed(&self, operation: &'static str, started: Instant) {
+        let took = started.elapsed();
+        TRANSPORT.observe(operation, took);
+        tracing::debug!(machine = %self.target, operation, seconds = took.as_secs_f64(), "SSH operation");
     }
 
     /// Closes the connection politely. Later calls reconnect.
@@ -286,7 +318,9 @@ impl SshExec {
         match auth {
             Err(_) => Err(AttemptError::Retry("authentication timed out".into())),
             Ok(Err(e)) => Err(AttemptError::Retry(Box::new(e))),
-            Ok(Ok(result)) if result.success() => Ok(Connection { handle, sftp: OnceCell::new() }),
+            Ok(Ok(result)) if result.success() => {
+                Ok(Connection { handle, sftp: OnceCell::new(), _counted: OpenConnection::new() })
+            }
             Ok(Ok(_)) => Err(AttemptError::Auth),
         }
     }
@@ -399,6 +433,64 @@ impl SshExec {
         Ok((conn, sftp))
     }
 
+    /// A small file read to its end over SFTP whatever size it reports (`/proc` files report 0);
+    /// `None` when it does not exist.
+    async fn read_whole(&self, path: &str) -> Result<Option<String>, RemoteError> {
+        let (conn, sftp) = self.sftp().await?;
+        let result = async {
+            let mut file = match sftp.open(path).await {
+                Ok(file) => file,
+                Err(e) if sftp_not_found(&e) => return Ok(None),
+                Err(e) => return Err(map_sftp(path, "open", e)),
+            };
+            let mut data = Vec::new();
+            (&mut file)
+                .take(64 * 1024)
+                .read_to_end(&mut data)
+                .await
+                .map_err(|e| RemoteError::io(format!("read {path}"), e))?;
+            let _ = file.shutdown().await;
+            Ok(Some(String::from_utf8_lossy(&data).into_owned()))
+        }
+        .await;
+        if matches!(result, Err(RemoteError::Io { .. })) && conn.handle.is_closed() {
+            self.discard(&conn).await;
+        }
+        result
+    }
+
+    /// One read of a file over SFTP (timed by the caller).
+    async fn read_from_inner(
+        &self,
+        remote_path: &str,
+        offset: u64,
+        max_len: u64,
+    ) -> Result<FileChunk, RemoteError> {
+        let (conn, sftp) = self.sftp().await?;
+        let result = async {
+            let mut file = sftp.open(remote_path).await.map_err(|e| map_sftp(remote_path, "open", e))?;
+            let file_size = file.metadata().await.map_err(|e| map_sftp(remote_path, "stat", e))?.len();
+            let mut data = Vec::new();
+            if offset < file_size {
+                file.seek(std::io::SeekFrom::Start(offset))
+                    .await
+                    .map_err(|e| RemoteError::io(format!("seek {remote_path}"), e))?;
+                (&mut file)
+                    .take(max_len.min(file_size - offset))
+                    .read_to_end(&mut data)
+                    .await
+                    .map_err(|e| RemoteError::io(format!("read {remote_path}"), e))?;
+            }
+            let _ = file.shutdown().await;
+            Ok(FileChunk { offset, data, file_size })
+        }
+        .await;
+        if matches!(result, Err(RemoteError::Io { .. })) && conn.handle.is_closed() {
+            self.discard(&conn).await;
+        }
+        result
+    }
+
     async fn run_inner(
         &self,
         command: &str,
@@ -470,9 +562,11 @@ impl SshExec {
         }
     }
 
+    /// Runs a step of a larger operation (not timed on its own: the operation is).
     async fn run_checked(&self, command: &str, what: &str) -> Result<ExecOutput, RemoteError> {
-        let out =
-            self.run(command, RunOptions { timeout: Duration::from_secs(600), env: Vec::new() }).await?;
+        let out = self
+            .run_inner(command, RunOptions { timeout: Duration::from_secs(600), env: Vec::new() }, None)
+            .await?;
         if !out.success() {
             return Err(RemoteError::io(
                 format!("{what} on {}", self.target),
@@ -816,7 +910,10 @@ fn command_script(command: &str, env: &[(String, String)], nonce: &str) -> Resul
 #[async_trait]
 impl RemoteExec for SshExec {
     async fn run(&self, command: &str, opts: RunOptions) -> Result<ExecOutput, RemoteError> {
-        self.run_inner(command, opts, None).await
+        let started = Instant::now();
+        let result = self.run_inner(command, opts, None).await;
+        self.timed("run", started);
+        result
     }
 
     async fn run_streaming(
@@ -825,15 +922,24 @@ impl RemoteExec for SshExec {
         opts: RunOptions,
         output: mpsc::Sender<OutputChunk>,
     ) -> Result<ExecOutput, RemoteError> {
-        self.run_inner(command, opts, Some(output)).await
+        let started = Instant::now();
+        let result = self.run_inner(command, opts, Some(output)).await;
+        self.timed("run", started);
+        result
     }
 
     async fn upload(&self, local_path: &Path, remote_path: &str) -> Result<TransferReport, RemoteError> {
-        Ok(self.upload_resumable(local_path, remote_path).await?.report)
+        let started = Instant::now();
+        let result = self.upload_resumable(local_path, remote_path).await;
+        self.timed("upload", started);
+        Ok(result?.report)
     }
 
     async fn download(&self, remote_path: &str, local_path: &Path) -> Result<TransferReport, RemoteError> {
-        self.transfer_down(remote_path, local_path).await
+        let started = Instant::now();
+        let result = self.transfer_down(remote_path, local_path).await;
+        self.timed("download", started);
+        result
     }
 
     async fn read_from(
@@ -842,34 +948,27 @@ impl RemoteExec for SshExec {
         offset: u64,
         max_len: u64,
     ) -> Result<FileChunk, RemoteError> {
-        let (conn, sftp) = self.sftp().await?;
-        let result = async {
-            let mut file = sftp.open(remote_path).await.map_err(|e| map_sftp(remote_path, "open", e))?;
-            let file_size = file.metadata().await.map_err(|e| map_sftp(remote_path, "stat", e))?.len();
-            let mut data = Vec::new();
-            if offset < file_size {
-                file.seek(std::io::SeekFrom::Start(offset))
-                    .await
-                    .map_err(|e| RemoteError::io(format!("seek {remote_path}"), e))?;
-                (&mut file)
-                    .take(max_len.min(file_size - offset))
-                    .read_to_end(&mut data)
-                    .await
-                    .map_err(|e| RemoteError::io(format!("read {remote_path}"), e))?;
-            }
-            let _ = file.shutdown().await;
-            Ok(FileChunk { offset, data, file_size })
-        }
-        .await;
-        if matches!(result, Err(RemoteError::Io { .. })) && conn.handle.is_closed() {
-            self.discard(&conn).await;
-        }
+        let started = Instant::now();
+        let result = self.read_from_inner(remote_path, offset, max_len).await;
+        self.timed("read", started);
         result
     }
 
     async fn pid_alive(&self, pid: u32) -> Result<bool, RemoteError> {
         if pid == 0 {
             return Ok(false);
+        }
+        // `/proc/<pid>/stat` over SFTP starts no process on the machine (a command starts the
+        // login shell, at every poll of every job). Without `/proc` the command decides.
+        let started = Instant::now();
+        let from_proc = match self.read_whole(&format!("/proc/{pid}/stat")).await {
+            Ok(Some(stat)) => stat_says_alive(&stat),
+            Ok(None) if matches!(self.read_whole("/proc/self/stat").await, Ok(Some(_))) => Some(false),
+            _ => None,
+        };
+        self.timed("read", started);
+        if let Some(alive) = from_proc {
+            return Ok(alive);
         }
         let out = self
             .run(&pid_alive_command(pid), RunOptions { timeout: Duration::from_secs(30), env: Vec::new() })
@@ -886,10 +985,31 @@ impl RemoteExec for SshExec {
     }
 }
 
+/// From the content of `/proc/<pid>/stat`: alive unless a zombie (`Z`) or dead (`X`); `None`
+/// when it cannot be read that way. The state follows the command name, which is in parentheses
+/// and may itself hold spaces and parentheses.
+fn stat_says_alive(stat: &str) -> Option<bool> {
+    let (_, rest) = stat.rsplit_once(") ")?;
+    let state = rest.chars().next()?;
+    Some(!matches!(state, 'Z' | 'X'))
+}
+
 /// Exit 0 when `pid` runs and is not a zombie, 1 otherwise (Linux `/proc`, else `kill -0`).
 pub(crate) fn pid_alive_command(pid: u32) -> String {
     format!(
         "if [ -r /proc/self/stat ]; then s=$(cat /proc/{pid}/stat 2>/dev/null) || exit 1; \
          case \"${{s##*) }}\" in Z*|X*) exit 1;; esac; exit 0; fi; kill -0 {pid} 2>/dev/null || exit 1"
     )
+}
+
+#[cfg(test)]
+mod stat_tests {
+    #[test]
+    fn proc_stat_tells_running_from_zombie() {
+        assert_eq!(super::stat_says_alive("4242 (python3) S 1 4242 4242 0 -1"), Some(true));
+        assert_eq!(super::stat_says_alive("4242 (odd) name (x)) R 1 2"), Some(true));
+        assert_eq!(super::stat_says_alive("4242 (python3) Z 1 4242"), Some(false));
+        assert_eq!(super::stat_says_alive("4242 (python3) X 1"), Some(false));
+        assert_eq!(super::stat_says_alive(""), None);
+    }
 }

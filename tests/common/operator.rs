@@ -93,6 +93,11 @@ pub struct OperatorOptions<'a> {
     pub lease_namespace: Option<String>,
     /// Credentials of the operator; default: the admin kubeconfig of `tests/env/up.sh`.
     pub kubeconfig: Option<PathBuf>,
+    /// Short poll, grace and sweep intervals so tests finish quickly; off, the operator's
+    /// defaults apply unless `args` set them (benchmarks measure the defaults).
+    pub fast_polls: bool,
+    /// `pretty` (default) or `json` (benchmarks read timestamps from it).
+    pub log_format: &'static str,
 }
 
 impl<'a> OperatorOptions<'a> {
@@ -106,6 +111,8 @@ impl<'a> OperatorOptions<'a> {
             leader_elect: false,
             lease_namespace: None,
             kubeconfig: None,
+            fast_polls: true,
+            log_format: "pretty",
         }
     }
 }
@@ -130,18 +137,22 @@ impl OperatorProcess {
         }
         command
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-            .args(["--log-format", "pretty"])
+            .args(["--log-format", options.log_format])
             .arg(format!("--leader-elect={}", options.leader_elect))
-            .args(["--lease-namespace", options.lease_namespace.as_deref().unwrap_or(options.namespace)])
-            .args([
-                "--fast-poll-seconds",
-                "1",
-                "--liveness-poll-seconds",
-                "5",
-                "--create-pending-grace-seconds",
-                "3",
-            ])
-            .args(["--sweep-interval-seconds", "2", "--sweep-grace-seconds", "3"])
+            .args(["--lease-namespace", options.lease_namespace.as_deref().unwrap_or(options.namespace)]);
+        if options.fast_polls {
+            command
+                .args([
+                    "--fast-poll-seconds",
+                    "1",
+                    "--liveness-poll-seconds",
+                    "5",
+                    "--create-pending-grace-seconds",
+                    "3",
+                ])
+                .args(["--sweep-interval-seconds", "2", "--sweep-grace-seconds", "3"]);
+        }
+        command
             .args(&options.args)
             .env("KUBECONFIG", options.kubeconfig.clone().unwrap_or_else(kubeconfig_path))
             .env("VASTAI_API_KEY", API_KEY)
@@ -169,6 +180,11 @@ impl OperatorProcess {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The process id (benchmarks read its CPU time and memory from `/proc`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn is_running(&mut self) -> bool {

@@ -159,6 +159,10 @@ MaxStartups 200:30:400
 MaxSessions 200
 LogLevel ERROR
 SC
+# Extra sshd_config lines from the caller (tests/bench.sh uses this; the tests do not).
+if [ -n "${GPU_TRAINER_SSHD_EXTRA:-}" ]; then
+  printf '%s\n' "$GPU_TRAINER_SSHD_EXTRA" >> ssh/sshd_config
+fi
 start sshd /usr/sbin/sshd -D -e -f "$ENV_DIR/ssh/sshd_config"
 wait_for 15 sshd bash -c "exec 3<>/dev/tcp/127.0.0.1/$SSH_PORT"
 

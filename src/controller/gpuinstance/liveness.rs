@@ -27,9 +27,16 @@ pub async fn observe(
     now: DateTime<Utc>,
 ) -> Result<Action, Error> {
     let id = provider_id(status)?;
-    let observed = ctx.listing.get(id).await.map_err(provider_err("get the instance"))?;
-    status.last_observed_at = Some(to_k8s_time(now));
     let was_ready = is_condition_true(&status.conditions, instance_condition::READY);
+    // A ready machine is checked once per liveness poll; a listing half that old is recent
+    // enough for it (see `listing`). A booting one needs a fresh listing to be seen running soon.
+    let max_age = if was_ready {
+        (ctx.config.liveness_poll / 2).max(ctx.config.boot_poll)
+    } else {
+        ctx.config.boot_poll.min(ctx.config.liveness_poll)
+    };
+    let observed = ctx.listing.get_within(id, max_age).await.map_err(provider_err("get the instance"))?;
+    status.last_observed_at = Some(to_k8s_time(now));
 
     let Some(observed) = observed else {
         let message = format!("the provider no longer lists instance {id}");

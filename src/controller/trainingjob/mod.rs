@@ -191,7 +191,8 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctrl: Arc<JobController>) -> Resul
     result
 }
 
-/// Writes `status` when it differs from what was read.
+/// Writes `status` when it differs from what was read; a cost that only accrued waits until it
+/// is worth a write ([`train::only_cost_accrued`]).
 async fn write_status(
     api: &Api<TrainingJob>,
     job: &TrainingJob,
@@ -199,7 +200,7 @@ async fn write_status(
     mut status: TrainingJobStatus,
 ) -> Result<(), Error> {
     status.observed_generation = job.metadata.generation;
-    if &status == before {
+    if &status == before || train::only_cost_accrued(before, &status) {
         return Ok(());
     }
     apply_status(api, &job.name_any(), TRAININGJOB_MANAGER, &status)

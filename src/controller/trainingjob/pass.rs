@@ -101,18 +101,23 @@ impl Pass<'_> {
                         None => self.machine_lost(runtime),
                     }
                 }
-                Step::Poll => match watch.run(self.poll_step(runtime, instance.as_ref())).await {
-                    Some(polled) => {
-                        training = polled?;
-                        if training == TrainingObservation::Running {
-                            let every = Duration::from_secs(u64::from(
-                                self.job.spec.monitoring.poll_interval_seconds,
-                            ));
-                            return Ok(Action::requeue(every));
-                        }
+                Step::Poll => {
+                    let every =
+                        Duration::from_secs(u64::from(self.job.spec.monitoring.poll_interval_seconds));
+                    // A pass woken by the job's own status write does not poll the machine again.
+                    if let Some(left) = runtime.poll_due_in(every, std::time::Instant::now()) {
+                        return Ok(Action::requeue(left));
                     }
-                    None => self.machine_lost(runtime),
-                },
+                    match watch.run(self.poll_step(runtime, instance.as_ref())).await {
+                        Some(polled) => {
+                            training = polled?;
+                            if training == TrainingObservation::Running {
+                                return Ok(Action::requeue(every));
+                            }
+                        }
+                        None => self.machine_lost(runtime),
+                    }
+                }
                 Step::StopAndFail { reason, message } => {
                     let saved =
                         watch.run(self.stop_and_save(runtime, instance.as_ref(), reason, &message)).await;
@@ -243,6 +248,7 @@ impl Pass<'_> {
         instance: Option<&GpuInstance>,
     ) -> Result<TrainingObservation, Error> {
         let exec = self.session(runtime, instance).await?;
+        runtime.last_poll = Some(std::time::Instant::now());
         let training = self.poll(runtime, exec.as_ref(), instance).await?;
         if training == TrainingObservation::Running {
             self.sync_checkpoints(runtime, exec.as_ref()).await?;

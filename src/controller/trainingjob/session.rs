@@ -6,7 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
@@ -31,6 +31,8 @@ pub struct JobRuntime {
     pub outputs: Option<Arc<Outputs>>,
     /// Checkpoint sizes seen at the last poll, to sync only complete ones.
     pub checkpoint_sync: CheckpointSync,
+    /// When the trainer was last polled.
+    pub last_poll: Option<Instant>,
 }
 
 impl JobRuntime {
@@ -39,6 +41,15 @@ impl JobRuntime {
         self.session = None;
         self.monitor = None;
         self.outputs = None;
+        self.last_poll = None;
+    }
+
+    /// How long until the next poll is due, when the last one was less than `every` ago (give or
+    /// take a second). A reconcile woken early, by the job's own status write or a change of its
+    /// GpuInstance, then waits instead of polling the machine a second time in the interval.
+    pub fn poll_due_in(&self, every: Duration, now: Instant) -> Option<Duration> {
+        let since = now.checked_duration_since(self.last_poll?)?;
+        every.checked_sub(since).filter(|left| *left > Duration::from_secs(1))
     }
 }
 
@@ -101,4 +112,35 @@ pub async fn ensure_session(
     let exec = Arc::new(SshExec::connect(target, key, ssh.host_key_fingerprint, options).await?);
     runtime.session = Some((name, exec.clone()));
     Ok(exec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_poll_is_not_repeated_within_the_interval() {
+        let every = Duration::from_secs(60);
+        let mut runtime = JobRuntime::default();
+        let start = Instant::now();
+        assert_eq!(runtime.poll_due_in(every, start), None, "never polled: poll now");
+        runtime.last_poll = Some(start);
+        // Woken by our own status write right after the poll: wait for the rest of the interval.
+        assert_eq!(
+            runtime.poll_due_in(every, start + Duration::from_millis(200)),
+            Some(Duration::from_millis(59_800))
+        );
+        assert_eq!(
+            runtime.poll_due_in(every, start + Duration::from_millis(59_500)),
+            None,
+            "due within a second"
+        );
+        assert_eq!(runtime.poll_due_in(every, start + Duration::from_secs(61)), None);
+        runtime.reset();
+        assert_eq!(
+            runtime.poll_due_in(every, start + Duration::from_secs(1)),
+            None,
+            "a new connection polls at once"
+        );
+    }
 }

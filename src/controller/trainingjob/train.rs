@@ -113,6 +113,29 @@ pub fn cost(
     Some(CostStatus { price_per_hour: Some(price), accrued, estimated_total })
 }
 
+/// Machine time whose cost is worth a status write of its own. The accrued cost grows at every
+/// poll; written each time, an idle job would patch its status every poll. A write that changes
+/// nothing but the accrued cost is skipped until the cost has grown by this much machine time;
+/// any other change writes the current cost with it.
+pub const COST_REFRESH_SECONDS: f64 = 600.0;
+
+/// True when `after` differs from `before` only in a cost that accrued by less than
+/// [`COST_REFRESH_SECONDS`] of the same hourly price (so the write can wait). Pure.
+pub fn only_cost_accrued(before: &TrainingJobStatus, after: &TrainingJobStatus) -> bool {
+    let (Some(was), Some(now)) = (&before.cost, &after.cost) else { return false };
+    if was.price_per_hour != now.price_per_hour {
+        return false;
+    }
+    let mut rest = after.clone();
+    rest.cost = before.cost.clone();
+    if &rest != before {
+        return false;
+    }
+    let grown = now.accrued - was.accrued;
+    let price = now.price_per_hour.unwrap_or(0.0);
+    (0.0..price * COST_REFRESH_SECONDS / 3600.0).contains(&grown)
+}
+
 /// Condition raised when `softDeadlineSeconds` passes (a warning; the job keeps running).
 pub const SOFT_DEADLINE_CONDITION: &str = "SoftDeadlineExceeded";
 
@@ -215,6 +238,30 @@ mod tests {
         status.start_time = Some(to_k8s_time(at(0)));
         assert!(!soft_deadline_passed(&spec, &status, at(599)));
         assert!(soft_deadline_passed(&spec, &status, at(600)));
+    }
+
+    #[test]
+    fn a_status_that_only_accrued_cost_is_written_every_ten_minutes_of_machine_time() {
+        let before = TrainingJobStatus {
+            cost: cost(Some(0.36), Some(at(0)), None, 0.0, None, at(3600)),
+            ..TrainingJobStatus::default()
+        };
+        let after_minutes = |minutes: i64| TrainingJobStatus {
+            cost: cost(Some(0.36), Some(at(0)), None, 0.0, before.cost.as_ref(), at(3600 + minutes * 60)),
+            ..before.clone()
+        };
+        assert!(only_cost_accrued(&before, &after_minutes(1)), "one poll later: no write");
+        assert!(only_cost_accrued(&before, &after_minutes(9)));
+        assert!(!only_cost_accrued(&before, &after_minutes(10)), "ten minutes later: written");
+        // Any other change is written at once, with the current cost.
+        let mut progressed = after_minutes(1);
+        progressed.progress = Some(ProgressStatus { step: 3, ..ProgressStatus::default() });
+        assert!(!only_cost_accrued(&before, &progressed));
+        // A new price (another machine) is written at once.
+        let mut repriced = after_minutes(1);
+        repriced.cost.as_mut().unwrap().price_per_hour = Some(0.5);
+        assert!(!only_cost_accrued(&before, &repriced));
+        assert!(!only_cost_accrued(&TrainingJobStatus::default(), &after_minutes(1)), "the first cost");
     }
 
     #[test]

@@ -130,6 +130,10 @@ pub struct RequestRecord {
     pub status: u16,
     pub body: Option<Value>,
     pub user_agent: Option<String>,
+    /// When the request arrived, in seconds since the Unix epoch (benchmarks time the operator
+    /// by it).
+    #[serde(default)]
+    pub received_at: f64,
 }
 
 /// Requests per endpoint and status.

@@ -200,6 +200,7 @@ async fn api(
             status: 0,
             body: body_json.clone(),
             user_agent: headers.get(USER_AGENT).and_then(|v| v.to_str().ok()).map(str::to_string),
+            received_at: super::state::now_epoch(),
         });
         let (decision, too_frequent) = if !authorized {
             (Default::default(), false)
