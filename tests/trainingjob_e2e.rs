@@ -977,14 +977,21 @@ async fn kill_and_restart(t: &mut JobTest, names: &[String]) -> Vec<(String, Str
 }
 
 /// The operator dies at each step of renting a job's machine (before and after the create-pending
-/// mark, after the rent call, after recording the instance id) and is started again: every job
-/// still succeeds on one machine, rented once, with training started once.
+/// mark, after the rent call, after recording the instance id) and right after a finished job
+/// released its machine, and is started again: every job still succeeds on one machine, rented
+/// once, with training started once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs tests/ environment"]
-async fn a_job_whose_operator_dies_while_renting_still_uses_one_machine() {
+async fn a_job_whose_operator_dies_at_a_critical_step_still_uses_one_machine() {
     let mut t = JobTest::start("tj-rentcrash", |_| {}, &[]).await;
     t.operator.kill();
-    let steps = ["before-pending-mark", "after-pending-mark", "after-rent", "after-recording-id"];
+    let steps = [
+        "before-pending-mark",
+        "after-pending-mark",
+        "after-rent",
+        "after-recording-id",
+        "after-job-release",
+    ];
     let mut rows = Vec::new();
     for step in steps {
         let name = format!("crash-{step}");

@@ -57,13 +57,17 @@ pub fn provider_client(fake: &FakeServer) -> VastClient {
         .unwrap()
 }
 
-/// Instances of the fake that are not released, with this label prefix.
+/// Instances of the fake that are not released, with this label prefix. Read from the fake's
+/// own state, converted as the client converts the API's rows: the faults a test injects (429
+/// storms, 5xx bursts) are for the operator, not for the test's own checks.
 pub async fn live_instances(fake: &FakeServer, label_prefix: &str) -> Vec<Instance> {
-    provider_client(fake)
-        .list_instances()
-        .await
-        .expect("list instances")
+    fake.instances()
         .into_iter()
+        .map(|row| {
+            let wire: gpu_trainer::provider::vastai::wire::WireInstance =
+                serde_json::from_value(serde_json::Value::Object(row)).expect("an instance row");
+            Instance::try_from(wire).expect("a valid instance row")
+        })
         .filter(|i| i.state != InstanceState::Released)
         .filter(|i| i.label.as_deref().is_some_and(|l| l.starts_with(label_prefix)))
         .collect()

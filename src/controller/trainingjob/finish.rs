@@ -183,10 +183,13 @@ impl Pass<'_> {
         }
     }
 
-    /// Deletes the GpuInstance; its finalizer releases the machine.
+    /// Writes the status (which must already say why the machine goes), then deletes the
+    /// GpuInstance; its finalizer releases the machine.
     pub(super) async fn release(&mut self) -> Result<(), Error> {
+        self.persist().await?;
         if let Some(instance) = &self.status.instance {
             provision::ensure_instance_deleted(&self.instances, &instance.name).await?;
+            crate::controller::context::crash_point("after-job-release");
         }
         Ok(())
     }

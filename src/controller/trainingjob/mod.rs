@@ -172,6 +172,8 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctrl: Arc<JobController>) -> Resul
     let mut pass = Pass {
         job: &job,
         ctrl: &ctrl,
+        jobs: jobs.clone(),
+        written: before.clone(),
         instances,
         secrets: Api::namespaced(ctx.client.clone(), &namespace),
         layout,
@@ -187,26 +189,27 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctrl: Arc<JobController>) -> Resul
     }
     drop(runtime);
     // Whatever was done before an error is recorded, so it is not done again.
-    write_status(&jobs, &job, &before, pass.status).await?;
+    write_status(&jobs, &job, &pass.written, pass.status).await?;
     result
 }
 
-/// Writes `status` when it differs from what was read; a cost that only accrued waits until it
-/// is worth a write ([`train::only_cost_accrued`]).
-async fn write_status(
+/// Writes `status` when it differs from `before` (what the API server holds); a cost that only
+/// accrued waits until it is worth a write ([`train::only_cost_accrued`]). Returns what the API
+/// server holds afterwards.
+pub(super) async fn write_status(
     api: &Api<TrainingJob>,
     job: &TrainingJob,
     before: &TrainingJobStatus,
     mut status: TrainingJobStatus,
-) -> Result<(), Error> {
+) -> Result<TrainingJobStatus, Error> {
     status.observed_generation = job.metadata.generation;
     if &status == before || train::only_cost_accrued(before, &status) {
-        return Ok(());
+        return Ok(before.clone());
     }
     apply_status(api, &job.name_any(), TRAININGJOB_MANAGER, &status)
         .await
-        .map(|_| ())
-        .map_err(kube_err("write TrainingJob status"))
+        .map_err(kube_err("write TrainingJob status"))?;
+    Ok(status)
 }
 
 /// Retry policy: a short requeue; the connection is rebuilt on the next pass.

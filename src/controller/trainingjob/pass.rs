@@ -32,6 +32,10 @@ const MAX_STEPS_PER_PASS: usize = 12;
 pub(super) struct Pass<'a> {
     pub(super) job: &'a TrainingJob,
     pub(super) ctrl: &'a JobController,
+    pub(super) jobs: Api<TrainingJob>,
+    /// The status as the API server holds it (written at the end of the pass, or earlier by
+    /// [`Pass::persist`]).
+    pub(super) written: TrainingJobStatus,
     pub(super) instances: Api<GpuInstance>,
     pub(super) secrets: Api<Secret>,
     pub(super) layout: RemoteLayout,
@@ -52,7 +56,13 @@ impl Pass<'_> {
             self.record_machine(instance.as_ref(), &machine, now).await;
             match suspend::suspend_step(&self.job.spec, &self.status) {
                 suspend::SuspendStep::Run => {}
-                suspend::SuspendStep::StaySuspended => return Ok(Action::await_change()),
+                suspend::SuspendStep::StaySuspended => {
+                    // A release interrupted after the status was written is finished here.
+                    if instance.is_some() {
+                        self.release().await?;
+                    }
+                    return Ok(Action::await_change());
+                }
                 suspend::SuspendStep::Suspend => {
                     self.suspend(runtime, instance.as_ref(), &machine).await?;
                     return Ok(Action::await_change());
@@ -292,6 +302,15 @@ impl Pass<'_> {
 
     pub(super) async fn event(&self, type_: EventType, reason: Reason, action: &str, note: &str) {
         self.ctrl.ctx.event(self.job, type_, reason, action, note).await;
+    }
+
+    /// Writes the status now, before a step that cannot be undone. Releasing the machine is one:
+    /// were the operator to die after the release but before the status that explains it was
+    /// written, the next pass would find the job's machine going away, take it for lost and
+    /// rent another, training a finished job again.
+    pub(super) async fn persist(&mut self) -> Result<(), Error> {
+        self.written = super::write_status(&self.jobs, self.job, &self.written, self.status.clone()).await?;
+        Ok(())
     }
 
     pub(super) fn set_phase(&mut self, phase: TrainingJobPhase, reason: Reason, message: &str) {

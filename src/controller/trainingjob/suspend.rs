@@ -58,7 +58,6 @@ impl Pass<'_> {
             kept = Some(self.keep_latest_checkpoint(runtime, exec.as_ref()).await?);
         }
         runtime.reset();
-        self.release().await?;
         let now = Utc::now();
         let message = format!(
             "spec.suspend is set: the GPU is released; {}",
@@ -91,6 +90,8 @@ impl Pass<'_> {
             progress.eta_seconds = None;
             progress.steps_per_second = None;
         }
+        // The status says why the machine goes before it goes (see `Pass::persist`).
+        self.release().await?;
         info!(job = %self.job.name_any(), "Suspended");
         self.event(EventType::Normal, Reason::Suspended, "Suspend", &message).await;
         Ok(())
