@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::dataset::serve_dataset;
 use common::operator::{OperatorOptions, OperatorProcess, installation_id, start_fake};
 use gpu_trainer::api::{GpuInstance, TrainingJob, TrainingJobPhase};
 use gpu_trainer::provider::fake::{FakeServer, Fault, ForcedState};
@@ -166,30 +167,6 @@ fn start_operator(
 
 fn test_env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: source the tests/env env file"))
-}
-
-/// A dataset packed with `gpu-trainer dataset pack`, served from 127.0.0.1: (URL, SHA-256).
-async fn serve_dataset(dir: &Path) -> (String, String) {
-    let folder = dir.join("photos");
-    std::fs::create_dir_all(&folder).unwrap();
-    std::fs::write(folder.join("a.jpg"), [0xFF, 0xD8, 0xFF, 0xE0, 1, 2, 3, 4]).unwrap();
-    std::fs::write(folder.join("a.txt"), "a photo of sks dog").unwrap();
-    let archive = dir.join("photos.tar");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpu-trainer"))
-        .args(["dataset", "pack", "--no-validate", "-o"])
-        .arg(&archive)
-        .arg(&folder)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "dataset pack: {}", String::from_utf8_lossy(&out.stderr));
-    let sha256 = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let bytes = bytes::Bytes::from(std::fs::read(&archive).unwrap());
-    let app =
-        axum::Router::new().route("/photos.tar", axum::routing::get(move || async move { bytes.clone() }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}/photos.tar"), sha256)
 }
 
 // ---------------------------------------------------------------------------------------------

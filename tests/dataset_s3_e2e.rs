@@ -73,19 +73,7 @@ impl Garage {
     /// Packs a small dataset with `gpu-trainer dataset pack` and uploads it under `key`.
     /// Returns the archive's SHA-256.
     async fn put_dataset(&self, dir: &Path, key: &str) -> String {
-        let folder = dir.join("photos");
-        std::fs::create_dir_all(&folder).unwrap();
-        std::fs::write(folder.join("a.jpg"), [0xFF, 0xD8, 0xFF, 0xE0, 1, 2, 3, 4]).unwrap();
-        std::fs::write(folder.join("a.txt"), "a photo of sks dog").unwrap();
-        let archive = dir.join("photos.tar");
-        let out = Command::new(env!("CARGO_BIN_EXE_gpu-trainer"))
-            .args(["dataset", "pack", "--no-validate", "-o"])
-            .arg(&archive)
-            .arg(&folder)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "dataset pack: {}", String::from_utf8_lossy(&out.stderr));
-        let sha256 = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let (archive, sha256) = common::dataset::pack_dataset(dir);
         let put = self
             .store()
             .presign_put(&ObjectRef::new(&self.bucket, key), Validity::from_now(Duration::from_secs(300)))

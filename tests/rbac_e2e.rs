@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use common::dataset::serve_dataset;
 use common::operator::{OperatorOptions, OperatorProcess, start_fake};
 use futures::StreamExt;
 use gpu_trainer::api::{GpuInstance, GpuInstancePhase, TrainingJob, TrainingJobPhase};
@@ -349,30 +350,6 @@ async fn allowed(client: &Client, user: &str, namespace: &str, p: &Permission) -
 // ---------------------------------------------------------------------------------------------
 // The scenario: a TrainingJob to Succeeded (and deleted by its TTL), a stand-alone GpuInstance to
 // Running
-
-/// A dataset packed with `gpu-trainer dataset pack`, served from 127.0.0.1: (URL, SHA-256).
-async fn serve_dataset(dir: &Path) -> (String, String) {
-    let folder = dir.join("photos");
-    std::fs::create_dir_all(&folder).unwrap();
-    std::fs::write(folder.join("a.jpg"), [0xFF, 0xD8, 0xFF, 0xE0, 1, 2, 3, 4]).unwrap();
-    std::fs::write(folder.join("a.txt"), "a photo of sks dog").unwrap();
-    let archive = dir.join("photos.tar");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpu-trainer"))
-        .args(["dataset", "pack", "--no-validate", "-o"])
-        .arg(&archive)
-        .arg(&folder)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "dataset pack: {}", String::from_utf8_lossy(&out.stderr));
-    let sha256 = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let bytes = bytes::Bytes::from(std::fs::read(&archive).unwrap());
-    let app =
-        axum::Router::new().route("/photos.tar", axum::routing::get(move || async move { bytes.clone() }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}/photos.tar"), sha256)
-}
 
 fn job(href: &str, sha256: &str) -> TrainingJob {
     serde_json::from_value(serde_json::json!({

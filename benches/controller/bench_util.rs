@@ -170,31 +170,6 @@ pub fn apiserver_writes(delta: &BTreeMap<String, f64>, group_filter: &str) -> BT
     out
 }
 
-/// A dataset packed with `gpu-trainer dataset pack`, served over HTTP from this process.
-/// Returns (URL, SHA-256).
-pub async fn serve_dataset(dir: &Path) -> (String, String) {
-    let folder = dir.join("photos");
-    std::fs::create_dir_all(&folder).unwrap();
-    std::fs::write(folder.join("a.jpg"), [0xFF, 0xD8, 0xFF, 0xE0, 1, 2, 3, 4]).unwrap();
-    std::fs::write(folder.join("a.txt"), "a photo of sks dog").unwrap();
-    let archive = dir.join("photos.tar");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpu-trainer"))
-        .args(["dataset", "pack", "--no-validate", "-o"])
-        .arg(&archive)
-        .arg(&folder)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "dataset pack: {}", String::from_utf8_lossy(&out.stderr));
-    let sha256 = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let bytes = bytes::Bytes::from(std::fs::read(&archive).unwrap());
-    let app =
-        axum::Router::new().route("/photos.tar", axum::routing::get(move || async move { bytes.clone() }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (format!("http://{addr}/photos.tar"), sha256)
-}
-
 /// A `demo@1` job that trains `steps` steps of `seconds_per_step`, polled every `poll` seconds,
 /// with stall detection off (a benchmark's trainer is idle on purpose).
 pub fn demo_job(

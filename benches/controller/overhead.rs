@@ -189,7 +189,7 @@ async fn running_to_launched(client: &kube::Client, args: &OverheadArgs) -> Vec<
     let operator = operator(&ns, &fake, &installation, &base, &args.operator_args);
     operator.wait_ready().await;
     let tmp = tempfile::tempdir().unwrap();
-    let (href, sha256) = bench_util::serve_dataset(tmp.path()).await;
+    let (href, sha256) = crate::common::dataset::serve_dataset(tmp.path()).await;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
     let instances: Api<GpuInstance> = Api::namespaced(client.clone(), &ns);
 

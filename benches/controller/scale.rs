@@ -95,7 +95,7 @@ pub async fn run(args: ScaleArgs) {
     let mut operator = OperatorProcess::start(&options);
     operator.wait_ready().await;
     let tmp = tempfile::tempdir().unwrap();
-    let (href, sha256) = bench_util::serve_dataset(tmp.path()).await;
+    let (href, sha256) = crate::common::dataset::serve_dataset(tmp.path()).await;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
 
     // Ramp, in waves: every "machine" is this machine, so all jobs staging at once would measure

@@ -9,7 +9,7 @@ use std::time::Duration;
 use gpu_trainer::provider::config::ApiKey;
 use gpu_trainer::provider::fake::{self, FakeConfig, FakeServer};
 use gpu_trainer::provider::vastai::{ClientOptions, VastClient};
-use gpu_trainer::provider::{GpuProvider, Instance, InstanceState};
+use gpu_trainer::provider::{Instance, InstanceState};
 use url::Url;
 
 use super::{env_dir, kubeconfig_path};
