@@ -43,12 +43,12 @@ step() { printf '\n== %s\n' "$*" >&2; }
 
 if [ $quick = 1 ]; then
   parser_mb=50; transfer_mib=256; transfer_runs=1
-  overhead_args=(--runs 5 --create-samples 20); fast_poll_runs=3
+  overhead_args=(--runs 5 --create-samples 20); boot_poll_runs=3
   termination_args=(--runs 5 --orphans 5)
   scale_args=(--jobs "$jobs" --steady-seconds 120)
 else
   parser_mb=200; transfer_mib=1024; transfer_runs=3
-  overhead_args=(--runs 20 --create-samples 100); fast_poll_runs=10
+  overhead_args=(--runs 20 --create-samples 100); boot_poll_runs=10
   termination_args=(--runs 20 --orphans 10)
   scale_args=(--jobs "$jobs" --steady-seconds 180)
 fi
@@ -91,9 +91,10 @@ wants transfer && bench transfer "$BIN" bench transfer \
   --user "$GPU_TRAINER_TEST_SSH_USER" --key "$GPU_TRAINER_TEST_SSH_KEY" \
   --size-mib "$transfer_mib" --runs "$transfer_runs" --remote-dir "$GPU_TRAINER_ENV_DIR/transfer"
 wants overhead && bench overhead cargo bench --locked --bench controller -- overhead "${overhead_args[@]}"
-# The same with a 1 s boot poll: how much of "running -> launched" is the wait for the next poll.
-wants overhead && bench overhead-fast-poll cargo bench --locked --bench controller -- overhead \
-  --runs "${fast_poll_runs}" --create-samples 0 --operator-arg=--fast-poll-seconds=1
+# The same with the boot poll of earlier releases (5 s): how much of "running -> launched" is the
+# wait for the next poll.
+wants overhead && bench overhead-boot-poll-5s cargo bench --locked --bench controller -- overhead \
+  --runs "${boot_poll_runs}" --create-samples 0 --operator-arg=--boot-poll-seconds=5
 wants termination && bench termination cargo bench --locked --bench controller -- termination "${termination_args[@]}"
 wants scale && bench scale cargo bench --locked --bench controller -- scale "${scale_args[@]}"
 

@@ -33,7 +33,7 @@ pub struct OverheadArgs {
     /// Seconds a fake instance takes to report `running`.
     #[arg(long, default_value_t = 2.0)]
     boot_seconds: f64,
-    /// More arguments for `gpu-trainer run` (e.g. `--fast-poll-seconds=1`).
+    /// More arguments for `gpu-trainer run` (e.g. `--boot-poll-seconds=5`).
     #[arg(long = "operator-arg", allow_hyphen_values = true)]
     operator_args: Vec<String>,
 }

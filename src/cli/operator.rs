@@ -35,7 +35,11 @@ pub struct OperatorArgs {
     /// Seconds between checks of a running machine with the provider.
     #[arg(long, env = "GPU_TRAINER_LIVENESS_POLL_SECONDS", default_value_t = 60, value_name = "SECONDS")]
     pub liveness_poll_seconds: u64,
-    /// Seconds between checks of a booting or terminating machine.
+    /// Seconds between checks of a booting machine. One provider listing, shared by every
+    /// check, is made at most this often, however many machines boot.
+    #[arg(long, env = "GPU_TRAINER_BOOT_POLL_SECONDS", default_value_t = 1, value_name = "SECONDS")]
+    pub boot_poll_seconds: u64,
+    /// Seconds between checks of a terminating machine (one provider call per machine).
     #[arg(long, env = "GPU_TRAINER_FAST_POLL_SECONDS", default_value_t = 5, value_name = "SECONDS")]
     pub fast_poll_seconds: u64,
     /// Seconds an unconfirmed rent is trusted before it is retried (the provider's listing lags).
@@ -82,7 +86,7 @@ pub async fn start(args: &OperatorArgs, metrics: Arc<Metrics>) -> anyhow::Result
     config.watch_namespace = args.namespace.clone();
     config.default_boot_timeout = Duration::from_secs(args.boot_timeout_seconds);
     config.liveness_poll = Duration::from_secs(args.liveness_poll_seconds);
-    config.boot_poll = Duration::from_secs(args.fast_poll_seconds);
+    config.boot_poll = Duration::from_secs(args.boot_poll_seconds.max(1));
     config.termination_poll = Duration::from_secs(args.fast_poll_seconds);
     config.create_pending_grace = Duration::from_secs(args.create_pending_grace_seconds);
     config.termination_stuck_after = Duration::from_secs(args.termination_stuck_seconds);

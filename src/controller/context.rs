@@ -35,7 +35,8 @@ pub struct OperatorConfig {
     pub termination_stuck_after: Duration,
     /// How often a running instance is checked with the provider.
     pub liveness_poll: Duration,
-    /// How often a booting instance is checked.
+    /// How often a booting instance is checked: the wait between a machine running and training
+    /// starting on it. Cheap, as one shared listing serves every check.
     pub boot_poll: Duration,
 }
 
@@ -50,7 +51,7 @@ impl OperatorConfig {
             termination_poll: Duration::from_secs(5),
             termination_stuck_after: Duration::from_secs(10 * 60),
             liveness_poll: Duration::from_secs(60),
-            boot_poll: Duration::from_secs(5),
+            boot_poll: Duration::from_secs(1),
         }
     }
 }
