@@ -529,12 +529,7 @@ fn kill_trainer(dir: &Path, machine: Option<&str>) {
             return;
         }
     }
-    let Ok(pid) = std::fs::read_to_string(dir.join("train.pid")) else { return };
-    let Ok(pid) = pid.trim().parse::<u32>() else { return };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    if String::from_utf8_lossy(&cmdline).contains("gpu-trainer-run") {
-        let _ = std::process::Command::new("kill").args(["-KILL", "--"]).arg(format!("-{pid}")).status();
-    }
+    common::kill_trainer(dir);
 }
 
 // ---------------------------------------------------------------------------------------------

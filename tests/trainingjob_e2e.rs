@@ -81,20 +81,9 @@ fn in_order(seen: &[String], wanted: &[&str]) -> bool {
     wanted.iter().all(|w| rest.any(|s| s == w))
 }
 
-/// Stops a trainer this test left running on "the machine" (this machine): a destroyed fake
-/// instance does not kill processes the way a real one does. Only a live wrapper of ours is
-/// signalled: a recorded pid may since belong to another process group.
+/// Stops a trainer this test left running in the job's work dir.
 fn kill_trainer(base: &Path, uid: &str) {
-    let dir = base.join(uid);
-    if dir.join("exit_code").exists() {
-        return;
-    }
-    let Ok(pid) = std::fs::read_to_string(dir.join("train.pid")) else { return };
-    let Ok(pid) = pid.trim().parse::<u32>() else { return };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    if String::from_utf8_lossy(&cmdline).contains("gpu-trainer-run") {
-        let _ = std::process::Command::new("kill").args(["-KILL", "--"]).arg(format!("-{pid}")).status();
-    }
+    common::kill_trainer(&base.join(uid));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -199,18 +199,9 @@ pub fn demo_job(
     .unwrap()
 }
 
-/// Stops a trainer left running in a job's work dir (a destroyed fake instance does not kill
-/// processes the way a real one does). Only a live wrapper of ours is signalled.
+/// Stops a trainer left running in a job's work dir (see [`crate::common::kill_trainer`]).
 pub fn kill_trainer(work_dir: &Path) {
-    if work_dir.join("exit_code").exists() {
-        return;
-    }
-    let Ok(pid) = std::fs::read_to_string(work_dir.join("train.pid")) else { return };
-    let Ok(pid) = pid.trim().parse::<u32>() else { return };
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    if String::from_utf8_lossy(&cmdline).contains("gpu-trainer-run") {
-        let _ = std::process::Command::new("kill").args(["-KILL", "--"]).arg(format!("-{pid}")).status();
-    }
+    crate::common::kill_trainer(work_dir);
 }
 
 /// Stops the trainers of every work dir under `base`.

@@ -138,3 +138,18 @@ pub async fn event_reasons(client: &Client, ns: &str, name: &str) -> Vec<String>
     });
     list.into_iter().filter_map(|e| e.reason).collect()
 }
+
+/// Stops a trainer left running in a job's work dir: a destroyed fake instance does not kill
+/// processes the way a real one does (every "machine" is this machine). Only a live wrapper of
+/// ours is signalled: a recorded pid may since belong to another process group.
+pub fn kill_trainer(work_dir: &std::path::Path) {
+    if work_dir.join("exit_code").exists() {
+        return;
+    }
+    let Ok(pid) = std::fs::read_to_string(work_dir.join("train.pid")) else { return };
+    let Ok(pid) = pid.trim().parse::<u32>() else { return };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if String::from_utf8_lossy(&cmdline).contains("gpu-trainer-run") {
+        let _ = std::process::Command::new("kill").args(["-KILL", "--"]).arg(format!("-{pid}")).status();
+    }
+}
