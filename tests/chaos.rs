@@ -69,6 +69,9 @@ struct Suite {
     s3: serde_json::Value,
     jobs: Api<TrainingJob>,
     instances: Api<GpuInstance>,
+    /// Held while `restart.sh` runs: two faults close together restart one after the other
+    /// (concurrent restarts of one component would fight over its port).
+    restarting: Mutex<()>,
     _dataset_dir: tempfile::TempDir,
 }
 
@@ -98,6 +101,7 @@ impl Suite {
             href,
             sha256,
             s3: serde_json::Value::Null,
+            restarting: Mutex::new(()),
             _dataset_dir: dataset_dir,
         };
         let s3 = suite.s3_output().await;
@@ -328,8 +332,10 @@ fn restart_script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/env/restart.sh")
 }
 
-/// Runs `tests/env/restart.sh`; returns how long the component was unavailable.
-async fn restart(component: &str, kill: bool, down: Duration) -> Result<Duration, String> {
+/// Runs `tests/env/restart.sh` (one restart at a time); returns how long the component was
+/// unavailable.
+async fn restart(suite: &Suite, component: &str, kill: bool, down: Duration) -> Result<Duration, String> {
+    let _one_at_a_time = suite.restarting.lock().await;
     let started = Instant::now();
     let out = tokio::process::Command::new("bash")
         .arg(restart_script())
@@ -367,7 +373,7 @@ async fn inject(suite: &Suite, started: Instant, fault: &FaultPlan, names: &[Str
             );
             format!("operator SIGKILL, down {:.1}s", down.as_secs_f64())
         }
-        FaultKind::ApiServerRestart { kill, down } => match restart("apiserver", *kill, *down).await {
+        FaultKind::ApiServerRestart { kill, down } => match restart(suite, "apiserver", *kill, *down).await {
             Ok(took) => {
                 let down = format!("apiserver {}, down {:.1}s", signal_name(*kill), took.as_secs_f64());
                 match watch_probe(suite, &format!("{}-probe{}", names[0], at.as_millis())).await {
@@ -383,7 +389,7 @@ async fn inject(suite: &Suite, started: Instant, fault: &FaultPlan, names: &[Str
                 format!("apiserver restart FAILED: {e}")
             }
         },
-        FaultKind::SshdKill { kill, down } => match restart("sshd", *kill, *down).await {
+        FaultKind::SshdKill { kill, down } => match restart(suite, "sshd", *kill, *down).await {
             Ok(took) => format!("sshd {}, down {:.1}s", signal_name(*kill), took.as_secs_f64()),
             Err(e) => {
                 problem = Some(format!("sshd did not come back: {e}"));
