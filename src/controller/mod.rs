@@ -11,5 +11,6 @@ pub mod patch;
 pub mod probe;
 pub mod sweeper;
 pub mod trainingjob;
+pub mod watch_backoff;
 
 pub use context::{Context, OperatorConfig, SshProbe, instance_label, parse_instance_label};

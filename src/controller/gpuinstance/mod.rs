@@ -160,7 +160,8 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let api: Api<GpuInstance> = ctx.scoped_api();
     info!(controller = CONTROLLER, "Starting controller");
-    let controller = Controller::new(api, watcher::Config::default().any_semantic());
+    let controller = Controller::new(api, watcher::Config::default().any_semantic())
+        .trigger_backoff(crate::controller::watch_backoff::WatchBackoff::default());
     tokio::spawn(refresh_gauges(controller.store(), ctx.clone()));
     controller
         .graceful_shutdown_on(shutdown)

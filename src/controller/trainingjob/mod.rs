@@ -228,7 +228,8 @@ pub async fn run(
     let instances: Api<GpuInstance> = ctrl.ctx.scoped_api();
     info!(controller = CONTROLLER, "Starting controller");
     let controller = Controller::new(jobs, watcher::Config::default().any_semantic())
-        .owns(instances, watcher::Config::default().any_semantic());
+        .owns(instances, watcher::Config::default().any_semantic())
+        .trigger_backoff(crate::controller::watch_backoff::WatchBackoff::default());
     tokio::spawn(housekeeping(controller.store(), ctrl.clone()));
     controller
         .graceful_shutdown_on(shutdown)
