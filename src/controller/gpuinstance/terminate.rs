@@ -77,19 +77,8 @@ pub async fn cleanup(api: &Api<GpuInstance>, instance: &GpuInstance, ctx: &Conte
         status.phase = GpuInstancePhase::Terminated;
         set_reason(&mut status, Reason::Terminated, "the provider no longer lists the machine");
         write_status(api, instance, &before, status).await?;
-        let finalizers =
-            instance.finalizers().iter().filter(|f| *f != GPUINSTANCE_FINALIZER).cloned().collect();
-        match set_finalizers_locked(api, instance, finalizers).await {
-            Ok(_) => {}
-            Err(err) if is_conflict(&err) => return Ok(Action::requeue(std::time::Duration::ZERO)),
-            Err(err) if crate::controller::patch::is_not_found(&err) => {}
-            Err(err) => return Err(kube_err("remove the finalizer")(err)),
-        }
         let took = (now - since).to_std().unwrap_or_default();
-        ctx.metrics.terminations.get_or_create(&OutcomeLabels { outcome: "success" }).inc();
-        ctx.metrics.termination_duration.observe(took.as_secs_f64());
-        ctx.stuck_terminations_remove(&instance.uid().unwrap_or_default());
-        info!(gpuinstance = %instance.name_any(), seconds = took.as_secs_f64(), "Instance released");
+        // Published while the object still exists, so whoever sees it gone finds the event.
         ctx.event(
             instance,
             EventType::Normal,
@@ -98,6 +87,18 @@ pub async fn cleanup(api: &Api<GpuInstance>, instance: &GpuInstance, ctx: &Conte
             format!("Released instance {} ({:.0} s)", status_id(instance), took.as_secs_f64()),
         )
         .await;
+        let finalizers =
+            instance.finalizers().iter().filter(|f| *f != GPUINSTANCE_FINALIZER).cloned().collect();
+        match set_finalizers_locked(api, instance, finalizers).await {
+            Ok(_) => {}
+            Err(err) if is_conflict(&err) => return Ok(Action::requeue(std::time::Duration::ZERO)),
+            Err(err) if crate::controller::patch::is_not_found(&err) => {}
+            Err(err) => return Err(kube_err("remove the finalizer")(err)),
+        }
+        ctx.metrics.terminations.get_or_create(&OutcomeLabels { outcome: "success" }).inc();
+        ctx.metrics.termination_duration.observe(took.as_secs_f64());
+        ctx.stuck_terminations_remove(&instance.uid().unwrap_or_default());
+        info!(gpuinstance = %instance.name_any(), seconds = took.as_secs_f64(), "Instance released");
         return Ok(Action::await_change());
     }
 
