@@ -41,6 +41,15 @@ enum Command {
 }
 
 fn main() {
+    // `cargo test --all-targets` runs this binary with test-harness flags only (and a bare
+    // `cargo bench` with `--bench`): no benchmark is named, so there is nothing to measure.
+    if std::env::args().skip(1).all(|a| a.starts_with('-')) {
+        println!(
+            "no benchmark named: cargo bench --bench controller -- overhead|termination|scale \
+             (tests/bench.sh runs them all)"
+        );
+        return;
+    }
     let args = Args::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
