@@ -35,4 +35,6 @@ bash tests/env/up.sh
 source "$GPU_TRAINER_ENV_DIR/env"
 
 step "tests"
-cargo test --all-targets --locked -- --include-ignored "${filter[@]}"
+# --show-output: the tables the end-to-end tests record (crash, fault, controller-kill, chaos
+# trials, RBAC mutants) appear in the log of a green run too, not only when a test fails.
+cargo test --all-targets --locked -- --include-ignored --show-output "${filter[@]}"
