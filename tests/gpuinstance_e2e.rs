@@ -17,16 +17,6 @@ use kube::api::{Api, DeleteParams, PostParams};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
-fn gpu_instance(name: &str) -> GpuInstance {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "gputrainer.dev/v1alpha1",
-        "kind": "GpuInstance",
-        "metadata": {"name": name},
-        "spec": {"image": "pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime", "maxLifetimeSeconds": 3600}
-    }))
-    .unwrap()
-}
-
 async fn wait_ready(api: &Api<GpuInstance>, name: &str, operator: &OperatorProcess) -> GpuInstance {
     let deadline = tokio::time::Instant::now() + TIMEOUT;
     loop {
@@ -68,7 +58,7 @@ async fn instance_becomes_ready_and_deleting_it_releases_the_machine_first() {
     let operator = OperatorProcess::start(&OperatorOptions::new(&ns, &fake, &installation));
     let api: Api<GpuInstance> = Api::namespaced(client.clone(), &ns);
 
-    api.create(&PostParams::default(), &gpu_instance("box")).await.unwrap();
+    api.create(&PostParams::default(), &common::gpu_instance("box")).await.unwrap();
     let ready = wait_ready(&api, "box", &operator).await;
     let status = ready.status.clone().unwrap();
     let ssh = status.ssh.clone().expect("ssh endpoint in status");
@@ -130,7 +120,7 @@ async fn crash_at_every_step_of_the_create_protocol_leaves_exactly_one_instance(
         let mut options = OperatorOptions::new(&ns, &fake, &installation);
         options.env.push(("GPU_TRAINER_CRASH_AT", step.to_string()));
         let mut crashing = OperatorProcess::start(&options);
-        api.create(&PostParams::default(), &gpu_instance(&name)).await.unwrap();
+        api.create(&PostParams::default(), &common::gpu_instance(&name)).await.unwrap();
         let exit = crashing.wait_exit(TIMEOUT).await;
         assert!(!exit.success(), "{step}: the operator aborted at the crash point");
         let created = api.get(&name).await.unwrap();
@@ -249,7 +239,7 @@ async fn provider_faults_never_leak_an_instance() {
         for fault in fault_list {
             fake.add_fault(fault);
         }
-        api.create(&PostParams::default(), &gpu_instance(name)).await.unwrap();
+        api.create(&PostParams::default(), &common::gpu_instance(name)).await.unwrap();
         let ready = wait_ready(&api, name, &operator).await;
         let label = label_of(&installation, &ready);
         assert_eq!(live_instances(&fake, &label).await.len(), 1, "{name}: one instance for the GpuInstance");
@@ -262,7 +252,7 @@ async fn provider_faults_never_leak_an_instance() {
     }
 
     // An instance that goes offline while running: released, the GpuInstance reports it.
-    api.create(&PostParams::default(), &gpu_instance("goes-offline")).await.unwrap();
+    api.create(&PostParams::default(), &common::gpu_instance("goes-offline")).await.unwrap();
     let ready = wait_ready(&api, "goes-offline", &operator).await;
     let id: i64 = ready.status.as_ref().unwrap().provider_id.as_ref().unwrap().parse().unwrap();
     fake.set_instance_state(id, ForcedState::Offline);
@@ -301,7 +291,7 @@ async fn of_two_replicas_exactly_one_acts() {
     let second = OperatorProcess::start(&options);
     let api: Api<GpuInstance> = Api::namespaced(client.clone(), &ns);
     for i in 0..3 {
-        api.create(&PostParams::default(), &gpu_instance(&format!("r{i}"))).await.unwrap();
+        api.create(&PostParams::default(), &common::gpu_instance(&format!("r{i}"))).await.unwrap();
     }
     for i in 0..3 {
         wait_ready(&api, &format!("r{i}"), &first).await;
@@ -340,7 +330,7 @@ async fn termination_stuck_is_raised_and_trying_goes_on() {
     options.args = vec!["--termination-stuck-seconds".into(), "2".into()];
     let operator = OperatorProcess::start(&options);
     let api: Api<GpuInstance> = Api::namespaced(client.clone(), &ns);
-    api.create(&PostParams::default(), &gpu_instance("stuck")).await.unwrap();
+    api.create(&PostParams::default(), &common::gpu_instance("stuck")).await.unwrap();
     let ready = wait_ready(&api, "stuck", &operator).await;
     let label = label_of(&installation, &ready);
 
@@ -390,7 +380,7 @@ async fn a_machine_that_never_boots_is_released_and_excluded() {
     options.args = vec!["--boot-timeout-seconds".into(), "3".into()];
     let operator = OperatorProcess::start(&options);
     let api: Api<GpuInstance> = Api::namespaced(client.clone(), &ns);
-    api.create(&PostParams::default(), &gpu_instance("slow-boot")).await.unwrap();
+    api.create(&PostParams::default(), &common::gpu_instance("slow-boot")).await.unwrap();
     let failed = common::wait_until(TIMEOUT, "BootTimeout", || {
         let api = api.clone();
         async move {

@@ -49,20 +49,43 @@ struct Run {
     ssh_operations: usize,
 }
 
-fn operator(
-    ns: &str,
-    fake: &FakeServer,
-    installation: &str,
-    base: &Path,
-    extra: &[String],
-) -> OperatorProcess {
-    let mut options = OperatorOptions::new(ns, fake, installation);
-    options.fast_polls = false;
-    options.log_format = "json";
-    options.env.push(("RUST_LOG", "info,gpu_trainer=debug,kube=warn".into()));
-    options.args = vec!["--remote-base".into(), base.display().to_string()];
-    options.args.extend_from_slice(extra);
-    OperatorProcess::start(&options)
+/// A namespace, a fake provider whose machines run `running_after` after the rent (with enough
+/// offers for `rents`), and a ready operator with its own work folder.
+struct Setup {
+    ns: String,
+    fake: FakeServer,
+    base: PathBuf,
+    operator: OperatorProcess,
+}
+
+impl Setup {
+    async fn start(
+        client: &kube::Client,
+        prefix: &str,
+        args: &OverheadArgs,
+        running_after: Duration,
+        rents: usize,
+    ) -> Setup {
+        let ns = common::fresh_namespace(client, prefix).await;
+        let fake = start_fake(|c| {
+            c.loading_after = Duration::ZERO;
+            c.running_after = running_after;
+            c.generated_offers = bench_util::offers_for(rents);
+        })
+        .await;
+        let base = common::env_dir().join("work").join(&ns);
+        std::fs::create_dir_all(&base).unwrap();
+        let installation = installation_id();
+        let mut options = OperatorOptions::new(&ns, &fake, &installation);
+        options.fast_polls = false;
+        options.log_format = "json";
+        options.env.push(("RUST_LOG", "info,gpu_trainer=debug,kube=warn".into()));
+        options.args = vec!["--remote-base".into(), base.display().to_string()];
+        options.args.extend_from_slice(&args.operator_args);
+        let operator = OperatorProcess::start(&options);
+        operator.wait_ready().await;
+        Setup { ns, fake, base, operator }
+    }
 }
 
 /// Waits for the fake's first `create_instance` that arrived at or after `since`; its arrival.
@@ -133,18 +156,8 @@ async fn apply_to_create(client: &kube::Client, args: &OverheadArgs) -> Vec<f64>
     if args.create_samples == 0 {
         return Vec::new();
     }
-    let ns = common::fresh_namespace(client, "bench-apply").await;
-    let fake = start_fake(|c| {
-        c.loading_after = Duration::ZERO;
-        c.running_after = Duration::from_secs(24 * 3600);
-        c.generated_offers = bench_util::offers_for(args.create_samples);
-    })
-    .await;
-    let installation = installation_id();
-    let base = common::env_dir().join("work").join(&ns);
-    std::fs::create_dir_all(&base).unwrap();
-    let operator = operator(&ns, &fake, &installation, &base, &args.operator_args);
-    operator.wait_ready().await;
+    let Setup { ns, fake, base, operator } =
+        Setup::start(client, "bench-apply", args, Duration::from_secs(24 * 3600), args.create_samples).await;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
     let mut samples = Vec::new();
     for i in 0..args.create_samples {
@@ -176,18 +189,8 @@ async fn running_to_launched(client: &kube::Client, args: &OverheadArgs) -> Vec<
         return Vec::new();
     }
     let boot = Duration::from_secs_f64(args.boot_seconds);
-    let ns = common::fresh_namespace(client, "bench-launch").await;
-    let fake = start_fake(|c| {
-        c.loading_after = Duration::ZERO;
-        c.running_after = boot;
-        c.generated_offers = bench_util::offers_for(args.runs);
-    })
-    .await;
-    let installation = installation_id();
-    let base = common::env_dir().join("work").join(&ns);
-    std::fs::create_dir_all(&base).unwrap();
-    let operator = operator(&ns, &fake, &installation, &base, &args.operator_args);
-    operator.wait_ready().await;
+    let Setup { ns, fake, base, operator } =
+        Setup::start(client, "bench-launch", args, boot, args.runs).await;
     let tmp = tempfile::tempdir().unwrap();
     let (href, sha256) = crate::common::dataset::serve_dataset(tmp.path()).await;
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);

@@ -44,16 +44,6 @@ fn names(path: &str, id: i64) -> bool {
     path.trim_end_matches('/').ends_with(&format!("/{id}"))
 }
 
-fn gpu_instance(name: &str) -> GpuInstance {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "gputrainer.dev/v1alpha1",
-        "kind": "GpuInstance",
-        "metadata": {"name": name},
-        "spec": {"image": "pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime", "maxLifetimeSeconds": 3600}
-    }))
-    .unwrap()
-}
-
 pub async fn run(args: TerminationArgs) {
     let client = common::kube_client().await;
     common::install_crds(&client).await;
@@ -79,7 +69,7 @@ pub async fn run(args: TerminationArgs) {
 
     // 1. Delete to released.
     for i in 0..args.runs {
-        api.create(&PostParams::default(), &gpu_instance(&format!("box-{i}"))).await.expect("create");
+        api.create(&PostParams::default(), &common::gpu_instance(&format!("box-{i}"))).await.expect("create");
     }
     for i in 0..args.runs {
         let name = format!("box-{i}");

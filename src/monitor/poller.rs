@@ -129,6 +129,15 @@ pub struct TrainingStatus {
     pub log_restarted: bool,
 }
 
+/// What an earlier monitor of the same run had concluded, as the job's status keeps it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EarlierMonitoring {
+    /// The last step seen and when it last changed.
+    pub step: Option<(u64, DateTime<Utc>)>,
+    /// When the stall that is still flagged was first flagged.
+    pub stall_flagged_since: Option<DateTime<Utc>>,
+}
+
 /// Follows one training run.
 pub struct TrainingMonitor {
     files: TrainingFiles,
@@ -167,6 +176,16 @@ impl TrainingMonitor {
             stall_settings,
             settings,
         }
+    }
+
+    /// Continues the judgement of an earlier monitor of the same run (lost with an operator
+    /// restart), from what the job's status kept of it.
+    pub fn resume_from(mut self, earlier: &EarlierMonitoring) -> Self {
+        if let Some((step, changed_at)) = earlier.step {
+            self.tracker.remember_step(step, changed_at);
+        }
+        self.flagged_since = earlier.stall_flagged_since;
+        self
     }
 
     /// Bytes of the log consumed so far.

@@ -10,8 +10,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 
 use super::poller::{
-    Outcome, PollerSettings, ProcessState, TrainingFiles, TrainingMonitor, checkpoint_inventory,
+    EarlierMonitoring, Outcome, PollerSettings, ProcessState, TrainingFiles, TrainingMonitor,
+    checkpoint_inventory,
 };
+use super::stall::Recommendation;
 use super::{LogEvent, ParserKind};
 use crate::api::{MonitoringSpec, Reason};
 use crate::remote::{ExecOutput, FileChunk, RemoteError, RemoteExec, RunOptions, TransferReport};
@@ -256,6 +258,37 @@ async fn a_log_that_stops_growing_is_reported_as_a_stall_through_the_poller() {
     }
     // The first reading without a new step already shows an ETA that did not fall.
     assert_eq!(stalled, Some(5));
+}
+
+#[tokio::test]
+async fn a_monitor_rebuilt_after_a_restart_continues_the_no_progress_clock_and_the_flag() {
+    let machine = running_machine();
+    let spec = MonitoringSpec::default();
+    let timeout = i64::from(spec.no_progress_timeout_seconds);
+    // The earlier monitor saw step 10 last change at t(0) and had flagged a stall at t(600).
+    let earlier = EarlierMonitoring { step: Some((10, t(0))), stall_flagged_since: Some(t(600)) };
+    let mut monitor = TrainingMonitor::new(files(), ParserKind::AiToolkit, &spec).resume_from(&earlier);
+    let first = monitor.poll(&machine, t(900)).await.unwrap();
+    assert!(first.stall.stalling && !first.stall.recovered, "the flag stands: {:?}", first.stall);
+    assert_eq!(first.stall.flagged_since, Some(t(600)));
+    assert_eq!(first.stall.recommendation, Recommendation::WaitForRecovery);
+    // Still at step 10 when the timeout counted from t(0) is over: stopped then, not a full
+    // timeout after the restart.
+    let late = monitor.poll(&machine, t(timeout)).await.unwrap();
+    assert!(late.stall.no_progress, "{:?}", late.stall);
+    assert_eq!(late.stall.recommendation, Recommendation::StopJob);
+
+    // A fresh monitor without that memory would wait a whole timeout from its first poll.
+    let mut fresh = TrainingMonitor::new(files(), ParserKind::AiToolkit, &spec);
+    fresh.poll(&machine, t(900)).await.unwrap();
+    let status = fresh.poll(&machine, t(timeout)).await.unwrap();
+    assert!(!status.stall.no_progress);
+
+    // A step other than the remembered one is progress: the clock starts at this poll.
+    let earlier = EarlierMonitoring { step: Some((9, t(0))), stall_flagged_since: None };
+    let mut moved = TrainingMonitor::new(files(), ParserKind::AiToolkit, &spec).resume_from(&earlier);
+    moved.poll(&machine, t(900)).await.unwrap();
+    assert!(!moved.poll(&machine, t(timeout)).await.unwrap().stall.no_progress);
 }
 
 #[tokio::test]

@@ -123,6 +123,14 @@ impl ProgressTracker {
         Self { reading_interval, ..Self::default() }
     }
 
+    /// Carries over what an earlier monitor of the same run saw (kept in the job's status): the
+    /// step and when it last changed. A reading at the same step then continues the no-progress
+    /// clock instead of starting it again.
+    pub fn remember_step(&mut self, step: u64, changed_at: DateTime<Utc>) {
+        self.last_seen_step = Some(step);
+        self.last_step_change_at = Some(changed_at);
+    }
+
     /// Takes in one event read since the last reading.
     pub fn apply(&mut self, event: &LogEvent) {
         if event.starts_pause() {

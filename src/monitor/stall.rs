@@ -189,6 +189,27 @@ pub fn assess_stall(
     }
 
     let signals = usize::from(verdict.eta_not_converging) + usize::from(verdict.speed_dropped);
+    if let Some(since) = flagged_since
+        && settings.enabled
+        && history.len() < settings.min_samples
+        && !verdict.no_progress
+    {
+        // A stall flagged before a restart of the monitor: too few readings yet to say whether
+        // it recovered. The flag stands (no false recovery, no new grace period) and the job is
+        // not stopped without readings that confirm it.
+        verdict.stalling = true;
+        verdict.confidence = Some(Confidence::Medium);
+        verdict.flagged_since = Some(since);
+        verdict.stop_at = Some((since + settings.grace_period).max(now));
+        verdict.recommendation = Recommendation::WaitForRecovery;
+        verdict.reason = format!(
+            "stall flagged {} ago; judging it again once {} readings are taken ({} so far)",
+            human_duration((now - since).num_seconds().max(0) as f64),
+            settings.min_samples,
+            history.len()
+        );
+        return verdict;
+    }
     if !verdict.no_progress && signals == 0 {
         verdict.recovered = flagged_since.is_some();
         verdict.reason = healthy_reason(history, verdict.recovered);
@@ -382,6 +403,48 @@ mod tests {
         let v = assess(&h, None);
         assert!(!v.stalling, "{v:?}");
         assert_eq!(v.recommendation, Recommendation::Continue);
+    }
+
+    #[test]
+    fn a_flag_carried_over_a_restart_stands_until_readings_judge_it() {
+        let settings = StallSettings::default();
+        // A new monitor's first readings look fine, but they are too few to judge the trend.
+        let fresh = history(&[(500, Some(5000.0), false), (600, Some(4940.0), false)]);
+        let now = fresh.last().unwrap().at;
+        for flagged in [now - Duration::minutes(5), now - Duration::hours(1)] {
+            let v = assess_stall(&fresh, Some(now), Some(flagged), &settings, now);
+            assert!(v.stalling && !v.recovered, "no recovery without readings: {v:?}");
+            assert_eq!(v.flagged_since, Some(flagged), "the grace period is not started again");
+            assert_eq!(v.recommendation, Recommendation::WaitForRecovery, "no stop without readings");
+            assert!(
+                v.reason.contains("judging it again once 4 readings are taken (2 so far)"),
+                "{}",
+                v.reason
+            );
+        }
+        // Once there are enough readings the flag is judged: recovered...
+        let healthy = history(&[
+            (500, Some(5000.0), false),
+            (600, Some(4940.0), false),
+            (700, Some(4880.0), false),
+            (800, Some(4820.0), false),
+        ]);
+        let now = healthy.last().unwrap().at;
+        let v = assess_stall(&healthy, Some(now), Some(now - Duration::hours(1)), &settings, now);
+        assert!(!v.stalling && v.recovered, "{v:?}");
+        // ...or still stalling, and then stopped at once when the grace period is over.
+        let stalled = history(&[
+            (500, Some(5000.0), false),
+            (600, Some(4940.0), false),
+            (700, Some(5000.0), false),
+            (800, Some(5100.0), false),
+        ]);
+        let v = assess_stall(&stalled, Some(now), Some(now - Duration::hours(1)), &settings, now);
+        assert_eq!(v.recommendation, Recommendation::StopJob, "{v:?}");
+        // A detector switched off meanwhile keeps nothing flagged.
+        let off = StallSettings { enabled: false, ..StallSettings::default() };
+        let v = assess_stall(&fresh, Some(now), Some(now - Duration::hours(1)), &off, now);
+        assert!(!v.stalling && v.recovered, "{v:?}");
     }
 
     #[test]

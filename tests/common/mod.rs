@@ -153,3 +153,14 @@ pub fn kill_trainer(work_dir: &std::path::Path) {
         let _ = std::process::Command::new("kill").args(["-KILL", "--"]).arg(format!("-{pid}")).status();
     }
 }
+
+/// A stand-alone GpuInstance with the defaults the tests use (an hour's lifetime).
+pub fn gpu_instance(name: &str) -> gpu_trainer::api::GpuInstance {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "gputrainer.dev/v1alpha1",
+        "kind": "GpuInstance",
+        "metadata": {"name": name},
+        "spec": {"image": "pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime", "maxLifetimeSeconds": 3600}
+    }))
+    .unwrap()
+}

@@ -184,8 +184,8 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctrl: Arc<JobController>) -> Resul
     let mut runtime = slot.lock().await;
     let result = pass.run(&mut runtime).await;
     if result.is_err() {
-        // A broken connection or monitor is rebuilt on the next pass.
-        runtime.reset();
+        // A broken connection is reopened on the next pass; the monitor keeps its readings.
+        runtime.disconnect();
     }
     drop(runtime);
     // Whatever was done before an error is recorded, so it is not done again.

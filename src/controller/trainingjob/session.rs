@@ -1,8 +1,9 @@
 //! One SSH connection per job, kept between reconciles (a poll every minute should not pay for
 //! a handshake), with the host key pinned to the fingerprint the GpuInstance controller recorded
 //! on first contact. The per-job runtime also keeps the job's [`TrainingMonitor`], whose log
-//! offset and stall history make polls incremental. Everything here can be lost (a restart):
-//! the connection is reopened and the monitor rebuilt from the machine's files.
+//! offset and stall history make polls incremental. A failed pass drops the connection but keeps
+//! the monitor. Everything here can be lost (a restart): the connection is reopened and the
+//! monitor rebuilt from the machine's files, continuing the stall judgement kept in status.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -40,6 +41,14 @@ impl JobRuntime {
     pub fn reset(&mut self) {
         self.session = None;
         self.monitor = None;
+        self.outputs = None;
+        self.last_poll = None;
+    }
+
+    /// Forgets the connection only (after an error): the monitor is bound to its machine by
+    /// name and keeps its log offset and stall readings for the next connection.
+    pub fn disconnect(&mut self) {
+        self.session = None;
         self.outputs = None;
         self.last_poll = None;
     }
@@ -90,7 +99,8 @@ pub async fn ensure_session(
     {
         return Ok(exec.clone());
     }
-    runtime.reset();
+    // A monitor for another machine is replaced when it is next used.
+    runtime.disconnect();
     let ssh = instance.status.as_ref().and_then(|s| s.ssh.clone()).ok_or(Error::Missing("status.ssh"))?;
     let secret_name = instance
         .spec

@@ -8,8 +8,11 @@ use kube::runtime::events::EventType;
 
 use super::pass::Pass;
 use super::session;
-use crate::api::{ConditionStatus, GpuInstance, Reason, is_condition_true, job_condition, set_condition};
-use crate::monitor::poller::{TrainingFiles, TrainingMonitor};
+use crate::api::{
+    ConditionStatus, GpuInstance, Reason, find_condition, from_k8s_time, is_condition_true, job_condition,
+    set_condition,
+};
+use crate::monitor::poller::{EarlierMonitoring, TrainingFiles, TrainingMonitor};
 use chrono::{DateTime, Utc};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
@@ -79,6 +82,28 @@ pub fn record_progress(status: &mut TrainingJobStatus, polled: &TrainingStatus, 
     progress.steps_per_second = snapshot.steps_per_second.map(round3);
     progress.eta_seconds = snapshot.eta_seconds.map(|e| e.round() as i64);
     status.progress = Some(progress);
+}
+
+/// What the status keeps of the monitoring of the run on the current machine, so a monitor
+/// rebuilt after an operator restart continues the no-progress clock and a flagged stall's
+/// grace period instead of starting both again. Only what happened since training started on
+/// this machine counts (the `Training` condition's transition). Pure.
+pub fn earlier_monitoring(status: &TrainingJobStatus) -> EarlierMonitoring {
+    let Some(training) = find_condition(&status.conditions, job_condition::TRAINING)
+        .filter(|c| c.status == ConditionStatus::True.as_str())
+    else {
+        return EarlierMonitoring::default();
+    };
+    let launched = from_k8s_time(&training.last_transition_time);
+    let step = status.progress.as_ref().map(|p| {
+        let changed = p.last_update_time.as_ref().map(from_k8s_time).unwrap_or(launched);
+        (p.step, changed.max(launched))
+    });
+    let stall_flagged_since = find_condition(&status.conditions, job_condition::STALLED)
+        .filter(|c| c.status == ConditionStatus::True.as_str())
+        .map(|c| from_k8s_time(&c.last_transition_time))
+        .filter(|since| *since >= launched);
+    EarlierMonitoring { step, stall_flagged_since }
 }
 
 /// What one poll means for the engine. Pure.
@@ -169,7 +194,8 @@ impl Pass<'_> {
                 TrainingFiles::in_work_dir(self.layout.work_dir()),
                 parser_kind(self.tool.parser),
                 &self.job.spec.monitoring,
-            );
+            )
+            .resume_from(&earlier_monitoring(&self.status));
             runtime.monitor = Some((instance_name, monitor));
         }
         let Some((_, monitor)) = runtime.monitor.as_mut() else { return Ok(TrainingObservation::Unknown) };
@@ -217,6 +243,38 @@ mod tests {
 
     fn at(secs: i64) -> DateTime<Utc> {
         Utc.timestamp_opt(1_800_000_000 + secs, 0).unwrap()
+    }
+
+    fn condition(status: &mut TrainingJobStatus, type_: &str, value: ConditionStatus, at_: DateTime<Utc>) {
+        set_condition(&mut status.conditions, type_, value, Reason::Training, "m", None, at_);
+    }
+
+    #[test]
+    fn the_monitoring_memory_is_taken_from_the_run_on_the_current_machine() {
+        let mut status = TrainingJobStatus::default();
+        assert_eq!(earlier_monitoring(&status), EarlierMonitoring::default(), "nothing launched yet");
+        // Training launched at 100; step 40 last changed at 500; a stall flagged at 700.
+        condition(&mut status, job_condition::TRAINING, ConditionStatus::True, at(100));
+        let mut progress = ProgressStatus::default();
+        progress.set_step(40, Some(100));
+        progress.last_update_time = Some(to_k8s_time(at(500)));
+        status.progress = Some(progress);
+        condition(&mut status, job_condition::STALLED, ConditionStatus::True, at(700));
+        assert_eq!(
+            earlier_monitoring(&status),
+            EarlierMonitoring { step: Some((40, at(500))), stall_flagged_since: Some(at(700)) }
+        );
+        // On a replacement machine launched at 900, the step and flag of the earlier machine
+        // do not count against the new run: its clock starts at its launch.
+        condition(&mut status, job_condition::TRAINING, ConditionStatus::False, at(800));
+        condition(&mut status, job_condition::TRAINING, ConditionStatus::True, at(900));
+        assert_eq!(
+            earlier_monitoring(&status),
+            EarlierMonitoring { step: Some((40, at(900))), stall_flagged_since: None }
+        );
+        // A stall that cleared is not carried.
+        condition(&mut status, job_condition::STALLED, ConditionStatus::False, at(1000));
+        assert_eq!(earlier_monitoring(&status).stall_flagged_since, None);
     }
 
     #[test]
