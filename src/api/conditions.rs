@@ -135,9 +135,14 @@ pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'
     conditions.iter().find(|c| c.type_ == type_)
 }
 
+/// The condition of the given type when it is present with status `True`.
+pub fn true_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    find_condition(conditions, type_).filter(|c| c.status == "True")
+}
+
 /// True when the condition of the given type is present with status `True`.
 pub fn is_condition_true(conditions: &[Condition], type_: &str) -> bool {
-    find_condition(conditions, type_).is_some_and(|c| c.status == "True")
+    true_condition(conditions, type_).is_some()
 }
 
 #[cfg(test)]

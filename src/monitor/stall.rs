@@ -188,7 +188,6 @@ pub fn assess_stall(
         }
     }
 
-    let signals = usize::from(verdict.eta_not_converging) + usize::from(verdict.speed_dropped);
     if let Some(since) = flagged_since
         && settings.enabled
         && history.len() < settings.min_samples
@@ -210,6 +209,7 @@ pub fn assess_stall(
         );
         return verdict;
     }
+    let signals = usize::from(verdict.eta_not_converging) + usize::from(verdict.speed_dropped);
     if !verdict.no_progress && signals == 0 {
         verdict.recovered = flagged_since.is_some();
         verdict.reason = healthy_reason(history, verdict.recovered);

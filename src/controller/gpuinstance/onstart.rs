@@ -12,10 +12,8 @@
 //! handler for, SIGKILL included). Every other process is gone, so an init that waits for its
 //! workload (a shell entrypoint, tini, dumb-init, supervisord) ends and the container stops.
 
-/// Where the deadline (Unix seconds) is kept on the machine.
-pub const DEADLINE_FILE: &str = "/workspace/gputrainer/.deadline";
-
-/// The folder of [`DEADLINE_FILE`] and the timer's log.
+/// The folder on the machine that keeps the deadline (`.deadline`, Unix seconds) and the
+/// timer's log.
 const TIMER_DIR: &str = "/workspace/gputrainer";
 
 /// The shortest lifetime the timer accepts: a machine needs longer than this to boot anyway.
@@ -83,7 +81,6 @@ mod tests {
         assert!(timer < user);
         assert!(script.contains("+ 3600"));
         assert!(script.contains("[ -s /workspace/gputrainer/.deadline ]"), "deadline survives restarts");
-        assert!(script.contains(DEADLINE_FILE));
     }
 
     #[test]

@@ -39,10 +39,8 @@ pub struct JobRuntime {
 impl JobRuntime {
     /// Forgets the connection and the monitor (after an error or when the machine changes).
     pub fn reset(&mut self) {
-        self.session = None;
+        self.disconnect();
         self.monitor = None;
-        self.outputs = None;
-        self.last_poll = None;
     }
 
     /// Forgets the connection only (after an error): the monitor is bound to its machine by

@@ -9,8 +9,8 @@ use kube::runtime::events::EventType;
 use super::pass::Pass;
 use super::session;
 use crate::api::{
-    ConditionStatus, GpuInstance, Reason, find_condition, from_k8s_time, is_condition_true, job_condition,
-    set_condition,
+    ConditionStatus, GpuInstance, Reason, from_k8s_time, is_condition_true, job_condition, set_condition,
+    true_condition,
 };
 use crate::monitor::poller::{EarlierMonitoring, TrainingFiles, TrainingMonitor};
 use chrono::{DateTime, Utc};
@@ -89,9 +89,7 @@ pub fn record_progress(status: &mut TrainingJobStatus, polled: &TrainingStatus, 
 /// grace period instead of starting both again. Only what happened since training started on
 /// this machine counts (the `Training` condition's transition). Pure.
 pub fn earlier_monitoring(status: &TrainingJobStatus) -> EarlierMonitoring {
-    let Some(training) = find_condition(&status.conditions, job_condition::TRAINING)
-        .filter(|c| c.status == ConditionStatus::True.as_str())
-    else {
+    let Some(training) = true_condition(&status.conditions, job_condition::TRAINING) else {
         return EarlierMonitoring::default();
     };
     let launched = from_k8s_time(&training.last_transition_time);
@@ -99,8 +97,7 @@ pub fn earlier_monitoring(status: &TrainingJobStatus) -> EarlierMonitoring {
         let changed = p.last_update_time.as_ref().map(from_k8s_time).unwrap_or(launched);
         (p.step, changed.max(launched))
     });
-    let stall_flagged_since = find_condition(&status.conditions, job_condition::STALLED)
-        .filter(|c| c.status == ConditionStatus::True.as_str())
+    let stall_flagged_since = true_condition(&status.conditions, job_condition::STALLED)
         .map(|c| from_k8s_time(&c.last_transition_time))
         .filter(|since| *since >= launched);
     EarlierMonitoring { step, stall_flagged_since }
