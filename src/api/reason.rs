@@ -58,6 +58,11 @@ reasons! {
     SshUnreachable,
     /// The machine's SSH host key changed since first contact.
     HostKeyChanged,
+    /// The machine stopped answering: a connection or command on it passed its deadline.
+    MachineUnresponsive,
+    /// The machine answered outside the limits: too much output, a line without end, invalid
+    /// or too many file names, more data than allowed.
+    MachineMisbehaved,
     /// The machine is ready for work.
     Ready,
     /// The machine was outbid or interrupted by its host.

@@ -104,6 +104,12 @@ pub enum RemoteError {
     AuthRefused { target: String },
     #[error("command timed out after {0:?}")]
     Timeout(Duration),
+    /// The machine sent more than a limit allows (output, a line, a file).
+    #[error("{what} exceeded the limit of {limit} bytes")]
+    TooLarge { what: String, limit: u64 },
+    /// The machine reported something that is refused (an invalid name, too many files).
+    #[error("refused what the machine reported: {0}")]
+    Refused(String),
     #[error("checksum mismatch for {path}: expected {expected}, got {actual}")]
     ChecksumMismatch { path: String, expected: String, actual: String },
     #[error("{path} does not exist")]
@@ -158,7 +164,30 @@ pub trait RemoteExec: Send + Sync {
     fn describe(&self) -> String;
 }
 
+/// What a remote error says about the machine itself, as opposed to our side or the network in
+/// general. The job engine turns repeated or deterministic faults into a verdict on the machine
+/// (released, replaced within `backoffLimit`) instead of retrying against it forever.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MachineFault {
+    /// A connection or command passed its deadline.
+    Unresponsive,
+    /// Output or reports outside the limits.
+    Misbehaved,
+    /// The host key is not the one recorded on first contact.
+    HostKeyChanged,
+}
+
 impl RemoteError {
+    /// The machine's part in this error, if it is the machine's doing.
+    pub fn machine_fault(&self) -> Option<MachineFault> {
+        match self {
+            RemoteError::Timeout(_) => Some(MachineFault::Unresponsive),
+            RemoteError::TooLarge { .. } | RemoteError::Refused(_) => Some(MachineFault::Misbehaved),
+            RemoteError::HostKeyChanged { .. } => Some(MachineFault::HostKeyChanged),
+            _ => None,
+        }
+    }
+
     pub(crate) fn io(
         operation: impl Into<String>,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,

@@ -58,7 +58,9 @@ build_kube() {
   mkdir -p "$work/.go/src/k8s.io"
   ln -sfn "$tree" "$work/.go/src/k8s.io/kubernetes"
   log "building kube-apiserver and kube-controller-manager (about 6-10 minutes on 2 cores)"
-  (cd "$work/.go/src/k8s.io/kubernetes" && GOPATH="$work/.go" GO111MODULE=off GOFLAGS=-mod=vendor CGO_ENABLED=0 \
+  # Kubernetes 1.20's vendored code builds with Debian's Go 1.19, not with the newer Go on PATH.
+  (cd "$work/.go/src/k8s.io/kubernetes" && PATH="/usr/lib/go-1.19/bin:$PATH" GOROOT=/usr/lib/go-1.19 \
+     GOPATH="$work/.go" GO111MODULE=off GOFLAGS=-mod=vendor CGO_ENABLED=0 GOTOOLCHAIN=local \
      make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >"$work/build.log" 2>&1) || {
        tail -40 "$work/build.log" >&2; exit 1; }
   mkdir -p "$KUBE_BIN"
