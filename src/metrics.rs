@@ -22,6 +22,13 @@ pub struct ErrorLabels {
     pub category: &'static str,
 }
 
+/// A reconcile pass abandoned at its time limit, and the step it was in (a closed set of names).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AbandonedLabels {
+    pub controller: &'static str,
+    pub step: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub outcome: &'static str,
@@ -106,6 +113,9 @@ pub struct Metrics {
     pub reconcile_runs: Family<ControllerLabels, Counter>,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub reconcile_duration: Family<ControllerLabels, Histogram, fn() -> Histogram>,
+    pub reconciles_abandoned: Family<AbandonedLabels, Counter>,
+    /// Machines released because of what they did (unresponsive, misbehaving, host key changed).
+    pub machine_verdicts: Family<ReasonLabels, Counter>,
     pub instances_by_phase: Family<PhaseLabels, Gauge>,
     pub launches: Family<OutcomeLabels, Counter>,
     pub terminations: Family<OutcomeLabels, Counter>,
@@ -138,6 +148,8 @@ impl Metrics {
             reconcile_runs: Family::default(),
             reconcile_errors: Family::default(),
             reconcile_duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+            reconciles_abandoned: Family::default(),
+            machine_verdicts: Family::default(),
             instances_by_phase: Family::default(),
             launches: Family::default(),
             terminations: Family::default(),
@@ -166,6 +178,16 @@ impl Metrics {
             "reconcile_duration_seconds",
             "Time spent in one reconciliation",
             m.reconcile_duration.clone(),
+        );
+        registry.register(
+            "reconciles_abandoned",
+            "Reconcile passes abandoned at their time limit, by controller and the step they were in",
+            m.reconciles_abandoned.clone(),
+        );
+        registry.register(
+            "machine_verdicts",
+            "Machines released for what they did (did not answer, sent too much, changed host key), by reason",
+            m.machine_verdicts.clone(),
         );
         registry.register("instances", "GpuInstances by phase", m.instances_by_phase.clone());
         registry.register("instance_launches", "Rent calls by outcome", m.launches.clone());
@@ -251,6 +273,10 @@ impl Metrics {
 
     pub fn reconcile_failed(&self, controller: &'static str, category: &'static str) {
         self.reconcile_errors.get_or_create(&ErrorLabels { controller, category }).inc();
+    }
+
+    pub fn reconcile_abandoned(&self, controller: &'static str, step: &'static str) {
+        self.reconciles_abandoned.get_or_create(&AbandonedLabels { controller, step }).inc();
     }
 }
 

@@ -38,6 +38,11 @@ pub const CREATE_SUCCEEDED_ANNOTATION: &str = "gputrainer.dev/create-succeeded";
 /// TrainingJob controller sets it on a replacement with the machines that failed the job before;
 /// a person may set it on an interactive GpuInstance to avoid a known bad host.
 pub const AVOID_MACHINES_ANNOTATION: &str = "gputrainer.dev/avoid-machines";
+/// GpuInstance annotation `<Reason>: <message>`: the machine is to be released for what it did
+/// (it stopped answering, sent more than allowed, changed its host key). Set by the TrainingJob
+/// controller, which talks to the machine; the GpuInstance controller releases it and marks it
+/// `Lost` with that reason. It can only ever release a machine, never rent one.
+pub const RELEASE_REQUESTED_ANNOTATION: &str = "gputrainer.dev/release-requested";
 
 /// Both CRDs, in the order they are printed by `gpu-trainer crd` and stored under `crds/`.
 pub fn crds() -> Vec<CustomResourceDefinition> {

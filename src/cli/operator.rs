@@ -58,6 +58,25 @@ pub struct OperatorArgs {
         value_name = "SECONDS"
     )]
     pub termination_stuck_seconds: u64,
+    /// Seconds one GpuInstance reconcile pass may take before it is abandoned and requeued (a
+    /// backstop: every remote call has a deadline of its own).
+    #[arg(
+        long,
+        env = "GPU_TRAINER_INSTANCE_PASS_TIMEOUT_SECONDS",
+        default_value_t = 300,
+        value_name = "SECONDS"
+    )]
+    pub instance_pass_timeout_seconds: u64,
+    /// Seconds one TrainingJob reconcile pass may take before it is abandoned and requeued; a
+    /// pass never runs past the job's activeDeadlineSeconds either. Longer than the longest step
+    /// (staging a dataset: up to an hour).
+    #[arg(
+        long,
+        env = "GPU_TRAINER_JOB_PASS_TIMEOUT_SECONDS",
+        default_value_t = 5400,
+        value_name = "SECONDS"
+    )]
+    pub job_pass_timeout_seconds: u64,
 }
 
 /// Everything a controller process needs, checked.
@@ -90,6 +109,8 @@ pub async fn start(args: &OperatorArgs, metrics: Arc<Metrics>) -> anyhow::Result
     config.termination_poll = Duration::from_secs(args.fast_poll_seconds);
     config.create_pending_grace = Duration::from_secs(args.create_pending_grace_seconds);
     config.termination_stuck_after = Duration::from_secs(args.termination_stuck_seconds);
+    config.instance_pass_timeout = Duration::from_secs(args.instance_pass_timeout_seconds.max(1));
+    config.job_pass_timeout = Duration::from_secs(args.job_pass_timeout_seconds.max(1));
     let provider: Arc<dyn GpuProvider> = Arc::new(MeteredProvider::new(Arc::new(provider), metrics.clone()));
     let ctx =
         Context::new(client, provider, provider_config, Arc::new(RusshProbe::default()), config, metrics);

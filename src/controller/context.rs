@@ -38,6 +38,10 @@ pub struct OperatorConfig {
     /// How often a booting instance is checked: the wait between a machine running and training
     /// starting on it. Cheap, as one shared listing serves every check.
     pub boot_poll: Duration,
+    /// Time limit of one GpuInstance reconcile pass (see [`super::pass_limit`]).
+    pub instance_pass_timeout: Duration,
+    /// Time limit of one TrainingJob reconcile pass; never past the job's hard deadline.
+    pub job_pass_timeout: Duration,
 }
 
 impl OperatorConfig {
@@ -52,6 +56,8 @@ impl OperatorConfig {
             termination_stuck_after: Duration::from_secs(10 * 60),
             liveness_poll: Duration::from_secs(60),
             boot_poll: Duration::from_secs(1),
+            instance_pass_timeout: Duration::from_secs(300),
+            job_pass_timeout: Duration::from_secs(5400),
         }
     }
 }

@@ -7,6 +7,7 @@ pub mod kube_requests;
 pub mod leader;
 pub mod listing;
 pub mod metered;
+pub mod pass_limit;
 pub mod patch;
 pub mod probe;
 pub mod sweeper;

@@ -16,6 +16,7 @@ use crate::api::{
     SshEndpointStatus, from_k8s_time, instance_condition, is_condition_true, set_condition, to_k8s_time,
 };
 use crate::controller::Context;
+use crate::controller::pass_limit::StepTracker;
 use crate::provider::{Instance, InstanceId};
 use crate::remote::ssh::SshTarget;
 
@@ -24,6 +25,7 @@ pub async fn observe(
     instance: &GpuInstance,
     status: &mut GpuInstanceStatus,
     ctx: &Context,
+    step: &StepTracker,
     now: DateTime<Utc>,
 ) -> Result<Action, Error> {
     let id = provider_id(status)?;
@@ -68,7 +70,15 @@ pub async fn observe(
             status.phase = GpuInstancePhase::Running;
             Ok(Action::requeue(ctx.config.liveness_poll))
         }
-        Verdict::Running => probe_ssh(instance, status, ctx, &observed, now).await,
+        // The boot deadline is judged before the machine is asked anything: a machine that
+        // hangs our probe cannot hold its own deadline up.
+        Verdict::Running if boot_deadline_due(instance, status, ctx, now) => {
+            check_boot_deadline(instance, status, ctx, &observed, now).await
+        }
+        Verdict::Running => {
+            step.enter("probe");
+            probe_ssh(instance, status, ctx, &observed, now).await
+        }
         Verdict::Release { reason, lost, exclude_machine: exclude, message } => {
             ctx.provider.destroy_instance(id).await.map_err(provider_err("destroy a failed instance"))?;
             if let (true, Some(machine)) = (exclude, observed.machine_id) {
@@ -171,6 +181,18 @@ async fn probe_ssh(
     }
 }
 
+fn boot_deadline_due(
+    instance: &GpuInstance,
+    status: &GpuInstanceStatus,
+    ctx: &Context,
+    now: DateTime<Utc>,
+) -> bool {
+    let timeout =
+        boot_timeout(&instance.spec, ctx.config.default_boot_timeout, ctx.config.boot_time_per_image_gb);
+    let launched = status.launched_at.as_ref().map(from_k8s_time).unwrap_or(now);
+    boot_deadline_passed(launched, timeout, now)
+}
+
 async fn check_boot_deadline(
     instance: &GpuInstance,
     status: &mut GpuInstanceStatus,
@@ -180,8 +202,7 @@ async fn check_boot_deadline(
 ) -> Result<Action, Error> {
     let timeout =
         boot_timeout(&instance.spec, ctx.config.default_boot_timeout, ctx.config.boot_time_per_image_gb);
-    let launched = status.launched_at.as_ref().map(from_k8s_time).unwrap_or(now);
-    if !boot_deadline_passed(launched, timeout, now) {
+    if !boot_deadline_due(instance, status, ctx, now) {
         return Ok(Action::requeue(ctx.config.boot_poll));
     }
     ctx.provider
@@ -191,8 +212,15 @@ async fn check_boot_deadline(
     if let Some(machine) = observed.machine_id {
         exclude_machine(status, machine);
     }
+    // What the machine last did when asked (the probe's failure) says why it never became ready.
+    let last_check = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == instance_condition::REACHABLE && c.status == ConditionStatus::False.as_str())
+        .map(|c| format!("; the last SSH check: {}", c.message))
+        .unwrap_or_default();
     let message = format!(
-        "instance {} was not reachable within {} s of rent; released it",
+        "instance {} was not reachable within {} s of rent{last_check}; released it",
         observed.id,
         timeout.as_secs()
     );
@@ -201,7 +229,7 @@ async fn check_boot_deadline(
     Ok(Action::requeue(ctx.config.termination_poll))
 }
 
-fn mark_released(
+pub(super) fn mark_released(
     status: &mut GpuInstanceStatus,
     phase: GpuInstancePhase,
     reason: Reason,

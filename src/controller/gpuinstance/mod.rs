@@ -14,6 +14,7 @@ pub mod liveness;
 pub mod onstart;
 pub mod sshkey;
 pub mod terminate;
+pub mod verdict;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +28,7 @@ use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
 use super::Context;
+use super::pass_limit::{StepTracker, within};
 use super::patch::{GPUINSTANCE_MANAGER, apply_status, set_finalizers_locked};
 use crate::api::{GPUINSTANCE_FINALIZER, GpuInstance, GpuInstancePhase, GpuInstanceStatus};
 use crate::provider;
@@ -75,21 +77,43 @@ pub(crate) fn provider_err(operation: &'static str) -> impl FnOnce(provider::Err
     move |source| Error::Provider { operation, source }
 }
 
-/// One reconciliation of one GpuInstance.
+/// One reconciliation of one GpuInstance, within the operator's pass time limit: a pass past it
+/// is abandoned and requeued (the delete protocol and the boot deadline are then judged again
+/// on the next pass, which nothing on the machine can hold up).
 pub async fn reconcile(instance: Arc<GpuInstance>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_started(CONTROLLER);
+    let step = StepTracker::new("start");
+    match within(ctx.config.instance_pass_timeout, &step, reconcile_pass(&instance, &ctx, &step)).await {
+        Ok(result) => result,
+        Err(abandoned) => {
+            ctx.metrics.reconcile_abandoned(CONTROLLER, abandoned.step);
+            warn!(
+                gpuinstance = %instance.name_any(),
+                namespace = ?instance.namespace(),
+                step = abandoned.step,
+                after_s = abandoned.after.as_secs(),
+                "Reconcile pass abandoned at its time limit"
+            );
+            Ok(Action::requeue(Duration::from_secs(1)))
+        }
+    }
+}
+
+async fn reconcile_pass(instance: &GpuInstance, ctx: &Context, step: &StepTracker) -> Result<Action, Error> {
     let namespace = instance.namespace().ok_or(Error::Missing("namespace"))?;
     let api: Api<GpuInstance> = Api::namespaced(ctx.client.clone(), &namespace);
 
     if instance.meta().deletion_timestamp.is_some() {
-        return terminate::cleanup(&api, &instance, &ctx).await;
+        step.enter("terminate");
+        return terminate::cleanup(&api, instance, ctx).await;
     }
     // Finalizer first: nothing is rented before it is persisted, so no machine can outlive a
     // deleted object.
     if !instance.finalizers().iter().any(|f| f == GPUINSTANCE_FINALIZER) {
         let mut finalizers = instance.finalizers().to_vec();
         finalizers.push(GPUINSTANCE_FINALIZER.to_string());
-        return match set_finalizers_locked(&api, &instance, finalizers).await {
+        step.enter("finalizer");
+        return match set_finalizers_locked(&api, instance, finalizers).await {
             // The update triggers a new reconciliation with the fresh object.
             Ok(_) => Ok(Action::await_change()),
             Err(err) if super::patch::is_conflict(&err) => Ok(Action::requeue(Duration::ZERO)),
@@ -102,14 +126,26 @@ pub async fn reconcile(instance: Arc<GpuInstance>, ctx: Arc<Context>) -> Result<
     let mut status = before.clone();
     let action = match status.phase {
         GpuInstancePhase::Failed | GpuInstancePhase::Lost | GpuInstancePhase::Terminated => {
-            terminate::ensure_released(&instance, &mut status, &ctx).await?
+            step.enter("release");
+            terminate::ensure_released(instance, &mut status, ctx).await?
         }
         _ if status.provider_id.is_none() => {
-            launch::ensure_launched(&api, &instance, &mut status, &ctx, now).await?
+            step.enter("launch");
+            launch::ensure_launched(&api, instance, &mut status, ctx, now).await?
         }
-        _ => liveness::observe(&instance, &mut status, &ctx, now).await?,
+        _ => match verdict::requested(instance) {
+            Some(requested) => {
+                step.enter("verdict");
+                verdict::release(instance, &mut status, ctx, requested, now).await?
+            }
+            None => {
+                step.enter("observe");
+                liveness::observe(instance, &mut status, ctx, step, now).await?
+            }
+        },
     };
-    write_status(&api, &instance, &before, status).await?;
+    step.enter("write-status");
+    write_status(&api, instance, &before, status).await?;
     Ok(action)
 }
 

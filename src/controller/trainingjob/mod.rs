@@ -22,6 +22,7 @@ pub mod suspend;
 pub mod train;
 mod upload;
 pub mod validate;
+pub mod verdict;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -38,6 +39,7 @@ use tracing::{debug, info, warn};
 
 use super::Context;
 use super::gpuinstance::error_chain;
+use super::pass_limit;
 use super::patch::{TRAININGJOB_MANAGER, apply_status};
 use crate::api::{GpuInstance, Reason, TrainingJob, TrainingJobPhase, TrainingJobStatus, from_k8s_time};
 use crate::remote::launch::RemoteLayout;
@@ -71,6 +73,11 @@ pub enum Error {
     SshKey(#[from] crate::remote::ssh::KeyError),
     #[error("the object has no {0}")]
     Missing(&'static str),
+    #[error("the pass was abandoned after {} s in the {} step", .0.after.as_secs(), .0.step)]
+    Abandoned(crate::controller::pass_limit::Abandoned),
+    /// The machine's host key was never recorded: connecting would trust whatever key it shows.
+    #[error("{0}")]
+    UnpinnedHostKey(String),
 }
 
 impl Error {
@@ -84,6 +91,8 @@ impl Error {
             Error::Monitor(_) => "Monitor",
             Error::Key(_) | Error::SshKey(_) => "SshKey",
             Error::Missing(_) => "InvalidObject",
+            Error::Abandoned(_) => "Abandoned",
+            Error::UnpinnedHostKey(_) => "SshKey",
         }
     }
 }
@@ -165,6 +174,7 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctrl: Arc<JobController>) -> Resul
         }
     };
     let layout = RemoteLayout::new(&ctrl.remote_base, &uid)?;
+    let step = pass_limit::StepTracker::new("start");
     let rendered = tool.render(
         &job.spec.params,
         &JobContext { name: job.name_any(), uid: uid.clone(), layout: layout.clone() },
@@ -179,18 +189,59 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctrl: Arc<JobController>) -> Resul
         layout,
         tool: rendered,
         status: before.clone(),
+        step: &step,
     };
     let slot = ctrl.sessions.slot(&uid);
     let mut runtime = slot.lock().await;
-    let result = pass.run(&mut runtime).await;
-    if result.is_err() {
-        // A broken connection is reopened on the next pass; the monitor keeps its readings.
-        runtime.disconnect();
+    let limit = pass_limit::job_pass_limit(
+        ctx.config.job_pass_timeout,
+        deadline_left(&job.spec, &before, now),
+        STOP_GRACE,
+    );
+    let result = match pass_limit::within(limit, &step, pass.run(&mut runtime)).await {
+        Ok(result) => result,
+        Err(abandoned) => {
+            ctx.metrics.reconcile_abandoned(CONTROLLER, abandoned.step);
+            warn!(job = %job.name_any(), namespace = %namespace, step = abandoned.step, after_s = abandoned.after.as_secs(), "Reconcile pass abandoned at its time limit");
+            Err(Error::Abandoned(abandoned))
+        }
+    };
+    match &result {
+        Ok(_) => runtime.faults.clear(),
+        Err(err) => {
+            // A broken connection is reopened on the next pass; the monitor keeps its readings.
+            runtime.disconnect();
+            if let Some(instance) = pass.status.instance.as_ref().map(|i| i.name.clone()) {
+                let instances: Api<GpuInstance> = Api::namespaced(ctx.client.clone(), &namespace);
+                // Best effort: a failed request is made again after the next failed pass, and
+                // the status below is written either way.
+                if let Err(failed) =
+                    verdict::judge(&ctrl, &job, &instances, &mut runtime.faults, &instance, err).await
+                {
+                    warn!(job = %job.name_any(), error = %error_chain(&failed), "Could not request the machine's release");
+                }
+            }
+        }
     }
     drop(runtime);
     // Whatever was done before an error is recorded, so it is not done again.
     write_status(&jobs, &job, &pass.written, pass.status).await?;
     result
+}
+
+/// Time a pass gets past the job's hard deadline to stop the trainer and save its latest
+/// checkpoint (the salvage upload has a 10-minute step deadline of its own).
+const STOP_GRACE: Duration = Duration::from_secs(15 * 60);
+
+/// Time until the job's `activeDeadlineSeconds` passes; `None` before it started. Pure.
+fn deadline_left(
+    spec: &crate::api::TrainingJobSpec,
+    status: &TrainingJobStatus,
+    now: chrono::DateTime<Utc>,
+) -> Option<Duration> {
+    let started = from_k8s_time(status.start_time.as_ref()?);
+    let deadline = started + chrono::Duration::seconds(spec.active_deadline_seconds);
+    Some((deadline - now).to_std().unwrap_or(Duration::ZERO))
 }
 
 /// Writes `status` when it differs from `before` (what the API server holds); a cost that only

@@ -18,6 +18,7 @@ use crate::api::{
     ConditionStatus, GpuInstance, Reason, TrainingJob, TrainingJobPhase, TrainingJobStatus, from_k8s_time,
     is_condition_true, job_condition, set_condition,
 };
+use crate::controller::pass_limit::StepTracker;
 use crate::engine::{MachineObservation, Observations, Step, TrainingObservation, next_step};
 use crate::remote::launch::{self, LaunchOutcome, RemoteLayout};
 use crate::remote::tool::RenderedTool;
@@ -41,12 +42,35 @@ pub(super) struct Pass<'a> {
     pub(super) layout: RemoteLayout,
     pub(super) tool: RenderedTool,
     pub(super) status: TrainingJobStatus,
+    /// The step in progress, for a pass abandoned at its time limit.
+    pub(super) step: &'a StepTracker,
+}
+
+/// The name of a step in logs and in `gputrainer_reconciles_abandoned_total{step}`.
+pub(super) fn step_label(step: &Step) -> &'static str {
+    match step {
+        Step::Done => "done",
+        Step::AcquireMachine { .. } => "acquire",
+        Step::WaitForMachine => "wait",
+        Step::Stage => "stage",
+        Step::Launch { .. } => "launch",
+        Step::Poll => "poll",
+        Step::StopAndFail { .. } => "stop",
+        Step::Upload => "upload",
+        Step::Finish { .. } => "finish",
+    }
+}
+
+/// Steps that talk to the machine: a pass abandoned in one of them is the machine's doing.
+pub(super) fn is_machine_step(label: &str) -> bool {
+    matches!(label, "stage" | "launch" | "poll" | "stop" | "upload" | "finish")
 }
 
 impl Pass<'_> {
     pub(super) async fn run(&mut self, runtime: &mut session::JobRuntime) -> Result<Action, Error> {
         let mut training = TrainingObservation::Unknown;
         for _ in 0..MAX_STEPS_PER_PASS {
+            self.step.enter("observe");
             let now = Utc::now();
             let instance = match &self.status.instance {
                 Some(i) => self.instances.get_opt(&i.name).await.map_err(kube_err("read the GpuInstance"))?,
@@ -89,6 +113,7 @@ impl Pass<'_> {
             let observed = Observations { machine: machine.clone(), training: training.clone() };
             let step = next_step(&self.job.spec, &self.status, &observed, now);
             debug!(job = %self.job.name_any(), ?step, "Next step");
+            self.step.enter(step_label(&step));
             // Steps on the machine are abandoned if it is lost meanwhile (the next step then
             // sees the loss): SSH to a dead machine only gives up after minutes of retrying.
             let watch = MachineWatch::new(&self.instances, instance.as_ref());

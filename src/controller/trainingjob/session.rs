@@ -34,6 +34,8 @@ pub struct JobRuntime {
     pub checkpoint_sync: CheckpointSync,
     /// When the trainer was last polled.
     pub last_poll: Option<Instant>,
+    /// What the machine did wrong lately (kept across disconnects: that is what it counts).
+    pub faults: super::verdict::MachineFaults,
 }
 
 impl JobRuntime {
@@ -113,11 +115,19 @@ pub async fn ensure_session(
         .and_then(|d| d.get(PRIVATE_KEY))
         .ok_or(Error::Missing("ssh-privatekey in the key Secret"))?;
     let key = SshKey::from_bytes(&private.0)?;
+    // The GpuInstance controller records the host key at first contact; without it, connecting
+    // would trust whatever key the machine shows now.
+    let Some(fingerprint) = ssh.host_key_fingerprint.filter(|f| !f.is_empty()) else {
+        return Err(Error::UnpinnedHostKey(format!(
+            "GpuInstance {name} has no host key recorded at first contact (status.ssh.hostKeyFingerprint); \
+             refusing to trust the key the machine shows now"
+        )));
+    };
     let target = SshTarget { host: ssh.host, port: ssh.port, user: "root".into() };
     // The machine answered the GpuInstance controller already; a short deadline keeps one
     // reconcile from blocking, the error policy retries.
     let options = SshOptions { connect_deadline: Duration::from_secs(30), ..SshOptions::default() };
-    let exec = Arc::new(SshExec::connect(target, key, ssh.host_key_fingerprint, options).await?);
+    let exec = Arc::new(SshExec::connect(target, key, Some(fingerprint), options).await?);
     runtime.session = Some((name, exec.clone()));
     Ok(exec)
 }
