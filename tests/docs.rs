@@ -213,6 +213,8 @@ fn metrics_in_the_docs_are_exported() {
     m.provider_requests.get_or_create(&provider).inc();
     m.provider_request_duration.get_or_create(&provider).observe(0.1);
     m.job_failures.get_or_create(&ReasonLabels { reason: "Stalled" }).inc();
+    m.reconcile_abandoned("trainingjob", "poll");
+    m.machine_verdicts.get_or_create(&ReasonLabels { reason: "MachineUnresponsive" }).inc();
     m.kube_requests
         .get_or_create(&KubeRequestLabels { verb: "patch", resource: "trainingjobs", subresource: "status" })
         .inc();
