@@ -336,6 +336,11 @@ fn restart_script() -> PathBuf {
 /// unavailable.
 async fn restart(suite: &Suite, component: &str, kill: bool, down: Duration) -> Result<Duration, String> {
     let _one_at_a_time = suite.restarting.lock().await;
+    restart_now(component, kill, down).await
+}
+
+/// [`restart`] for a caller that holds `suite.restarting` already.
+async fn restart_now(component: &str, kill: bool, down: Duration) -> Result<Duration, String> {
     let started = Instant::now();
     let out = tokio::process::Command::new("bash")
         .arg(restart_script())
@@ -373,8 +378,15 @@ async fn inject(suite: &Suite, started: Instant, fault: &FaultPlan, names: &[Str
             );
             format!("operator SIGKILL, down {:.1}s", down.as_secs_f64())
         }
-        FaultKind::ApiServerRestart { kill, down } => match restart(suite, "apiserver", *kill, *down).await {
-            Ok(took) => {
+        // The watch probe is part of this fault: no other restart may take the API server down
+        // while the probe job is created (the suite's own request would fail, not the operator).
+        FaultKind::ApiServerRestart { kill, down } => match async {
+            let held = suite.restarting.lock().await;
+            restart_now("apiserver", *kill, *down).await.map(|took| (took, held))
+        }
+        .await
+        {
+            Ok((took, _held)) => {
                 let down = format!("apiserver {}, down {:.1}s", signal_name(*kill), took.as_secs_f64());
                 match watch_probe(suite, &format!("{}-probe{}", names[0], at.as_millis())).await {
                     Ok(seen) => format!("{down}, new job seen in {:.1}s", seen.as_secs_f64()),
