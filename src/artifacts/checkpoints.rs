@@ -128,7 +128,7 @@ mod tests {
                     size_bytes: *size,
                 })
                 .collect(),
-            final_model: None,
+            ..Default::default()
         }
     }
 
