@@ -35,7 +35,9 @@ pub const MAX_CHECKPOINTS: usize = 1_000;
 /// A listing outside the limits: the machine's fault, refused as a whole.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ListingError {
-    #[error("the machine listed {count} entries in its output folder; at most {MAX_LISTING_ENTRIES} are accepted")]
+    #[error(
+        "the machine listed {count} entries in its output folder; at most {MAX_LISTING_ENTRIES} are accepted"
+    )]
     TooManyEntries { count: usize },
     #[error(
         "the machine reported {count} checkpoints (files or folders named like checkpoints); at most {MAX_CHECKPOINTS} are accepted"
@@ -321,10 +323,9 @@ mod tests {
 
     #[test]
     fn a_flood_of_checkpoints_is_refused_whatever_their_names() {
-        let listing = |n: usize| -> String {
-            (0..n).map(|i| format!("d 4096 checkpoint-{i}\0")).collect()
-        };
-        let inv = inventory(&parse_listing(&listing(MAX_CHECKPOINTS)).unwrap(), ParserKind::Diffusers).unwrap();
+        let listing = |n: usize| -> String { (0..n).map(|i| format!("d 4096 checkpoint-{i}\0")).collect() };
+        let inv =
+            inventory(&parse_listing(&listing(MAX_CHECKPOINTS)).unwrap(), ParserKind::Diffusers).unwrap();
         assert_eq!(inv.checkpoints.len(), MAX_CHECKPOINTS);
         let err = inventory(&parse_listing(&listing(MAX_CHECKPOINTS + 1)).unwrap(), ParserKind::Diffusers)
             .unwrap_err();
@@ -352,7 +353,8 @@ mod tests {
 
     #[test]
     fn folder_sizes_reported_by_the_machine_cannot_overflow() {
-        let listing = format!("d 1 checkpoint-5\0f {max} checkpoint-5/a\0f {max} checkpoint-5/b\0", max = u64::MAX);
+        let listing =
+            format!("d 1 checkpoint-5\0f {max} checkpoint-5/a\0f {max} checkpoint-5/b\0", max = u64::MAX);
         let inv = inventory(&parse_listing(&listing).unwrap(), ParserKind::Diffusers).unwrap();
         assert_eq!(inv.checkpoints[0].size_bytes, u64::MAX);
     }

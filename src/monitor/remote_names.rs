@@ -96,7 +96,7 @@ pub fn quoted(raw: &str) -> String {
     let mut out = String::from("\"");
     for (i, c) in raw.chars().enumerate() {
         if i == MAX {
-            out.push_str("…");
+            out.push('…');
             break;
         }
         out.extend(c.escape_debug());
@@ -256,9 +256,9 @@ mod tests {
         assert_eq!(check_relative_path("a/"), Err(NameError::EmptyComponent));
         assert_eq!(check_relative_path("a/../../b"), Err(NameError::BadStart('.')));
         assert_eq!(check_relative_path("a/./b"), Err(NameError::BadStart('.')));
-        let deep = vec!["d"; MAX_PATH_COMPONENTS + 1].join("/");
+        let deep = ["d"; MAX_PATH_COMPONENTS + 1].join("/");
         assert_eq!(check_relative_path(&deep), Err(NameError::TooDeep(MAX_PATH_COMPONENTS + 1)));
-        assert_eq!(check_relative_path(&vec!["d"; MAX_PATH_COMPONENTS].join("/")), Ok(()));
+        assert_eq!(check_relative_path(&["d"; MAX_PATH_COMPONENTS].join("/")), Ok(()));
         let long = vec!["a".repeat(100); 6].join("/");
         assert_eq!(check_relative_path(&long), Err(NameError::PathTooLong(long.len())));
     }
