@@ -433,7 +433,8 @@ pub struct TrainingJobStatus {
     /// Money spent and expected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<CostStatus>,
-    /// Checkpoints written by the trainer, oldest first. Those with a `uri` are in storage
+    /// Checkpoints written by the trainer, oldest first: the newest 20 (see
+    /// `checkpointsOmitted`). Those with a `uri` are in storage
     /// (`spec.output.s3.syncCheckpoints`) and survive the machine.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checkpoints: Vec<CheckpointStatus>,

@@ -17,6 +17,7 @@ use crate::artifacts::upload::{JobUploadLimits, UploadLimits};
 use crate::artifacts::{S3Settings, UploadSettings};
 use crate::controller::gpuinstance::error_chain;
 use crate::monitor::checkpoints::Checkpoint;
+use crate::monitor::remote_names::check_relative_path;
 
 /// The S3 destination of one job.
 pub struct S3Target {
@@ -142,6 +143,9 @@ pub fn record_checkpoints(
         .cloned()
         .collect();
     let mut merged = merge_checkpoints(&status.checkpoints, &found, synced);
+    // Names reach status only from a checked inventory; one written by an older operator that
+    // fails the check is dropped rather than uploaded or restored.
+    merged.retain(|c| check_relative_path(&c.name).is_ok());
     let excess = merged.len().saturating_sub(STATUS_CHECKPOINTS);
     merged.drain(..excess);
     status.checkpoints = merged;
@@ -307,6 +311,16 @@ mod tests {
         assert_eq!(status.checkpoints_omitted, 4982);
         // The status stays small however many checkpoints the machine reports.
         assert!(serde_json::to_string(&status).unwrap().len() < 4096);
+    }
+
+    #[test]
+    fn a_status_name_that_fails_the_check_is_dropped() {
+        let mut status = TrainingJobStatus {
+            checkpoints: vec![cp("../../etc/x_000000010", 10, Some("s3://b/x")), cp("a_000000020", 20, None)],
+            ..Default::default()
+        };
+        record_checkpoints(&mut status, &[cp("a_000000020", 20, None)], &[]);
+        assert_eq!(status.checkpoints.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["a_000000020"]);
     }
 
     #[test]
