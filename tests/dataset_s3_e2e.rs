@@ -74,15 +74,22 @@ impl Garage {
     /// Returns the archive's SHA-256.
     async fn put_dataset(&self, dir: &Path, key: &str) -> String {
         let (archive, sha256) = common::dataset::pack_dataset(dir);
+        let body = std::fs::read(&archive).unwrap();
         let put = self
             .store()
-            .presign_put(&ObjectRef::new(&self.bucket, key), Validity::from_now(Duration::from_secs(300)))
+            .presign_put(
+                &ObjectRef::new(&self.bucket, key),
+                body.len() as u64,
+                Validity::from_now(Duration::from_secs(300)),
+            )
             .await
             .unwrap();
-        let mut request = reqwest::Client::new().put(&put.url).body(std::fs::read(&archive).unwrap());
-        for (name, value) in &put.headers {
+        let mut request = reqwest::Client::new().put(&put.url);
+        // The signed content-length is the body's, which reqwest sends itself.
+        for (name, value) in put.headers.iter().filter(|(n, _)| n != "content-length") {
             request = request.header(name, value);
         }
+        let request = request.body(body);
         let response = request.send().await.unwrap();
         assert!(response.status().is_success(), "upload to Garage: {}", response.status());
         sha256

@@ -433,10 +433,21 @@ pub struct TrainingJobStatus {
     /// Money spent and expected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<CostStatus>,
-    /// Checkpoints written by the trainer, oldest first. Those with a `uri` are in storage
+    /// Checkpoints written by the trainer, oldest first: the newest 20 (see
+    /// `checkpointsOmitted`). Those with a `uri` are in storage
     /// (`spec.output.s3.syncCheckpoints`) and survive the machine.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checkpoints: Vec<CheckpointStatus>,
+    /// Checkpoints older than those in `checkpoints`, which lists only the newest 20 (the machine
+    /// decides how many there are; a status must stay small): how many were left out. The ones
+    /// that were synced stay in storage under `<prefix>/<job>-<uid>/checkpoints/`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub checkpoints_omitted: u64,
+    /// What this job has uploaded to S3 so far, over all its machines. The operator limits it
+    /// per job (`gpu-trainer run --max-upload-files-per-job`, `--max-upload-gib-per-job`); the
+    /// machine reporting more is refused before anything is uploaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uploaded: Option<UploadedStatus>,
     /// The checkpoint the current machine resumes from: on a replacement machine (after a lost
     /// instance or a suspension), the latest checkpoint found there or brought back from
     /// storage. Unset when training starts from the beginning.
@@ -541,6 +552,20 @@ pub struct CheckpointStatus {
     /// Where it was synced to, when checkpoint sync is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uri: Option<String>,
+}
+
+/// Files and bytes uploaded to storage.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UploadedStatus {
+    /// Files (objects) uploaded.
+    pub files: u64,
+    /// Their total size in bytes.
+    pub bytes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// An uploaded and verified result.

@@ -21,6 +21,8 @@ struct State {
     /// Multipart ETags of completed objects.
     etags: BTreeMap<ObjectRef, String>,
     presigned_parts: Vec<i32>,
+    /// `(key, part number or 0 for a single PUT, signed length)` of every presigned PUT.
+    signed_lengths: Vec<(String, i32, u64)>,
     aborted: Vec<String>,
 }
 
@@ -45,6 +47,17 @@ impl FakeObjectStore {
 
     pub fn presigned_parts(&self) -> Vec<i32> {
         self.state.lock().unwrap().presigned_parts.clone()
+    }
+
+    /// `(key, part number or 0 for a single PUT, signed length)` of every presigned PUT.
+    pub fn signed_lengths(&self) -> Vec<(String, i32, u64)> {
+        self.state.lock().unwrap().signed_lengths.clone()
+    }
+
+    /// Whether anything at all was presigned or started (no URL reached the machine).
+    pub fn nothing_presigned(&self) -> bool {
+        let state = self.state.lock().unwrap();
+        state.signed_lengths.is_empty() && state.presigned_parts.is_empty() && state.next_upload == 0
     }
 
     pub fn aborted(&self) -> Vec<String> {
@@ -77,9 +90,12 @@ impl ObjectStore for FakeObjectStore {
     async fn presign_put(
         &self,
         object: &ObjectRef,
+        content_length: u64,
         validity: Validity,
     ) -> Result<PresignedRequest, ArtifactError> {
+        self.state.lock().unwrap().signed_lengths.push((object.key.clone(), 0, content_length));
         let mut r = Self::request(&self.object_path(object), validity);
+        r.headers = vec![("content-length".into(), content_length.to_string())];
         // curl's file:// upload ignores the query; strip it so the file name stays the key.
         r.url = r.url.replace("?X-Amz-Signature=fake", "");
         Ok(r)
@@ -103,13 +119,15 @@ impl ObjectStore for FakeObjectStore {
 
     async fn presign_part(
         &self,
-        _object: &ObjectRef,
+        object: &ObjectRef,
         upload_id: &str,
         part_number: i32,
+        content_length: u64,
         validity: Validity,
     ) -> Result<PresignedRequest, ArtifactError> {
         let mut state = self.state.lock().unwrap();
         state.presigned_parts.push(part_number);
+        state.signed_lengths.push((object.key.clone(), part_number, content_length));
         let mut path = self.part_dir(upload_id).join(part_number.to_string());
         if let Some(pos) = state.fail_parts_once.iter().position(|p| *p == part_number) {
             state.fail_parts_once.remove(pos);
@@ -120,6 +138,7 @@ impl ObjectStore for FakeObjectStore {
         }
         let mut r = Self::request(&path, validity);
         r.url = r.url.replace("?X-Amz-Signature=fake", "");
+        r.headers = vec![("content-length".into(), content_length.to_string())];
         Ok(r)
     }
 

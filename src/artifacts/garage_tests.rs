@@ -123,7 +123,7 @@ async fn presigned_put_from_shell_curl_is_stored_and_verified() {
         object: object.clone(),
     }];
     let statuses =
-        Uploader::new(&f.store, UploadSettings::default()).upload(&f.remote, &items).await.unwrap();
+        Uploader::new(&f.store, UploadSettings::default()).upload(&f.remote, &items).await.unwrap().artifacts;
     assert_eq!(statuses.len(), 1);
     assert_eq!(statuses[0].uri, object.uri());
     assert_eq!(statuses[0].size_bytes, content.len() as u64);
@@ -146,7 +146,7 @@ async fn file_above_the_threshold_goes_up_in_parts() {
         path: "output/big.safetensors".into(),
         object: object.clone(),
     }];
-    let statuses = Uploader::new(&f.store, small_parts()).upload(&f.remote, &items).await.unwrap();
+    let statuses = Uploader::new(&f.store, small_parts()).upload(&f.remote, &items).await.unwrap().artifacts;
     assert_eq!(statuses[0].size_bytes, content.len() as u64);
     let head = f.store.head(&object).await.unwrap().unwrap();
     assert_eq!(head.size, content.len() as u64);
@@ -168,11 +168,18 @@ async fn folder_checkpoint_is_uploaded_file_by_file() {
         epoch: None,
         size_bytes: 13,
     };
-    let uploader = Uploader::new(&f.store, UploadSettings::default());
-    let synced =
-        super::checkpoints::sync_checkpoints(&uploader, &f.remote, &f.dest, "output", &[inventory_cp])
-            .await
-            .unwrap();
+    let synced = super::checkpoints::sync_checkpoints(
+        &f.store,
+        &UploadSettings::default(),
+        &f.remote,
+        &f.dest,
+        "output",
+        &[inventory_cp],
+    )
+    .await
+    .unwrap();
+    assert_eq!((synced.files, synced.bytes), (2, 13));
+    let synced = synced.checkpoints;
     assert_eq!(synced[0].step, 500);
     assert_eq!(synced[0].size_bytes, Some(13));
     let uri = synced[0].uri.clone().unwrap();
@@ -188,7 +195,6 @@ async fn a_synced_checkpoint_folder_comes_back_onto_a_new_machine() {
     f.write("output/checkpoint-500/adapter.safetensors", &data(3 * MIB, 1));
     f.write("output/checkpoint-500/optimizer/state.bin", b"state!");
     f.write("output/checkpoint-5000/adapter.safetensors", b"a later one, not asked for");
-    let uploader = Uploader::new(&f.store, UploadSettings::default());
     let folder = |path: &str, step| crate::monitor::checkpoints::Checkpoint {
         path: path.into(),
         step: Some(step),
@@ -196,7 +202,8 @@ async fn a_synced_checkpoint_folder_comes_back_onto_a_new_machine() {
         size_bytes: 1,
     };
     super::checkpoints::sync_checkpoints(
-        &uploader,
+        &f.store,
+        &UploadSettings::default(),
         &f.remote,
         &f.dest,
         "output",
@@ -227,7 +234,7 @@ async fn expired_url_is_refused() {
     // Valid for one second, two hours ago.
     let validity =
         Validity { start: SystemTime::now() - Duration::from_secs(7200), expires_in: Duration::from_secs(1) };
-    let request = f.store.presign_put(&object, validity).await.unwrap();
+    let request = f.store.presign_put(&object, 1, validity).await.unwrap();
     // AWS answers 403 "Request has expired"; Garage 2.5 answers 400 "Date is too old". Either
     // way the upload is refused, and the message is about the age of the signature.
     let (status, body) = f.curl_put_with_body(&request, "m.bin").await;
@@ -236,7 +243,7 @@ async fn expired_url_is_refused() {
     assert!(lower.contains("too old") || lower.contains("expired"), "{body}");
     assert!(f.store.head(&object).await.unwrap().is_none());
     // The same request, fresh, is accepted: the 403 was the expiry, not something else.
-    let fresh = f.store.presign_put(&object, Validity::from_now(Duration::from_secs(60))).await.unwrap();
+    let fresh = f.store.presign_put(&object, 1, Validity::from_now(Duration::from_secs(60))).await.unwrap();
     assert_eq!(f.curl_put(&fresh, "m.bin").await, "200");
 }
 
@@ -246,7 +253,8 @@ async fn tampered_url_is_refused() {
     let f = fixture();
     f.write("m.bin", b"x");
     let object = f.dest.object("signed-for-this.bin");
-    let request = f.store.presign_put(&object, Validity::from_now(Duration::from_secs(600))).await.unwrap();
+    let request =
+        f.store.presign_put(&object, 1, Validity::from_now(Duration::from_secs(600))).await.unwrap();
     let tampered = [
         // Another key than the one signed.
         request.url.replace("signed-for-this.bin", "something-else.bin"),
@@ -271,6 +279,41 @@ async fn tampered_url_is_refused() {
 
 #[tokio::test]
 #[ignore = "needs tests/ environment"]
+async fn a_put_of_another_length_than_signed_is_refused() {
+    let f = fixture();
+    f.write("short.bin", &data(9, 1));
+    f.write("exact.bin", &data(10, 1));
+    f.write("long.bin", &data(11, 1));
+    let object = f.dest.object("ten-bytes.bin");
+    let request =
+        f.store.presign_put(&object, 10, Validity::from_now(Duration::from_secs(60))).await.unwrap();
+    for other in ["short.bin", "long.bin"] {
+        let (status, body) = f.curl_put_with_body(&request, other).await;
+        assert_eq!(status, "403", "{other}: {body}");
+    }
+    assert!(f.store.head(&object).await.unwrap().is_none());
+    assert_eq!(f.curl_put(&request, "exact.bin").await, "200");
+
+    // The same for a part of a multipart upload.
+    let big = f.dest.object("parts.bin");
+    let upload_id = f.store.create_multipart(&big).await.unwrap();
+    let five = 5 * MIB;
+    f.write("part.bin", &data(five, 2));
+    f.write("part-plus-one.bin", &data(five + 1, 2));
+    let part = f
+        .store
+        .presign_part(&big, &upload_id, 1, five as u64, Validity::from_now(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(f.curl_put(&part, "part-plus-one.bin").await, "403");
+    assert!(f.store.list_parts(&big, &upload_id).await.unwrap().is_empty());
+    assert_eq!(f.curl_put(&part, "part.bin").await, "200");
+    assert_eq!(f.store.list_parts(&big, &upload_id).await.unwrap().len(), 1);
+    f.store.abort_multipart(&big, &upload_id).await.unwrap();
+}
+
+#[tokio::test]
+#[ignore = "needs tests/ environment"]
 async fn head_verification_catches_a_truncated_upload() {
     let f = fixture();
     let content = data(300_000, 9);
@@ -285,10 +328,14 @@ async fn head_verification_catches_a_truncated_upload() {
         parts: Default::default(),
         complete: true,
     };
-    // ...but only part of it reached storage.
+    // ...but only part of it reached storage. (A URL signed for the whole length refuses the
+    // shorter body outright, see `a_put_of_another_length_than_signed_is_refused`; here the
+    // truncated length was signed, as if the plan had been made from a lying listing.)
     let object = f.dest.object("model.bin");
-    let request = f.store.presign_put(&object, Validity::from_now(Duration::from_secs(60))).await.unwrap();
-    assert_eq!(f.curl_put(&request, "truncated.bin").await, "200");
+    let validity = Validity::from_now(Duration::from_secs(60));
+    let short = f.store.presign_put(&object, 200_000, validity).await.unwrap();
+    assert_eq!(f.curl_put(&short, "truncated.bin").await, "200");
+    let request = f.store.presign_put(&object, content.len() as u64, validity).await.unwrap();
     let head = f.store.head(&object).await.unwrap();
     let err = verify_object(&object.uri(), head.as_ref(), &report).unwrap_err();
     assert!(matches!(err, ArtifactError::Verification { .. }), "{err}");
@@ -381,7 +428,7 @@ async fn upload_over_ssh_reaches_storage_verified() {
     let path = f.remote.work_dir().join("output/over-ssh.safetensors").display().to_string();
     let object = f.dest.object("over-ssh.safetensors");
     let items = vec![UploadItem { name: "model".into(), path, object: object.clone() }];
-    let statuses = Uploader::new(&f.store, small_parts()).upload(&ssh, &items).await.unwrap();
+    let statuses = Uploader::new(&f.store, small_parts()).upload(&ssh, &items).await.unwrap().artifacts;
     assert_eq!(statuses[0].size_bytes, content.len() as u64);
     let head = f.store.head(&object).await.unwrap().unwrap();
     assert_eq!(head.size, content.len() as u64);

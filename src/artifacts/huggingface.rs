@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::ArtifactError;
 use super::script::failure_message;
 use crate::api::ArtifactStatus;
+use crate::monitor::remote_names::{self, check_relative_path};
 use crate::remote::{RemoteExec, RunOptions, shell_quote};
 
 /// A Hugging Face token. `Debug` never shows it.
@@ -65,9 +66,10 @@ pub fn render_hf_upload(upload: &HfUpload) -> Result<String, ArtifactError> {
         "rm -rf {stage} && mkdir -p {stage} || gt_fail 'cannot create the staging folder'\n"
     ));
     for (i, (_, src, dst)) in upload.files.iter().enumerate() {
-        if dst.is_empty() || dst.starts_with('/') || dst.split('/').any(|p| p == "..") {
-            return Err(ArtifactError::Invalid(format!("invalid path in repository {dst:?}")));
-        }
+        // Repository paths are built from names the machine reported (a checkpoint's name).
+        check_relative_path(dst).map_err(|why| {
+            ArtifactError::Invalid(format!("path in repository {} {why}", remote_names::quoted(dst)))
+        })?;
         let (src, target) = (q(src)?, q(&format!("{}/{dst}", upload.staging_dir.trim_end_matches('/')))?);
         s.push_str(&format!(
             "[ -f {src} ] || gt_fail {missing}\nmkdir -p \"$(dirname {target})\" && {{ ln -f {src} {target} 2>/dev/null || cp {src} {target}; }} || gt_fail {copy}\n\
@@ -169,8 +171,13 @@ mod tests {
         };
         assert!(render_hf_upload(&upload).is_err());
         upload.repo = "me/x".into();
-        upload.files = vec![("m".into(), "a".into(), "../b".into())];
-        assert!(render_hf_upload(&upload).is_err());
+        for bad in ["../b", "/etc/x", "checkpoints/.gitattributes", "a\nb", "", "a//b"] {
+            upload.files = vec![("m".into(), "a".into(), bad.into())];
+            assert!(render_hf_upload(&upload).is_err(), "{bad:?}");
+        }
+        upload.files =
+            vec![("m".into(), "a".into(), "checkpoints/my_lora/my_lora_000000250.safetensors".into())];
+        assert!(render_hf_upload(&upload).is_ok());
     }
 }
 

@@ -74,6 +74,12 @@ pub fn choose_transfer(size: u64, threshold: u64, part_size: u64) -> Result<Tran
     Ok(Transfer::Multipart { part_size, parts })
 }
 
+/// Bytes in part `number` (from 1) of a file of `size` bytes cut into `part_size` parts: the
+/// length signed into that part's URL.
+pub fn part_length(size: u64, part_size: u64, number: u64) -> u64 {
+    size.saturating_sub(number.saturating_sub(1).saturating_mul(part_size)).min(part_size)
+}
+
 /// The ETag S3 gives a completed multipart upload: MD5 of the concatenated binary part MD5s,
 /// a dash, and the part count.
 pub fn multipart_etag(part_md5s: &[String]) -> Result<String, ArtifactError> {
@@ -131,6 +137,15 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn parts_are_whole_except_the_last() {
+        let size = 12 * MIB + 123;
+        let lengths: Vec<u64> = (1..=3).map(|n| part_length(size, 5 * MIB, n)).collect();
+        assert_eq!(lengths, [5 * MIB, 5 * MIB, 2 * MIB + 123]);
+        assert_eq!(lengths.iter().sum::<u64>(), size);
+        assert_eq!(part_length(10 * MIB, 5 * MIB, 2), 5 * MIB);
     }
 
     #[test]

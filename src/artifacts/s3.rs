@@ -64,6 +64,15 @@ fn presigning_config(object: &ObjectRef, validity: Validity) -> Result<Presignin
         .map_err(|e| ArtifactError::Invalid(format!("presigning config: {e}")))
 }
 
+/// The `Content-Length` to sign into a PUT. SigV4 signs the header like any other, so the
+/// server recomputes the signature with the length it receives and refuses any other body size
+/// (the SDK leaves the header out of presigned requests unless it is set on the input).
+fn signed_length(object: &ObjectRef, content_length: u64) -> Result<i64, ArtifactError> {
+    i64::try_from(content_length).map_err(|_| {
+        ArtifactError::Invalid(format!("{content_length} bytes for {} is too large", object.uri()))
+    })
+}
+
 fn convert(presigned: SdkPresigned, validity: Validity) -> PresignedRequest {
     PresignedRequest {
         method: presigned.method().to_string(),
@@ -98,6 +107,7 @@ impl ObjectStore for S3Store {
     async fn presign_put(
         &self,
         object: &ObjectRef,
+        content_length: u64,
         validity: Validity,
     ) -> Result<PresignedRequest, ArtifactError> {
         let config = presigning_config(object, validity)?;
@@ -106,6 +116,7 @@ impl ObjectStore for S3Store {
             .put_object()
             .bucket(&object.bucket)
             .key(&object.key)
+            .content_length(signed_length(object, content_length)?)
             .presigned(config)
             .await
             .map_err(|e| presign_error("PUT", object, e))?;
@@ -150,6 +161,7 @@ impl ObjectStore for S3Store {
         object: &ObjectRef,
         upload_id: &str,
         part_number: i32,
+        content_length: u64,
         validity: Validity,
     ) -> Result<PresignedRequest, ArtifactError> {
         let config = presigning_config(object, validity)?;
@@ -160,6 +172,7 @@ impl ObjectStore for S3Store {
             .key(&object.key)
             .upload_id(upload_id)
             .part_number(part_number)
+            .content_length(signed_length(object, content_length)?)
             .presigned(config)
             .await
             .map_err(|e| presign_error("UploadPart", object, e))?;
@@ -304,8 +317,10 @@ mod tests {
     async fn presigned_put_has_no_checksum_headers_or_parameters() {
         let store = r2_like();
         let validity = Validity { start: SystemTime::now(), expires_in: Duration::from_secs(900) };
-        let p =
-            store.presign_put(&ObjectRef::new("models", "job/model.safetensors"), validity).await.unwrap();
+        let p = store
+            .presign_put(&ObjectRef::new("models", "job/model.safetensors"), 11, validity)
+            .await
+            .unwrap();
         assert_eq!(p.method, "PUT");
         let lower = p.url.to_ascii_lowercase();
         assert!(!lower.contains("x-amz-checksum"), "{}", p.url);
@@ -319,7 +334,8 @@ mod tests {
         // Virtual-hosted style unless path-style is forced.
         assert!(p.url.starts_with("https://models.acct.r2.cloudflarestorage.com/job/model.safetensors?"));
         assert!(!p.url.contains("wJalrXUtnFEMI-secret"));
-        let part = store.presign_part(&ObjectRef::new("models", "k"), "upload-1", 2, validity).await.unwrap();
+        let part =
+            store.presign_part(&ObjectRef::new("models", "k"), "upload-1", 2, 5, validity).await.unwrap();
         let lower = part.url.to_ascii_lowercase();
         assert!(!lower.contains("x-amz-checksum") && !lower.contains("x-amz-sdk-checksum"), "{}", part.url);
         assert!(part.url.contains("partNumber=2") && part.url.contains("uploadId=upload-1"), "{}", part.url);
@@ -349,6 +365,31 @@ mod tests {
     async fn validity_outside_limits_is_refused() {
         let store = r2_like();
         let too_long = Validity { start: SystemTime::now(), expires_in: Duration::from_secs(8 * 24 * 3600) };
-        assert!(store.presign_put(&ObjectRef::new("b", "k"), too_long).await.is_err());
+        assert!(store.presign_put(&ObjectRef::new("b", "k"), 1, too_long).await.is_err());
+    }
+
+    /// The length is part of the signature: among `X-Amz-SignedHeaders`, and the one header the
+    /// request must carry. (Garage refusing another length: `garage_tests`.)
+    #[tokio::test]
+    async fn presigned_puts_sign_their_content_length() {
+        let store = r2_like();
+        let validity = Validity::from_now(Duration::from_secs(60));
+        let object = ObjectRef::new("models", "job/m.safetensors");
+        let put = store.presign_put(&object, 12_345, validity).await.unwrap();
+        let part = store.presign_part(&object, "upload-1", 3, 5 * 1024 * 1024, validity).await.unwrap();
+        for (p, length) in [(&put, "12345"), (&part, "5242880")] {
+            let signed = p
+                .url
+                .split(['?', '&'])
+                .find_map(|kv| kv.strip_prefix("X-Amz-SignedHeaders="))
+                .unwrap_or_default()
+                .to_string();
+            assert!(signed.split("%3B").any(|h| h == "content-length"), "{signed} in {}", p.url);
+            assert_eq!(p.headers, [("content-length".to_string(), length.to_string())]);
+        }
+        // Another length is another signature.
+        let other = store.presign_put(&object, 12_346, validity).await.unwrap();
+        let signature = |url: &str| url.split("X-Amz-Signature=").nth(1).map(str::to_string);
+        assert_ne!(signature(&put.url), signature(&other.url));
     }
 }

@@ -12,18 +12,20 @@ use std::collections::BTreeMap;
 
 use super::plan::Transfer;
 use super::{ArtifactError, PresignedRequest};
+use crate::monitor::remote_names::{self, records};
 use crate::remote::shell_quote;
 
 const MIB: u64 = 1024 * 1024;
 
 /// Lists every regular file under each path (a path that is a file lists itself):
-/// `<index>\t<size>\t<path relative to it>` per file, `missing\t<index>` for a missing path.
+/// `<index>\t<size>\t<path relative to it>` per file, `missing\t<index>` for a missing path, each
+/// record ending with NUL (a file name may hold a newline; see `monitor::remote_names::records`).
 pub fn render_inspect(paths: &[String]) -> Result<String, ArtifactError> {
     let mut script = String::from("set -u\n");
     for (i, path) in paths.iter().enumerate() {
         let p = quote(path)?;
         script.push_str(&format!(
-            "if [ -e {p} ]; then find {p} -type f -printf '{i}\\t%s\\t%P\\n' || exit 1; else printf 'missing\\t{i}\\n'; fi\n"
+            "if [ -e {p} ]; then find {p} -type f -printf '{i}\\t%s\\t%P\\0' || exit 1; else printf 'missing\\t{i}\\0'; fi\n"
         ));
     }
     Ok(script)
@@ -43,9 +45,12 @@ pub struct InspectedFile {
 pub fn parse_inspect(stdout: &str) -> Result<(Vec<InspectedFile>, Vec<usize>), ArtifactError> {
     let mut files = Vec::new();
     let mut missing = Vec::new();
-    for line in stdout.lines().filter(|l| !l.is_empty()) {
+    for line in records(stdout) {
         let fields: Vec<&str> = line.splitn(3, '\t').collect();
-        let bad = || ArtifactError::Report { step: "inspect", message: format!("unexpected line {line:?}") };
+        let bad = || ArtifactError::Report {
+            step: "inspect",
+            message: format!("unexpected line {}", remote_names::quoted(line)),
+        };
         match fields.as_slice() {
             ["missing", i] => missing.push(i.parse().map_err(|_| bad())?),
             [i, size, rel] => files.push(InspectedFile {
@@ -107,7 +112,9 @@ gt_put() {
 }
 gt_single() {
   [ -f "$2" ] || gt_fail "$2 is missing"
-  gt_s=$(gt_size "$2"); gt_sha=$(gt_hash sha256 "$2"); gt_md5=$(gt_hash md5 "$2")
+  gt_s=$(gt_size "$2")
+  [ "$gt_s" = "$3" ] || gt_fail "$2 changed size since it was planned ($3 then $gt_s bytes)"
+  gt_sha=$(gt_hash sha256 "$2"); gt_md5=$(gt_hash md5 "$2")
   [ -n "$gt_sha" ] && [ -n "$gt_md5" ] || gt_fail "cannot hash $2"
   gt_put "GT_PUT_$1" "$2" "$2"
   printf 'gt-file\t%s\t%s\t%s\t%s\n' "$1" "$gt_s" "$gt_sha" "$gt_md5"
@@ -145,11 +152,14 @@ pub fn env_name(index: usize, part: Option<u64>) -> String {
     }
 }
 
-/// A curl config snippet for one request (curl config strings escape `\` and `"`).
+/// A curl config snippet for one request (curl config strings escape `\` and `"`). The signed
+/// `content-length` is left to curl, which sends the size of the file it uploads: were the file
+/// another size than planned, storage sees another length than the one signed and refuses it
+/// (sending the planned length with a different body would corrupt the request instead).
 fn curl_config(request: &PresignedRequest) -> String {
     let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
     let mut cfg = format!("url = \"{}\"\n", esc(&request.url));
-    for (name, value) in &request.headers {
+    for (name, value) in request.headers.iter().filter(|(n, _)| !n.eq_ignore_ascii_case("content-length")) {
         cfg.push_str(&format!("header = \"{}: {}\"\n", esc(name), esc(value)));
     }
     cfg
@@ -168,7 +178,7 @@ pub fn render_upload(files: &[ScriptFile]) -> Result<RenderedUpload, ArtifactErr
                     .get(&1)
                     .ok_or_else(|| ArtifactError::Invalid(format!("no presigned PUT for {}", file.path)))?;
                 env.push((env_name(i, None), curl_config(request)));
-                script.push_str(&format!("gt_single {i} {path}\n"));
+                script.push_str(&format!("gt_single {i} {path} {}\n", file.size));
             }
             Transfer::Multipart { part_size, parts } => {
                 if part_size % MIB != 0 {
@@ -291,7 +301,7 @@ mod tests {
         ];
         let r = render_upload(&files).unwrap();
         assert!(!r.script.contains("X-Amz-Signature"));
-        assert!(r.script.contains("gt_single 0 'output/model file.safetensors'"), "{}", r.script);
+        assert!(r.script.contains("gt_single 0 'output/model file.safetensors' 10"), "{}", r.script);
         assert!(r.script.contains("gt_multi 1 output/big 12582912 5 3"), "{}", r.script);
         let names: Vec<&str> = r.env.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(names, ["GT_PUT_0", "GT_PUT_1_2"]);
@@ -322,10 +332,28 @@ mod tests {
     fn inspect_lists_files_and_missing_paths() {
         let script = render_inspect(&["output/m.safetensors".into(), "output/ckpt dir".into()]).unwrap();
         assert!(script.contains("'output/ckpt dir'"));
-        let (files, missing) = parse_inspect("0\t10\t\n1\t5\ta/b.bin\nmissing\t2\n").unwrap();
+        assert!(script.contains("-printf '1\\t%s\\t%P\\0'"), "{script}");
+        let (files, missing) = parse_inspect("0\t10\t\x001\t5\ta/b\nc.bin\0missing\t2\0").unwrap();
         assert_eq!(files[0], InspectedFile { index: 0, size: 10, rel: String::new() });
-        assert_eq!(files[1].rel, "a/b.bin");
+        assert_eq!(files[1].rel, "a/b\nc.bin", "a newline stays in its record");
         assert_eq!(missing, [2]);
+    }
+
+    #[test]
+    fn the_signed_length_is_left_to_curl() {
+        let mut put = request("https://h/b/k?X-Amz-Signature=abc");
+        put.headers = vec![("content-length".into(), "10".into()), ("x-amz-acl".into(), "private".into())];
+        let files = vec![ScriptFile {
+            path: "m".into(),
+            size: 10,
+            transfer: Transfer::Single,
+            requests: [(1, put)].into(),
+        }];
+        let r = render_upload(&files).unwrap();
+        assert_eq!(
+            r.env[0].1,
+            "url = \"https://h/b/k?X-Amz-Signature=abc\"\nheader = \"x-amz-acl: private\"\n"
+        );
     }
 
     #[test]

@@ -33,7 +33,8 @@ impl ObjectRef {
 pub struct PresignedRequest {
     pub method: String,
     pub url: String,
-    /// Headers that were signed into the URL and must be sent exactly (usually none).
+    /// Headers that were signed into the URL and must be sent exactly: for PUTs,
+    /// `content-length` (which curl derives from the file it sends, see `script`).
     pub headers: Vec<(String, String)>,
     pub expires_at: SystemTime,
 }
@@ -89,11 +90,14 @@ pub struct PartInfo {
 /// S3-compatible storage as the upload engine needs it.
 #[async_trait]
 pub trait ObjectStore: Send + Sync {
-    /// A presigned PUT of one whole object, with no checksum headers signed in (R2 rejects
-    /// them, and a checksum of the empty body would be baked in).
+    /// A presigned PUT of one whole object of exactly `content_length` bytes: the length is
+    /// signed in (`content-length` among the signed headers), so storage refuses a body of any
+    /// other size and a URL handed to the machine cannot store more than was planned. No checksum
+    /// headers are signed in (R2 rejects them, and a checksum of the empty body would be baked in).
     async fn presign_put(
         &self,
         object: &ObjectRef,
+        content_length: u64,
         validity: Validity,
     ) -> Result<PresignedRequest, ArtifactError>;
 
@@ -107,12 +111,14 @@ pub trait ObjectStore: Send + Sync {
     /// Starts a multipart upload; returns its upload id.
     async fn create_multipart(&self, object: &ObjectRef) -> Result<String, ArtifactError>;
 
-    /// A presigned PUT of one part (`part_number` from 1).
+    /// A presigned PUT of one part (`part_number` from 1) of exactly `content_length` bytes
+    /// (signed in, as for [`ObjectStore::presign_put`]).
     async fn presign_part(
         &self,
         object: &ObjectRef,
         upload_id: &str,
         part_number: i32,
+        content_length: u64,
         validity: Validity,
     ) -> Result<PresignedRequest, ArtifactError>;
 

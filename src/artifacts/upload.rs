@@ -1,27 +1,130 @@
 //! The upload engine: results on the machine → verified objects in storage → `ArtifactStatus`.
 //!
 //! 1. Inspect: one command lists every file under each requested path with its size.
-//! 2. Plan: single PUT up to the multipart threshold, parts above it (multipart uploads are
+//! 2. Check what the machine listed, before anything is presigned: a file whose name fails
+//!    [`check_relative_path`] is left out (and reported); more files or bytes than the
+//!    [`UploadLimits`] allow refuse the whole upload as the machine's fault
+//!    ([`RemoteError::Refused`]).
+//! 3. Plan: single PUT up to the multipart threshold, parts above it (multipart uploads are
 //!    created by the operator, which holds the credentials).
-//! 3. Presign (short-lived) and run the rendered script over `RemoteExec`; the URLs travel in
-//!    that command's environment.
-//! 4. Multipart: compare the parts storage has (ListParts) with the MD5s the machine computed;
+//! 4. Presign (short-lived, each with its exact length signed in) and run the rendered script
+//!    over `RemoteExec`; the URLs travel in that command's environment.
+//! 5. Multipart: compare the parts storage has (ListParts) with the MD5s the machine computed;
 //!    missing or wrong parts are presigned again and the script re-run for just those
 //!    (resumable), then the upload is completed.
-//! 5. HEAD every object and compare with the machine's report; only then is it an artifact.
+//! 6. HEAD every object and compare with the machine's report; only then is it an artifact.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::plan::{Transfer, choose_transfer, join_key};
+use super::plan::{Transfer, choose_transfer, join_key, part_length};
 use super::script::{self, FileReport, ScriptFile};
 use super::store::Validity;
 use super::verify::verify_object;
 use super::{ArtifactError, ObjectRef, ObjectStore};
 use crate::api::ArtifactStatus;
-use crate::remote::{RemoteExec, RunOptions};
+use crate::monitor::remote_names::{RefusedNames, check_relative_path, records};
+use crate::remote::{RemoteError, RemoteExec, RunOptions};
+
+/// Most files one upload step sends (a folder checkpoint holds a handful).
+pub const MAX_FILES_PER_UPLOAD: u64 = 1_000;
+const GIB: u64 = 1024 * 1024 * 1024;
+
+/// What one job may upload in all, over all its machines: operator settings (`gpu-trainer run
+/// --max-upload-files-per-job`, `--max-upload-gib-per-job`), counted in `status.uploaded`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobUploadLimits {
+    /// Default 10,000.
+    pub max_files: u64,
+    /// Default 200 GiB.
+    pub max_bytes: u64,
+}
+
+impl Default for JobUploadLimits {
+    fn default() -> Self {
+        Self { max_files: 10_000, max_bytes: 200 * GIB }
+    }
+}
+
+/// The limits of one upload step: [`MAX_FILES_PER_UPLOAD`] files, and what the job has left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UploadLimits {
+    pub files_per_upload: u64,
+    pub job: JobUploadLimits,
+    /// Files and bytes the job uploaded before this step.
+    pub used_files: u64,
+    pub used_bytes: u64,
+}
+
+impl Default for UploadLimits {
+    fn default() -> Self {
+        Self::for_job(JobUploadLimits::default(), 0, 0)
+    }
+}
+
+impl UploadLimits {
+    /// The next step's limits for a job that uploaded `used_files` and `used_bytes` so far.
+    pub fn for_job(job: JobUploadLimits, used_files: u64, used_bytes: u64) -> Self {
+        Self { files_per_upload: MAX_FILES_PER_UPLOAD, job, used_files, used_bytes }
+    }
+
+    /// Checks the number of files the machine listed for `what`. Pure.
+    pub fn check_files(&self, files: u64, what: &str) -> Result<(), RemoteError> {
+        let left = self.job.max_files.saturating_sub(self.used_files);
+        if files > self.files_per_upload {
+            return Err(RemoteError::Refused(format!(
+                "the machine listed {files} files to upload ({what}); at most {} are accepted in one upload",
+                self.files_per_upload
+            )));
+        }
+        if files > left {
+            return Err(RemoteError::Refused(format!(
+                "the machine listed {files} files to upload ({what}); this job has uploaded {} of the {} files \
+                 it may upload, so at most {left} more are accepted",
+                self.used_files, self.job.max_files
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks the total size the machine listed for `what`. Pure.
+    pub fn check_bytes(&self, bytes: u64, what: &str) -> Result<(), RemoteError> {
+        let left = self.job.max_bytes.saturating_sub(self.used_bytes);
+        if bytes > left {
+            return Err(RemoteError::Refused(format!(
+                "the machine listed {} to upload ({what}); this job has uploaded {} of the {} it may upload, \
+                 so at most {} more are accepted",
+                human_bytes(bytes),
+                human_bytes(self.used_bytes),
+                human_bytes(self.job.max_bytes),
+                human_bytes(left)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `123 bytes`, `1.5 GiB`.
+fn human_bytes(bytes: u64) -> String {
+    const MIB: u64 = 1024 * 1024;
+    match bytes {
+        b if b >= GIB => format!("{:.1} GiB ({b} bytes)", b as f64 / GIB as f64),
+        b if b >= MIB => format!("{:.1} MiB ({b} bytes)", b as f64 / MIB as f64),
+        b => format!("{b} bytes"),
+    }
+}
+
+/// A finished upload: one verified `ArtifactStatus` per item, what it sent in all (counted
+/// against the job's limits), and the files it left out because their names are refused.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Uploaded {
+    pub artifacts: Vec<ArtifactStatus>,
+    pub files: u64,
+    pub bytes: u64,
+    pub refused: RefusedNames,
+}
 
 /// Tunables of an upload.
 #[derive(Clone, Debug)]
@@ -37,6 +140,8 @@ pub struct UploadSettings {
     /// Runs of the upload script before giving up (each resumes where the last stopped).
     /// Default 3.
     pub attempts: u32,
+    /// Files and bytes this upload may send (checked before anything is presigned).
+    pub limits: UploadLimits,
 }
 
 impl Default for UploadSettings {
@@ -47,6 +152,7 @@ impl Default for UploadSettings {
             part_size: 16 * 1024 * 1024,
             step_timeout: Duration::from_secs(2 * 3600),
             attempts: 3,
+            limits: UploadLimits::default(),
         }
     }
 }
@@ -99,12 +205,14 @@ impl<'a> Uploader<'a> {
 
     /// Uploads `items` from `remote`, verifies them, and returns one `ArtifactStatus` per item.
     /// An error means at least one item is not verified in storage; nothing is reported then.
+    /// A listing outside the limits is an [`ArtifactError::Remote`] holding
+    /// [`RemoteError::Refused`], returned before anything is presigned.
     pub async fn upload(
         &self,
         remote: &dyn RemoteExec,
         items: &[UploadItem],
-    ) -> Result<Vec<ArtifactStatus>, ArtifactError> {
-        let mut planned = self.inspect(remote, items).await?;
+    ) -> Result<Uploaded, ArtifactError> {
+        let (mut planned, refused) = self.inspect(remote, items).await?;
         let result = self.transfer(remote, &mut planned).await;
         if result.is_err() {
             for p in planned.iter().filter(|p| !p.done) {
@@ -148,14 +256,19 @@ impl<'a> Uploader<'a> {
             info!(artifact = %status.name, uri = %status.uri, bytes = status.size_bytes, "Verified artifact");
             statuses.push(status);
         }
-        Ok(statuses)
+        let bytes = planned
+            .iter()
+            .fold(0u64, |sum, p| sum.saturating_add(p.report.as_ref().map_or(p.size, |r| r.size)));
+        Ok(Uploaded { artifacts: statuses, files: planned.len() as u64, bytes, refused })
     }
 
+    /// Lists the files of `items` on the machine and plans them, refusing a listing outside the
+    /// limits; files with refused names are left out and returned.
     async fn inspect(
         &self,
         remote: &dyn RemoteExec,
         items: &[UploadItem],
-    ) -> Result<Vec<Planned>, ArtifactError> {
+    ) -> Result<(Vec<Planned>, RefusedNames), ArtifactError> {
         let paths: Vec<String> = items.iter().map(|i| i.path.clone()).collect();
         let command = script::render_inspect(&paths)?;
         let out = remote
@@ -169,17 +282,32 @@ impl<'a> Uploader<'a> {
                 message: script::failure_message(&out.stderr_lossy()),
             });
         }
-        let (files, missing) = script::parse_inspect(&out.stdout_lossy())?;
+        let stdout = out.stdout_lossy();
+        let limits = &self.settings.limits;
+        let what = describe_items(items);
+        let refuse = |source| ArtifactError::remote("inspect", source);
+        // Counted before they are parsed: a flood is never held as planned files.
+        limits.check_files(records(&stdout).count() as u64, &what).map_err(refuse)?;
+        let (files, missing) = script::parse_inspect(&stdout)?;
         if let Some(i) = missing.first() {
             let path = items.get(*i).map(|it| it.path.clone()).unwrap_or_default();
             return Err(ArtifactError::Missing { path });
         }
+        let total = files.iter().fold(0u64, |sum, f| sum.saturating_add(f.size));
+        limits.check_bytes(total, &what).map_err(refuse)?;
         let mut planned = Vec::new();
+        let mut refused = RefusedNames::default();
         for f in files {
             let item = items.get(f.index).ok_or_else(|| ArtifactError::Report {
                 step: "inspect",
                 message: format!("unknown index {}", f.index),
             })?;
+            if !f.rel.is_empty()
+                && let Err(why) = check_relative_path(&f.rel)
+            {
+                refused.add(&format!("{}/{}", item.path.trim_end_matches('/'), f.rel), why);
+                continue;
+            }
             let (path, object) = if f.rel.is_empty() {
                 (item.path.clone(), item.object.clone())
             } else {
@@ -206,12 +334,16 @@ impl<'a> Uploader<'a> {
                 done: false,
             });
         }
+        if !refused.is_empty() {
+            warn!(refused = %refused, "Files with refused names are left out of the upload");
+        }
         for (i, item) in items.iter().enumerate() {
             if !planned.iter().any(|p| p.item == i) {
-                return Err(ArtifactError::Missing { path: format!("{} (no files)", item.path) });
+                let why = if refused.is_empty() { "no files" } else { "no files with accepted names" };
+                return Err(ArtifactError::Missing { path: format!("{} ({why})", item.path) });
             }
         }
-        Ok(planned)
+        Ok((planned, refused))
     }
 
     async fn transfer(&self, remote: &dyn RemoteExec, planned: &mut [Planned]) -> Result<(), ArtifactError> {
@@ -267,9 +399,9 @@ impl<'a> Uploader<'a> {
         let mut requests = BTreeMap::new();
         match p.transfer {
             Transfer::Single => {
-                requests.insert(1, self.store.presign_put(&p.object, validity).await?);
+                requests.insert(1, self.store.presign_put(&p.object, p.size, validity).await?);
             }
-            Transfer::Multipart { .. } => {
+            Transfer::Multipart { part_size, .. } => {
                 let upload_id = match &p.upload_id {
                     Some(id) => id.clone(),
                     None => {
@@ -281,8 +413,11 @@ impl<'a> Uploader<'a> {
                 for &n in &p.pending_parts {
                     let number =
                         i32::try_from(n).map_err(|_| ArtifactError::Invalid("too many parts".into()))?;
-                    requests
-                        .insert(n, self.store.presign_part(&p.object, &upload_id, number, validity).await?);
+                    let length = part_length(p.size, part_size, n);
+                    requests.insert(
+                        n,
+                        self.store.presign_part(&p.object, &upload_id, number, length, validity).await?,
+                    );
                 }
             }
         }
@@ -339,6 +474,15 @@ impl<'a> Uploader<'a> {
     }
 }
 
+/// The items of an upload for messages: their names, at most three.
+fn describe_items(items: &[UploadItem]) -> String {
+    let mut names: Vec<&str> = items.iter().take(3).map(|i| i.name.as_str()).collect();
+    if items.len() > 3 {
+        names.push("…");
+    }
+    names.join(", ")
+}
+
 fn is_md5(etag: &str) -> bool {
     etag.len() == 32 && etag.bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -384,7 +528,9 @@ mod tests {
                 object: ObjectRef::new("b", "job/checkpoints/ckpt-5"),
             },
         ];
-        let statuses = Uploader::new(&store, settings()).upload(&remote, &items).await.unwrap();
+        let uploaded = Uploader::new(&store, settings()).upload(&remote, &items).await.unwrap();
+        assert_eq!((uploaded.files, uploaded.bytes), (3, 16));
+        let statuses = uploaded.artifacts;
         assert_eq!(statuses[0].uri, "s3://b/job/m.safetensors");
         assert_eq!(statuses[0].size_bytes, 11);
         use sha2::Digest;
@@ -410,7 +556,7 @@ mod tests {
         store.fail_part_once(2);
         let object = ObjectRef::new("b", "job/big.bin");
         let items = vec![UploadItem { name: "model".into(), path: "big.bin".into(), object: object.clone() }];
-        let statuses = Uploader::new(&store, settings()).upload(&remote, &items).await.unwrap();
+        let statuses = Uploader::new(&store, settings()).upload(&remote, &items).await.unwrap().artifacts;
         assert_eq!(statuses[0].size_bytes, content.len() as u64);
         // Three parts of 5 MiB; the script stops at the failed part 2, the retry sends 2 and 3.
         assert_eq!(store.presigned_parts(), [1, 2, 3, 2, 3]);
@@ -448,5 +594,148 @@ mod tests {
         let err = Uploader::new(&store, settings()).upload(&remote, &items).await.unwrap_err();
         assert!(matches!(err, ArtifactError::Missing { ref path } if path == "output/none"), "{err}");
         assert!(store.presigned_parts().is_empty());
+    }
+
+    fn folder_item(name: &str) -> UploadItem {
+        UploadItem {
+            name: name.into(),
+            path: format!("output/{name}"),
+            object: ObjectRef::new("b", format!("job/checkpoints/{name}")),
+        }
+    }
+
+    /// The refusal is the machine's fault: a `RemoteError::Refused` in the source chain.
+    fn refusal(err: &ArtifactError) -> String {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+        while let Some(e) = source {
+            if let Some(RemoteError::Refused(message)) = e.downcast_ref::<RemoteError>() {
+                return message.clone();
+            }
+            source = e.source();
+        }
+        panic!("no RemoteError::Refused in {err}");
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_files_is_refused_before_anything_is_presigned() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = LocalExec::new(dir.path().join("work")).unwrap();
+        let folder = dir.path().join("work/output/checkpoint-5");
+        std::fs::create_dir_all(&folder).unwrap();
+        for i in 0..=MAX_FILES_PER_UPLOAD {
+            std::fs::write(folder.join(format!("shard-{i}.bin")), b"x").unwrap();
+        }
+        let store = FakeObjectStore::new(&dir.path().join("store"));
+        let err = Uploader::new(&store, settings())
+            .upload(&remote, &[folder_item("checkpoint-5")])
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refusal(&err),
+            "the machine listed 1001 files to upload (checkpoint-5); at most 1000 are accepted in one upload"
+        );
+        assert_eq!(err.category(), "remote");
+        assert!(store.nothing_presigned(), "nothing may be presigned for a refused listing");
+    }
+
+    #[tokio::test]
+    async fn the_jobs_file_and_byte_totals_are_enforced_before_anything_is_presigned() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = LocalExec::new(dir.path().join("work")).unwrap();
+        std::fs::create_dir_all(dir.path().join("work/output/checkpoint-5")).unwrap();
+        for f in ["a.bin", "b.bin"] {
+            std::fs::write(dir.path().join("work/output/checkpoint-5").join(f), [0u8; 600]).unwrap();
+        }
+        let store = FakeObjectStore::new(&dir.path().join("store"));
+        let job = JobUploadLimits { max_files: 10, max_bytes: 2000 };
+        let upload = |limits: UploadLimits| {
+            let settings = UploadSettings { limits, ..settings() };
+            let remote = &remote;
+            let store = &store;
+            async move { Uploader::new(store, settings).upload(remote, &[folder_item("checkpoint-5")]).await }
+        };
+        let err = upload(UploadLimits::for_job(job, 9, 0)).await.unwrap_err();
+        assert!(
+            refusal(&err)
+                .contains("this job has uploaded 9 of the 10 files it may upload, so at most 1 more"),
+            "{err}"
+        );
+        let err = upload(UploadLimits::for_job(job, 0, 1000)).await.unwrap_err();
+        assert!(
+            refusal(&err).contains("listed 1200 bytes to upload (checkpoint-5); this job has uploaded 1000 bytes of the 2000 bytes"),
+            "{err}"
+        );
+        assert!(store.nothing_presigned());
+        // Within the limits the same upload goes through and says what it sent.
+        let uploaded = upload(UploadLimits::for_job(job, 8, 800)).await.unwrap();
+        assert_eq!((uploaded.files, uploaded.bytes), (2, 1200));
+    }
+
+    #[tokio::test]
+    async fn files_with_refused_names_are_left_out_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = LocalExec::new(dir.path().join("work")).unwrap();
+        let folder = dir.path().join("work/output/checkpoint-5");
+        std::fs::create_dir_all(folder.join(".git")).unwrap();
+        std::fs::write(folder.join("optimizer.bin"), b"good").unwrap();
+        std::fs::write(folder.join("evil\nname"), b"bad").unwrap();
+        std::fs::write(folder.join(".git/config"), b"bad").unwrap();
+        let store = FakeObjectStore::new(&dir.path().join("store"));
+        let uploaded =
+            Uploader::new(&store, settings()).upload(&remote, &[folder_item("checkpoint-5")]).await.unwrap();
+        assert_eq!((uploaded.files, uploaded.bytes), (1, 4));
+        assert_eq!(uploaded.refused.count, 2);
+        assert_eq!(
+            store.signed_lengths(),
+            [("job/checkpoints/checkpoint-5/optimizer.bin".to_string(), 0, 4)],
+            "only the accepted file was presigned"
+        );
+        // A folder holding nothing acceptable is not an artifact.
+        std::fs::remove_file(folder.join("optimizer.bin")).unwrap();
+        let err = Uploader::new(&store, settings())
+            .upload(&remote, &[folder_item("checkpoint-5")])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("no files with accepted names"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn every_presigned_put_carries_the_length_it_may_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = LocalExec::new(dir.path().join("work")).unwrap();
+        std::fs::write(dir.path().join("work/small.bin"), b"0123456789").unwrap();
+        std::fs::write(dir.path().join("work/big.bin"), data(12 * MIB + 123, 3)).unwrap();
+        let store = FakeObjectStore::new(&dir.path().join("store"));
+        let items = vec![
+            UploadItem { name: "s".into(), path: "small.bin".into(), object: ObjectRef::new("b", "s") },
+            UploadItem { name: "l".into(), path: "big.bin".into(), object: ObjectRef::new("b", "l") },
+        ];
+        Uploader::new(&store, settings()).upload(&remote, &items).await.unwrap();
+        let five = 5 * MIB as u64;
+        assert_eq!(
+            store.signed_lengths(),
+            [
+                ("s".to_string(), 0, 10),
+                ("l".to_string(), 1, five),
+                ("l".to_string(), 2, five),
+                ("l".to_string(), 3, 2 * MIB as u64 + 123)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_file_that_changed_size_since_it_was_planned_is_not_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("work");
+        let remote = LocalExec::new(&work).unwrap();
+        std::fs::write(work.join("m.bin"), b"0123456789").unwrap();
+        let store = FakeObjectStore::new(&dir.path().join("store"));
+        let items = [UploadItem { name: "m".into(), path: "m.bin".into(), object: ObjectRef::new("b", "m") }];
+        let uploader = Uploader::new(&store, UploadSettings { attempts: 1, ..settings() });
+        let (planned, _) = uploader.inspect(&remote, &items).await.unwrap();
+        std::fs::write(work.join("m.bin"), b"0123456789 and more").unwrap();
+        let mut planned = planned;
+        let err = uploader.transfer(&remote, &mut planned).await.unwrap_err();
+        assert!(err.to_string().contains("changed size since it was planned (10 then 19 bytes)"), "{err}");
     }
 }

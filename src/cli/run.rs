@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use super::operator::{OperatorArgs, start};
+use crate::artifacts::upload::JobUploadLimits;
 use crate::controller::gpuinstance;
 use crate::controller::http::{self, HealthState};
 use crate::controller::leader::{LeaderConfig, run_elector};
@@ -72,6 +73,14 @@ pub struct RunArgs {
     /// pip when missing).
     #[arg(long, env = "GPU_TRAINER_HF_CLI", default_value = "hf", value_name = "COMMAND")]
     hf_cli: String,
+    /// Most files one job may upload to S3, over all its machines (checkpoints, model, card).
+    /// A machine listing more is refused before anything is presigned.
+    #[arg(long, env = "GPU_TRAINER_MAX_UPLOAD_FILES_PER_JOB", default_value_t = JobUploadLimits::default().max_files, value_name = "FILES")]
+    max_upload_files_per_job: u64,
+    /// Most data one job may upload to S3, over all its machines, in GiB. A machine listing more
+    /// is refused before anything is presigned.
+    #[arg(long, env = "GPU_TRAINER_MAX_UPLOAD_GIB_PER_JOB", default_value_t = 200, value_name = "GIB")]
+    max_upload_gib_per_job: u64,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -136,6 +145,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         remote_base: args.remote_base.clone(),
         sessions: Default::default(),
         hf_cli: args.hf_cli.clone(),
+        upload_limits: JobUploadLimits {
+            max_files: args.max_upload_files_per_job,
+            max_bytes: args.max_upload_gib_per_job.saturating_mul(1024 * 1024 * 1024),
+        },
     };
     let job_controller = tokio::spawn(trainingjob::run(Arc::new(jobs), shutdown()));
     let sweeper_config = SweeperConfig {

@@ -12,6 +12,7 @@
 //! - `progress.rs`: timestamped readings and our own ETA (trainers exclude save and sample time).
 //! - `stall.rs`: the stall detector (pure, takes `now`); `deadlines.rs`: soft and hard deadlines.
 //! - `checkpoints.rs`: the checkpoint inventory from a listing of the output folder.
+//! - `remote_names.rs`: the one check of every name the machine reports (checkpoints, files).
 //! - `poller.rs`: the polling and following monitor over `dyn RemoteExec`.
 //! - `timestamps.rs` and `replay.rs`: replaying a saved log poll by poll (`parse-log`, fixtures).
 //!
@@ -30,6 +31,7 @@ mod parser;
 pub mod poller;
 mod prefix;
 pub mod progress;
+pub mod remote_names;
 pub mod replay;
 pub mod stall;
 pub mod timestamps;

@@ -38,6 +38,14 @@ pub enum MonitorError {
     },
     #[error("failed to list the output folder {path} on {target}: {detail}")]
     List { path: String, target: String, detail: String },
+    /// The listing is outside the limits ([`super::checkpoints::ListingError`]): the machine's fault.
+    #[error("refused the listing of the output folder {path} on {target}")]
+    Refused {
+        path: String,
+        target: String,
+        #[source]
+        source: RemoteError,
+    },
     #[error("failed to check whether pid {pid} is alive on {target}")]
     PidCheck {
         pid: u32,
@@ -362,7 +370,13 @@ pub async fn checkpoint_inventory(
             detail: output.stderr_lossy(),
         });
     }
-    Ok(inventory(&parse_listing(&output.stdout_lossy()), kind))
+    let refused = |e: super::checkpoints::ListingError| MonitorError::Refused {
+        path: output_dir.to_owned(),
+        target: remote.describe(),
+        source: RemoteError::Refused(e.to_string()),
+    };
+    let entries = parse_listing(&output.stdout_lossy()).map_err(refused)?;
+    inventory(&entries, kind).map_err(refused)
 }
 
 fn keep(event: LogEvent, tracker: &mut ProgressTracker, new_events: &mut Vec<LogEvent>) {

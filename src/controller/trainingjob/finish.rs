@@ -18,8 +18,6 @@ use crate::api::{
     ArtifactStatus, ConditionStatus, Reason, TrainingJobPhase, TrainingJobStatus, job_condition,
     set_condition, to_k8s_time,
 };
-use crate::monitor::ParserKind;
-use crate::monitor::poller::checkpoint_inventory;
 use crate::remote::launch::{self, RemoteLayout, StopOutcome};
 use crate::remote::tool::RenderedTool;
 use crate::remote::{RemoteExec, RunOptions, shell_quote};
@@ -32,15 +30,13 @@ pub async fn stop(exec: &dyn RemoteExec, layout: &RemoteLayout) -> Result<StopOu
     Ok(launch::stop(exec, layout, STOP_GRACE).await?)
 }
 
-/// What the trainer left on the machine: the final model with size and SHA-256 (computed on the
-/// machine) and the checkpoints. `None` when there is no final model.
-pub async fn collect(
+/// The final model the trainer left on the machine, with size and SHA-256 (computed on the
+/// machine). `None` when there is none. (The checkpoints: `Pass::collect_checkpoints`.)
+pub async fn final_model(
     exec: &dyn RemoteExec,
     layout: &RemoteLayout,
     tool: &RenderedTool,
-    kind: ParserKind,
-) -> Result<(Option<ArtifactStatus>, Vec<crate::api::CheckpointStatus>), Error> {
-    let inventory = checkpoint_inventory(exec, &layout.output_dir(), kind).await.map_err(Box::new)?;
+) -> Result<Option<ArtifactStatus>, Error> {
     let model = layout.join(&tool.outputs.final_model);
     let out = exec
         .run(
@@ -64,7 +60,7 @@ pub async fn collect(
         }),
         _ => None,
     };
-    Ok((artifact, inventory.to_status()))
+    Ok(artifact)
 }
 
 /// Sets the final phase, reason, message, completion time and conditions. Pure.

@@ -110,6 +110,8 @@ pub struct JobController {
     pub sessions: session::Sessions,
     /// The Hugging Face CLI run on the machine (`hf`; tests substitute a stand-in).
     pub hf_cli: String,
+    /// What one job may upload in all (the machine listing more is refused).
+    pub upload_limits: crate::artifacts::upload::JobUploadLimits,
 }
 
 /// One reconciliation of one TrainingJob.

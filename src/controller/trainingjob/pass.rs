@@ -302,9 +302,7 @@ impl Pass<'_> {
     ) -> Result<Option<String>, Error> {
         let Ok(exec) = self.session(runtime, instance).await else { return Ok(None) };
         finish::stop(exec.as_ref(), &self.layout).await?;
-        let kind = train::parser_kind(self.tool.parser);
-        let (_, found) = finish::collect(exec.as_ref(), &self.layout, &self.tool, kind).await?;
-        self.status.checkpoints = super::outputs::merge_checkpoints(&self.status.checkpoints, &found, &[]);
+        self.collect_checkpoints(runtime, exec.as_ref()).await?;
         let stop_reason = format!("{reason}: {message}");
         let saved = self.salvage(runtime, exec.as_ref(), &stop_reason).await?;
         Ok(Some(saved))

@@ -9,7 +9,7 @@ use kube::runtime::events::EventType;
 use tracing::info;
 
 use super::pass::Pass;
-use super::{Error, finish, session, train};
+use super::{Error, finish, session};
 use crate::api::{ConditionStatus, GpuInstance, Reason, is_condition_true, job_condition, set_condition};
 use crate::api::{TrainingJobPhase, TrainingJobSpec, TrainingJobStatus};
 use crate::engine::MachineObservation;
@@ -51,10 +51,7 @@ impl Pass<'_> {
         {
             let exec = self.session(runtime, instance).await?;
             finish::stop(exec.as_ref(), &self.layout).await?;
-            let kind = train::parser_kind(self.tool.parser);
-            let (_, found) = finish::collect(exec.as_ref(), &self.layout, &self.tool, kind).await?;
-            self.status.checkpoints =
-                super::outputs::merge_checkpoints(&self.status.checkpoints, &found, &[]);
+            self.collect_checkpoints(runtime, exec.as_ref()).await?;
             kept = Some(self.keep_latest_checkpoint(runtime, exec.as_ref()).await?);
         }
         runtime.reset();

@@ -8,6 +8,12 @@
 //!
 //! A failed upload never keeps the machine: the job fails with `UploadFailed` naming what was not
 //! uploaded, and the finish step releases the GPU.
+//!
+//! What the machine lists is checked before it is used (`monitor::remote_names`,
+//! `monitor::checkpoints`, `artifacts::upload`): a refused name is left out and reported once in
+//! a Warning event naming the machine; a listing outside the limits (too many checkpoints, files
+//! or bytes) is the machine's fault: a Warning event naming it, and an error holding
+//! `RemoteError::Refused` so that the machine is judged, not retried.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,10 +34,11 @@ use crate::artifacts::checkpoints::{checkpoint_item, restore_items};
 use crate::artifacts::download::download;
 use crate::artifacts::huggingface::{HfUpload, upload_to_hub};
 use crate::artifacts::model_card::write_to_machine;
-use crate::artifacts::{UploadItem, UploadSettings, Uploader};
+use crate::artifacts::{ArtifactError, UploadItem, UploadSettings, Uploader};
 use crate::controller::gpuinstance::error_chain;
-use crate::monitor::checkpoints::Checkpoint;
-use crate::remote::RemoteExec;
+use crate::monitor::checkpoints::{Checkpoint, CheckpointInventory};
+use crate::monitor::remote_names::RefusedNames;
+use crate::remote::{MachineFault, RemoteError, RemoteExec};
 
 /// Longest a Hugging Face upload may take.
 const HF_TIMEOUT: Duration = Duration::from_secs(60 * 60);
@@ -41,11 +48,40 @@ const RESTORE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const CARD: &str = "README.md";
 
 /// What the upload of one set of files came to.
+#[derive(Default)]
 struct Sent {
     artifacts: Vec<ArtifactStatus>,
     checkpoints: Vec<CheckpointStatus>,
     /// Destinations that failed, with why (no credentials or URLs in the text).
     failures: Vec<String>,
+    /// Files and bytes sent to S3, for the job's totals.
+    files: u64,
+    bytes: u64,
+    /// Files left out because their names are refused.
+    refused_names: RefusedNames,
+    /// The machine listed more than the limits allow (its fault; also in `failures`).
+    refusal: Option<ArtifactError>,
+}
+
+/// True when `error` (or one of its sources) is the machine reporting something outside the
+/// limits: a [`RemoteError`] whose fault is [`MachineFault::Misbehaved`].
+fn is_refusal(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if let Some(remote) = e.downcast_ref::<RemoteError>() {
+            return remote.machine_fault() == Some(MachineFault::Misbehaved);
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// The controller's error for a refused upload, with the `RemoteError` kept as its source.
+fn refusal_error(error: ArtifactError) -> Error {
+    match error {
+        ArtifactError::Remote { source, .. } => Error::Remote(source),
+        other => Error::Remote(RemoteError::Refused(error_chain(&other))),
+    }
 }
 
 impl Pass<'_> {
@@ -63,8 +99,82 @@ impl Pass<'_> {
         }))
     }
 
+    /// The machine as events name it: `GpuInstance <name> (provider id <id>)`.
+    fn machine_named(&self) -> String {
+        match &self.status.instance {
+            Some(i) => match &i.provider_id {
+                Some(id) => format!("GpuInstance {} (provider id {id})", i.name),
+                None => format!("GpuInstance {}", i.name),
+            },
+            None => "the machine".into(),
+        }
+    }
+
+    /// Reports names the machine listed in `place` that were refused and left out: a Warning
+    /// event naming the machine, once per name (not at every poll).
+    async fn report_refused_names(&self, runtime: &mut JobRuntime, place: &str, refused: &RefusedNames) {
+        if refused.is_empty() {
+            return;
+        }
+        let Some(fresh) = runtime.checkpoint_sync.reported.fresh(refused) else { return };
+        let machine = self.machine_named();
+        warn!(job = %self.job.name_any(), %machine, refused = fresh.count, "Refused names the machine listed");
+        let message = format!("{machine} listed names that are not accepted in {place}: {fresh}");
+        self.event(EventType::Warning, Reason::MachineMisbehaved, "Inspect", &message).await;
+    }
+
+    /// A listing outside the limits: a Warning event naming the machine (the error itself holds
+    /// the `RemoteError` for the verdict on the machine).
+    async fn report_refusal(&self, error: &(dyn std::error::Error + Send + Sync + 'static)) {
+        let machine = self.machine_named();
+        let why = error_chain(error);
+        warn!(job = %self.job.name_any(), %machine, error = %why, "Refused what the machine listed");
+        let message = format!("{machine}: {why}");
+        self.event(EventType::Warning, Reason::MachineMisbehaved, "Inspect", &message).await;
+    }
+
+    /// The checkpoints on the machine, with refused names reported; a listing outside the
+    /// limits is refused (event and error).
+    async fn list_checkpoints(
+        &self,
+        runtime: &mut JobRuntime,
+        exec: &dyn RemoteExec,
+    ) -> Result<CheckpointInventory, Error> {
+        let kind = train::parser_kind(self.tool.parser);
+        match crate::monitor::poller::checkpoint_inventory(exec, &self.layout.output_dir(), kind).await {
+            Ok(inventory) => {
+                self.report_refused_names(runtime, "its output folder", &inventory.refused).await;
+                Ok(inventory)
+            }
+            Err(e) => {
+                let error = Error::Monitor(Box::new(e));
+                if is_refusal(&error) {
+                    self.report_refusal(&error).await;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Lists the checkpoints on the machine into `status.checkpoints` (the newest of them).
+    pub(super) async fn collect_checkpoints(
+        &mut self,
+        runtime: &mut JobRuntime,
+        exec: &dyn RemoteExec,
+    ) -> Result<(), Error> {
+        let inventory = self.list_checkpoints(runtime, exec).await?;
+        outputs::record_checkpoints(&mut self.status, &inventory.to_status(), &[]);
+        Ok(())
+    }
+
+    /// Upload settings within what the job may still upload.
+    fn within_limits(&self, settings: UploadSettings) -> UploadSettings {
+        UploadSettings { limits: outputs::upload_limits(self.ctrl.upload_limits, &self.status), ..settings }
+    }
+
     /// After a poll of a running trainer: lists the checkpoints and syncs the complete ones to
-    /// S3 when the job asks for it. A failed sync is a Warning, not a failed job.
+    /// S3 when the job asks for it. A failed sync is a Warning, not a failed job; a sync refused
+    /// because the machine listed more than the limits allow is the machine's fault (an error).
     pub(super) async fn sync_checkpoints(
         &mut self,
         runtime: &mut JobRuntime,
@@ -72,17 +182,17 @@ impl Pass<'_> {
     ) -> Result<(), Error> {
         let Ok(outputs) = self.outputs(runtime).await? else { return Ok(()) };
         let Some(s3) = outputs.s3.as_ref().filter(|s| s.sync_checkpoints) else { return Ok(()) };
-        let kind = train::parser_kind(self.tool.parser);
-        let inventory = crate::monitor::poller::checkpoint_inventory(exec, &self.layout.output_dir(), kind)
-            .await
-            .map_err(Box::new)?;
-        let ready = runtime.checkpoint_sync.ready(&inventory, &self.status.checkpoints);
+        let inventory = self.list_checkpoints(runtime, exec).await?;
+        let candidates = outputs::checkpoints_to_sync(&inventory.checkpoints, &self.status);
+        let ready = runtime.checkpoint_sync.ready(&candidates, &self.status.checkpoints);
         let mut synced = Vec::new();
+        let mut refusal = None;
         if !ready.is_empty() {
-            let uploader = Uploader::new(&s3.store, UploadSettings::default());
+            let settings = self.within_limits(UploadSettings::default());
             let output_dir = self.layout.output_dir();
-            match crate::artifacts::checkpoints::sync_checkpoints(
-                &uploader,
+            let (done, failure) = match crate::artifacts::checkpoints::sync_checkpoints(
+                &s3.store,
+                &settings,
                 exec,
                 &s3.dest,
                 &output_dir,
@@ -90,22 +200,34 @@ impl Pass<'_> {
             )
             .await
             {
-                Ok(done) => {
-                    for cp in &done {
-                        info!(job = %self.job.name_any(), checkpoint = %cp.name, step = cp.step, "Checkpoint synced");
-                    }
-                    synced = done;
+                Ok(done) => (done, None),
+                Err((done, e)) => (done, Some(e)),
+            };
+            for cp in &done.checkpoints {
+                info!(job = %self.job.name_any(), checkpoint = %cp.name, step = cp.step, "Checkpoint synced");
+            }
+            outputs::add_uploaded(&mut self.status, done.files, done.bytes);
+            self.report_refused_names(runtime, "its checkpoint folders", &done.refused).await;
+            synced = done.checkpoints;
+            match failure {
+                Some(e) if is_refusal(&e) => {
+                    self.report_refusal(&e).await;
+                    refusal = Some(e);
                 }
-                Err(e) => {
+                Some(e) => {
                     let message = format!("checkpoint sync to S3 failed (will retry): {}", error_chain(&e));
                     warn!(job = %self.job.name_any(), error = %message, "Checkpoint sync failed");
                     self.event(EventType::Warning, Reason::CheckpointSyncFailed, "Sync", &message).await;
                 }
+                None => {}
             }
         }
-        self.status.checkpoints =
-            outputs::merge_checkpoints(&self.status.checkpoints, &inventory.to_status(), &synced);
-        Ok(())
+        // What was synced before a refusal is kept in status either way.
+        outputs::record_checkpoints(&mut self.status, &inventory.to_status(), &synced);
+        match refusal {
+            Some(e) => Err(refusal_error(e)),
+            None => Ok(()),
+        }
     }
 
     /// The end of a successful run: upload and verify the model, its card and the checkpoints
@@ -126,9 +248,8 @@ impl Pass<'_> {
             None,
             Utc::now(),
         );
-        let kind = train::parser_kind(self.tool.parser);
-        let (model, found) = finish::collect(exec, &self.layout, &self.tool, kind).await?;
-        self.status.checkpoints = outputs::merge_checkpoints(&self.status.checkpoints, &found, &[]);
+        self.collect_checkpoints(runtime, exec).await?;
+        let model = finish::final_model(exec, &self.layout, &self.tool).await?;
         let Some(model) = model else {
             let message =
                 format!("the trainer finished but left no model at {}", self.tool.outputs.final_model);
@@ -168,8 +289,11 @@ impl Pass<'_> {
             ("model-card".to_string(), self.layout.join(CARD), CARD.to_string()),
         ];
         let sent = self.send(&outputs, exec, &files, &unsynced, UploadSettings::default()).await;
-        self.status.checkpoints =
-            outputs::merge_checkpoints(&self.status.checkpoints, &[], &sent.checkpoints);
+        self.record_sent(runtime, &sent).await;
+        if let Some(e) = sent.refusal {
+            self.report_refusal(&e).await;
+            return Err(refusal_error(e));
+        }
         let uploaded = describe(&sent.artifacts);
         if sent.artifacts.iter().any(|a| a.name == "model") {
             self.status.artifacts = sent.artifacts;
@@ -236,8 +360,11 @@ impl Pass<'_> {
         let pending: Vec<CheckpointStatus> =
             std::iter::once(latest.clone()).filter(|c| c.uri.is_none()).collect();
         let sent = self.send(&outputs, exec, &files, &pending, outputs::salvage_settings()).await;
-        self.status.checkpoints =
-            outputs::merge_checkpoints(&self.status.checkpoints, &[], &sent.checkpoints);
+        // The run failed already: a refusal is reported and said in the message, no more.
+        self.record_sent(runtime, &sent).await;
+        if let Some(e) = &sent.refusal {
+            self.report_refusal(e).await;
+        }
         self.status.artifacts.extend(sent.artifacts.iter().cloned());
         let saved = describe(&sent.artifacts);
         let mut sentence = match self
@@ -279,8 +406,10 @@ impl Pass<'_> {
             let sent = self
                 .send(&outputs, exec, &[], std::slice::from_ref(&latest), outputs::salvage_settings())
                 .await;
-            self.status.checkpoints =
-                outputs::merge_checkpoints(&self.status.checkpoints, &[], &sent.checkpoints);
+            self.record_sent(runtime, &sent).await;
+            if let Some(e) = &sent.refusal {
+                self.report_refusal(e).await;
+            }
             if let Some(failure) = sent.failures.first() {
                 return Ok(format!(
                     "latest checkpoint {} (step {}) was not saved: {failure}",
@@ -303,12 +432,7 @@ impl Pass<'_> {
         if self.status.attempts <= 1 || self.status.checkpoints.is_empty() {
             return Ok(());
         }
-        let kind = train::parser_kind(self.tool.parser);
-        let output_dir = self.layout.output_dir();
-        let on_machine = crate::monitor::poller::checkpoint_inventory(exec, &output_dir, kind)
-            .await
-            .map_err(Box::new)?
-            .to_status();
+        let on_machine = self.list_checkpoints(runtime, exec).await?.to_status();
         let wanted = outputs::latest_synced(&self.status.checkpoints).cloned();
         let newest_here = on_machine.iter().max_by_key(|c| c.step).cloned();
         let from = match (wanted, newest_here) {
@@ -365,8 +489,17 @@ impl Pass<'_> {
         Ok(download(&s3.store, exec, &items, ttl, RESTORE_TIMEOUT).await.map_err(|e| error_chain(&e)))
     }
 
+    /// Records in status what `send` uploaded: synced checkpoints, the job's totals; reports the
+    /// names it left out.
+    async fn record_sent(&mut self, runtime: &mut JobRuntime, sent: &Sent) {
+        outputs::record_checkpoints(&mut self.status, &[], &sent.checkpoints);
+        outputs::add_uploaded(&mut self.status, sent.files, sent.bytes);
+        self.report_refused_names(runtime, "the results to upload", &sent.refused_names).await;
+    }
+
     /// Uploads `files` (artifact name, path on the machine, name at the destination) and the
-    /// checkpoints `pending` to every destination.
+    /// checkpoints `pending` to every destination, within what the job may still upload. When
+    /// the machine lists more than that, nothing more is sent (`refusal`).
     async fn send(
         &self,
         outputs: &Outputs,
@@ -375,7 +508,8 @@ impl Pass<'_> {
         pending: &[CheckpointStatus],
         settings: UploadSettings,
     ) -> Sent {
-        let mut sent = Sent { artifacts: vec![], checkpoints: vec![], failures: vec![] };
+        let mut sent = Sent::default();
+        let settings = self.within_limits(settings);
         if let Some(s3) = &outputs.s3 {
             let output_dir = self.layout.output_dir();
             let mut items: Vec<UploadItem> = files
@@ -398,7 +532,11 @@ impl Pass<'_> {
             items.extend(checkpoints.iter().map(|c| checkpoint_item(&s3.dest, &output_dir, c)));
             let uploader = Uploader::new(&s3.store, settings.clone());
             match uploader.upload(exec, &items).await {
-                Ok(statuses) => {
+                Ok(uploaded) => {
+                    sent.files = uploaded.files;
+                    sent.bytes = uploaded.bytes;
+                    sent.refused_names = uploaded.refused;
+                    let statuses = uploaded.artifacts;
                     let (file_statuses, cp_statuses) = statuses.split_at(files.len().min(statuses.len()));
                     sent.artifacts.extend(file_statuses.iter().cloned());
                     for (cp, status) in pending.iter().zip(cp_statuses) {
@@ -412,6 +550,11 @@ impl Pass<'_> {
                 Err(e) => {
                     warn!(job = %self.job.name_any(), error = %error_chain(&e), "Upload to S3 failed");
                     sent.failures.push(format!("upload to S3 failed: {}", error_chain(&e)));
+                    if is_refusal(&e) {
+                        // Not to Hugging Face either: the machine is judged instead.
+                        sent.refusal = Some(e);
+                        return sent;
+                    }
                 }
             }
         }
@@ -469,4 +612,48 @@ fn describe(artifacts: &[ArtifactStatus]) -> String {
         .map(|a| format!("{} {} ({} bytes)", a.name, a.uri, a.size_bytes))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::monitor::poller::MonitorError;
+
+    /// The `RemoteError` the verdict on the machine looks for, found through `source()`.
+    fn remote_in<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a RemoteError> {
+        let mut source = Some(error);
+        while let Some(e) = source {
+            if let Some(remote) = e.downcast_ref::<RemoteError>() {
+                return Some(remote);
+            }
+            source = e.source();
+        }
+        None
+    }
+
+    #[test]
+    fn refusals_keep_the_remote_error_reachable_for_the_verdict_on_the_machine() {
+        let listing = Error::Monitor(Box::new(MonitorError::Refused {
+            path: "/w/output".into(),
+            target: "root@h:22".into(),
+            source: RemoteError::Refused("the machine reported 5000 checkpoints".into()),
+        }));
+        assert!(is_refusal(&listing));
+        assert_eq!(remote_in(&listing).and_then(RemoteError::machine_fault), Some(MachineFault::Misbehaved));
+        assert!(error_chain(&listing).contains("the machine reported 5000 checkpoints"));
+
+        let upload = ArtifactError::Remote {
+            step: "inspect",
+            source: RemoteError::Refused("the machine listed 1001 files to upload".into()),
+        };
+        assert!(is_refusal(&upload));
+        let error = refusal_error(upload);
+        assert!(matches!(remote_in(&error), Some(RemoteError::Refused(m)) if m.contains("1001 files")));
+
+        // Other failures are not the machine misbehaving: retried as before.
+        let timeout =
+            ArtifactError::Remote { step: "upload", source: RemoteError::Timeout(Duration::from_secs(1)) };
+        assert!(!is_refusal(&timeout));
+        assert!(!is_refusal(&ArtifactError::Missing { path: "m".into() }));
+    }
 }
