@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use super::operator::{OperatorArgs, start};
+use crate::artifacts::address::EndpointPolicy;
 use crate::controller::gpuinstance;
 use crate::controller::http::{self, HealthState};
 use crate::controller::leader::{LeaderConfig, run_elector};
@@ -72,6 +73,10 @@ pub struct RunArgs {
     /// pip when missing).
     #[arg(long, env = "GPU_TRAINER_HF_CLI", default_value = "hf", value_name = "COMMAND")]
     hf_cli: String,
+    /// Let the URLs jobs name (webhooks, S3 endpoints) reach loopback, link-local (cloud
+    /// metadata), private and cluster-internal addresses. Off: such URLs are refused.
+    #[arg(long, env = "GPU_TRAINER_ALLOW_PRIVATE_ENDPOINTS")]
+    allow_private_endpoints: bool,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -136,6 +141,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         remote_base: args.remote_base.clone(),
         sessions: Default::default(),
         hf_cli: args.hf_cli.clone(),
+        endpoint_policy: if args.allow_private_endpoints {
+            EndpointPolicy::AllowPrivate
+        } else {
+            EndpointPolicy::PublicOnly
+        },
     };
     let job_controller = tokio::spawn(trainingjob::run(Arc::new(jobs), shutdown()));
     let sweeper_config = SweeperConfig {

@@ -40,6 +40,7 @@ use super::Context;
 use super::gpuinstance::error_chain;
 use super::patch::{TRAININGJOB_MANAGER, apply_status};
 use crate::api::{GpuInstance, Reason, TrainingJob, TrainingJobPhase, TrainingJobStatus, from_k8s_time};
+use crate::artifacts::address::EndpointPolicy;
 use crate::remote::launch::RemoteLayout;
 use crate::remote::tool::{JobContext, ToolRegistry};
 use pass::Pass;
@@ -101,6 +102,9 @@ pub struct JobController {
     pub sessions: session::Sessions,
     /// The Hugging Face CLI run on the machine (`hf`; tests substitute a stand-in).
     pub hf_cli: String,
+    /// Which addresses the URLs a job names (webhook, S3 endpoint) may reach
+    /// (`--allow-private-endpoints`).
+    pub endpoint_policy: EndpointPolicy,
 }
 
 /// One reconciliation of one TrainingJob.
