@@ -156,7 +156,10 @@ impl OperatorProcess {
                 ])
                 .args(["--sweep-interval-seconds", "2", "--sweep-grace-seconds", "3"]);
         }
+        // Garage, the test webhooks and fake-vastai's machines listen on 127.0.0.1, which the
+        // operator refuses by default.
         command
+            .arg("--allow-private-endpoints")
             .args(&options.args)
             .env("KUBECONFIG", options.kubeconfig.clone().unwrap_or_else(kubeconfig_path))
             .env("VASTAI_API_KEY", API_KEY)
