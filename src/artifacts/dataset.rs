@@ -68,18 +68,6 @@ pub fn dataset_settings(
     }
 }
 
-/// Where the endpoint of [`dataset_settings`] comes from, for messages.
-pub fn endpoint_field(
-    dataset: &S3Dataset,
-    output: Option<&S3Output>,
-    operator_configured: bool,
-) -> &'static str {
-    match (choose_connection(dataset, output, operator_configured), output) {
-        (Some(DatasetConnection::Output), Some(output)) => super::settings::output_endpoint_field(output),
-        _ => super::settings::OPERATOR_ENDPOINT_FIELD,
-    }
-}
-
 /// `s3://bucket/key` of the dataset, for messages.
 pub fn dataset_uri(dataset: &S3Dataset) -> String {
     ObjectRef::new(&dataset.bucket, &dataset.key).uri()
@@ -164,11 +152,6 @@ mod tests {
         let err = dataset_settings(&dataset("data"), None, None, None).unwrap_err().to_string();
         assert!(err.contains("s3://data/sets/dogs.tar") && err.contains("AWS_ACCESS_KEY_ID"), "{err}");
         assert!(err.contains("spec.output.s3"), "{err}");
-        assert_eq!(endpoint_field(&dataset("data"), Some(&output("data")), true), "spec.output.s3.endpoint");
-        assert_eq!(
-            endpoint_field(&dataset("data"), Some(&output("models")), true),
-            crate::artifacts::settings::OPERATOR_ENDPOINT_FIELD
-        );
     }
 
     #[tokio::test]

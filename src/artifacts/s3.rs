@@ -72,7 +72,8 @@ pub struct S3Store {
 
 impl S3Store {
     /// A store whose endpoint is trusted: the CLI (`gpu-trainer launch`, run by its user with
-    /// their own settings) and tests. The operator uses [`S3Store::connect`].
+    /// their own settings), tests, and presigning only (no request is made; the machine
+    /// connects). The operator's own calls go through [`S3Store::connect`].
     pub fn new(settings: &S3Settings) -> Self {
         Self::build(settings, EndpointPolicy::AllowPrivate, S3Timeouts::default())
     }

@@ -184,10 +184,7 @@ impl Pass<'_> {
         if let Some(instance) = instance {
             stage::claim_work_dir(exec.as_ref(), &self.layout, &instance.name_any()).await?;
         }
-        let policy = self.ctrl.endpoint_policy;
-        match stage::stage(exec.as_ref(), &self.layout, &self.job.spec, &self.tool, &self.secrets, policy)
-            .await?
-        {
+        match stage::stage(exec.as_ref(), &self.layout, &self.job.spec, &self.tool, &self.secrets).await? {
             Ok(message) => {
                 // A replacement machine gets its checkpoint before it counts as staged.
                 self.restore(runtime, exec.as_ref()).await?;

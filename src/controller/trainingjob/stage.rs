@@ -13,7 +13,6 @@ use kube::api::Api;
 use super::{Error, kube_err};
 use crate::api::{Reason, S3Dataset, TrainingJobSpec};
 use crate::artifacts::S3Settings;
-use crate::artifacts::address::EndpointPolicy;
 use crate::artifacts::dataset::{self, DatasetConnection};
 use crate::artifacts::s3::S3Store;
 use crate::artifacts::settings::secret_bytes;
@@ -28,16 +27,15 @@ pub type Permanent = (Reason, String);
 
 /// Stages dataset and recipe. `Ok(Ok(message))` when done; `Ok(Err(..))` when the job must
 /// fail; `Err` for trouble worth retrying (the connection dropped). `secrets` is read for the
-/// storage credentials of an `s3` dataset, whose endpoint must pass `policy`.
+/// storage credentials of an `s3` dataset.
 pub async fn stage(
     exec: &dyn RemoteExec,
     layout: &RemoteLayout,
     spec: &TrainingJobSpec,
     tool: &RenderedTool,
     secrets: &Api<Secret>,
-    policy: EndpointPolicy,
 ) -> Result<Result<String, Permanent>, Error> {
-    let dataset_message = match stage_dataset(exec, layout, spec, secrets, policy).await? {
+    let dataset_message = match stage_dataset(exec, layout, spec, secrets).await? {
         Ok(message) => message,
         Err(permanent) => return Ok(Err(permanent)),
     };
@@ -63,12 +61,11 @@ async fn stage_dataset(
     layout: &RemoteLayout,
     spec: &TrainingJobSpec,
     secrets: &Api<Secret>,
-    policy: EndpointPolicy,
 ) -> Result<Result<String, Permanent>, Error> {
     let (url, sha256, field, shown) = if let Some(url) = &spec.dataset.url {
         (url.href.clone(), url.sha256.clone(), "spec.dataset.url.sha256", redact_query(&url.href).to_string())
     } else if let Some(s3) = &spec.dataset.s3 {
-        let presigned = match presign_s3_dataset(spec, s3, secrets, policy).await? {
+        let presigned = match presign_s3_dataset(spec, s3, secrets).await? {
             Ok(presigned) => presigned,
             Err(permanent) => return Ok(Err(permanent)),
         };
@@ -103,7 +100,6 @@ async fn presign_s3_dataset(
     spec: &TrainingJobSpec,
     s3: &S3Dataset,
     secrets: &Api<Secret>,
-    policy: EndpointPolicy,
 ) -> Result<Result<String, Permanent>, Error> {
     let operator = S3Settings::from_env().ok();
     let output = spec.output.as_ref().and_then(|o| o.s3.as_ref());
@@ -135,14 +131,9 @@ async fn presign_s3_dataset(
             return Ok(Err((Reason::StagingFailed, format!("spec.dataset.s3: {}", error_chain(&err)))));
         }
     };
-    let field = dataset::endpoint_field(s3, output, operator.is_some());
-    let store = match S3Store::connect(&settings, policy, field).await {
-        Ok(store) => store,
-        Err(err) => {
-            return Ok(Err((Reason::StagingFailed, format!("spec.dataset.s3: {}", error_chain(&err)))));
-        }
-    };
-    match dataset::presign(&store, s3).await {
+    // Presigning makes no request: the machine, on its own network, is what connects to the
+    // endpoint. So the operator's address policy (for its own connections) does not apply here.
+    match dataset::presign(&S3Store::new(&settings), s3).await {
         Ok(presigned) => Ok(Ok(presigned.url)),
         Err(err) => Ok(Err((
             Reason::StagingFailed,
