@@ -636,7 +636,13 @@ fn chart_and_kustomize_pass_the_same_arguments_and_environment() {
     let optional: BTreeSet<&str> = chart_args.difference(&kust_args).map(String::as_str).collect();
     assert_eq!(
         optional,
-        BTreeSet::from(["--installation-id", "--namespace", "--sweep-dry-run", "--tools-dir"])
+        BTreeSet::from([
+            "--allow-private-endpoints",
+            "--installation-id",
+            "--namespace",
+            "--sweep-dry-run",
+            "--tools-dir"
+        ])
     );
     let optional_env: BTreeSet<&str> = chart_env.difference(&kust_env).map(String::as_str).collect();
     assert_eq!(optional_env, BTreeSet::from(["RUST_LOG"]));

@@ -1001,3 +1001,52 @@ async fn a_job_whose_operator_dies_at_a_critical_step_still_uses_one_machine() {
     t.operator = JobTest::operator(&t.ns, &t.fake, &t.installation, &t.base, &[]);
     t.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn without_allow_private_endpoints_a_loopback_s3_endpoint_and_webhook_are_refused() {
+    let mut t = JobTest::start("tj-policy", |_| {}, &[]).await;
+    // The same operator, but holding jobs' URLs to the address policy.
+    t.operator.kill();
+    let mut options = OperatorOptions::new(&t.ns, &t.fake, &t.installation);
+    options.args = vec!["--remote-base".into(), t.base.display().to_string()];
+    options.allow_private_endpoints = false;
+    t.operator = OperatorProcess::start(&options);
+    let (hook, seen) = webhook().await;
+    t.secret("hook", serde_json::json!({"url": hook})).await;
+    let s3 = t.s3_output().await;
+    let mut tj = t.job("strict", serde_json::json!({"steps": 3, "secondsPerStep": 0.1}));
+    tj.spec.output = Some(serde_json::from_value(serde_json::json!({"s3": s3})).unwrap());
+    tj.spec.notify = Some(
+        serde_json::from_value(serde_json::json!({"webhookSecretRef": {"name": "hook", "key": "url"}}))
+            .unwrap(),
+    );
+    t.jobs.create(&PostParams::default(), &tj).await.unwrap();
+    let done = t.wait("strict", TrainingJobPhase::is_finished).await;
+    let status = done.status.clone().unwrap();
+    assert_eq!(status.phase, TrainingJobPhase::Failed, "{status:#?}\n{}", t.operator.log_tail());
+    assert_eq!(status.reason, Some(Reason::UploadFailed), "{status:#?}");
+    let message = status.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("the S3 endpoint in spec.output.s3.endpoint")
+            && message.contains("a loopback address")
+            && message.contains("--allow-private-endpoints"),
+        "{message}"
+    );
+    t.wait_released("strict-1").await;
+
+    // The webhook: a Warning naming the Secret and key, without the URL's token; nothing sent.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(t.client.clone(), &t.ns);
+    let note = common::wait_until(Duration::from_secs(30), "a NotifyFailed event", || async {
+        events.list(&ListParams::default()).await.unwrap().items.into_iter().find_map(|e| {
+            (e.reason.as_deref() == Some("NotifyFailed") && e.type_.as_deref() == Some("Warning"))
+                .then(|| e.note.unwrap_or_default())
+        })
+    })
+    .await;
+    let secret = format!("the webhook URL in Secret {}/hook key `url`", t.ns);
+    assert!(note.contains(&secret) && note.contains("a loopback address"), "{note}");
+    assert!(!note.contains("t0k3n-in-path") && !t.operator_log().contains("t0k3n-in-path"), "{note}");
+    assert!(seen.lock().unwrap().is_empty(), "the webhook got {:?}", seen.lock().unwrap());
+    t.finish().await;
+}

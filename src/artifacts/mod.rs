@@ -15,6 +15,9 @@
 //! - `huggingface`: `hf upload` with the token only in that command's environment.
 //! - `model_card`: README.md for the model, marking a run stopped early as incomplete.
 //! - `notify`: webhook notifications, best effort.
+//! - `address` (pure): which addresses a job's URLs (webhook, S3 endpoint) may reach;
+//!   `endpoint` applies it to URLs and to the S3 client's DNS answers.
+//! - `pages`: S3 listings followed page by page, with a limit.
 //!
 //! Order matters (reference/anchors.md, "verify upload before destroy"): the job engine reports
 //! an artifact and releases the GPU only after [`Uploader::upload`] returned it verified.
@@ -22,12 +25,15 @@
 //! Presigned URLs reach the machine only through the environment of the upload command (never
 //! its text or a command line), and every type holding one redacts the signature in `Debug`.
 
+pub mod address;
 pub mod checkpoints;
 pub mod dataset;
 pub mod download;
+pub mod endpoint;
 pub mod huggingface;
 pub mod model_card;
 pub mod notify;
+pub mod pages;
 pub mod plan;
 pub mod s3;
 pub mod script;
@@ -84,6 +90,9 @@ pub enum ArtifactError {
     Verification { uri: String, message: String },
     #[error("invalid artifact request: {0}")]
     Invalid(String),
+    /// The storage endpoint is refused by the operator's address policy.
+    #[error(transparent)]
+    Endpoint(#[from] endpoint::EndpointError),
 }
 
 impl ArtifactError {
@@ -94,7 +103,7 @@ impl ArtifactError {
     /// Short category for metric labels and event reasons.
     pub fn category(&self) -> &'static str {
         match self {
-            ArtifactError::Settings(_) | ArtifactError::Invalid(_) => "invalid",
+            ArtifactError::Settings(_) | ArtifactError::Invalid(_) | ArtifactError::Endpoint(_) => "invalid",
             ArtifactError::Presign { .. } => "presign",
             ArtifactError::Storage { .. } => "storage",
             ArtifactError::Remote { .. } | ArtifactError::StepFailed { .. } => "remote",

@@ -100,6 +100,18 @@ pub fn secret_bytes(secret: &k8s_openapi::api::core::v1::Secret) -> BTreeMap<Str
     out
 }
 
+/// Where the operator's default endpoint comes from, for messages.
+pub const OPERATOR_ENDPOINT_FIELD: &str = "the operator's AWS_ENDPOINT_URL_S3 (or AWS_ENDPOINT_URL)";
+
+/// Where the endpoint of [`S3Settings::for_output`] comes from, for messages: the spec's field
+/// when it is set, else the operator's environment.
+pub fn output_endpoint_field(output: &S3Output) -> &'static str {
+    match output.endpoint {
+        Some(_) => "spec.output.s3.endpoint",
+        None => OPERATOR_ENDPOINT_FIELD,
+    }
+}
+
 /// Everything needed to talk to one S3-compatible service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct S3Settings {
@@ -254,6 +266,9 @@ mod tests {
         let s = S3Settings::for_output(&output, None, Some(&defaults)).unwrap();
         assert_eq!(s.credentials.access_key_id, "DEFAULT");
         assert!(S3Settings::for_output(&output, None, None).is_err());
+        assert_eq!(output_endpoint_field(&output), "spec.output.s3.endpoint");
+        let without = S3Output { endpoint: None, ..output };
+        assert_eq!(output_endpoint_field(&without), OPERATOR_ENDPOINT_FIELD);
     }
 
     #[test]

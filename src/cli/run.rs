@@ -16,6 +16,7 @@ use tracing::info;
 
 use super::operator::{OperatorArgs, start};
 use crate::artifacts::upload::JobUploadLimits;
+use crate::artifacts::address::EndpointPolicy;
 use crate::controller::gpuinstance;
 use crate::controller::http::{self, HealthState};
 use crate::controller::leader::{LeaderConfig, run_elector};
@@ -81,6 +82,10 @@ pub struct RunArgs {
     /// is refused before anything is presigned.
     #[arg(long, env = "GPU_TRAINER_MAX_UPLOAD_GIB_PER_JOB", default_value_t = 200, value_name = "GIB")]
     max_upload_gib_per_job: u64,
+    /// Let the URLs jobs name (webhooks, S3 endpoints) reach loopback, link-local (cloud
+    /// metadata), private and cluster-internal addresses. Off: such URLs are refused.
+    #[arg(long, env = "GPU_TRAINER_ALLOW_PRIVATE_ENDPOINTS")]
+    allow_private_endpoints: bool,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -148,6 +153,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         upload_limits: JobUploadLimits {
             max_files: args.max_upload_files_per_job,
             max_bytes: args.max_upload_gib_per_job.saturating_mul(1024 * 1024 * 1024),
+        },
+        endpoint_policy: if args.allow_private_endpoints {
+            EndpointPolicy::AllowPrivate
+        } else {
+            EndpointPolicy::PublicOnly
         },
     };
     let job_controller = tokio::spawn(trainingjob::run(Arc::new(jobs), shutdown()));

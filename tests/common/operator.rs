@@ -102,6 +102,9 @@ pub struct OperatorOptions<'a> {
     pub fast_polls: bool,
     /// `pretty` (default) or `json` (benchmarks read timestamps from it).
     pub log_format: &'static str,
+    /// `--allow-private-endpoints` (default on): Garage and the test webhooks listen on
+    /// 127.0.0.1, which the operator refuses otherwise.
+    pub allow_private_endpoints: bool,
 }
 
 impl<'a> OperatorOptions<'a> {
@@ -117,6 +120,7 @@ impl<'a> OperatorOptions<'a> {
             kubeconfig: None,
             fast_polls: true,
             log_format: "pretty",
+            allow_private_endpoints: true,
         }
     }
 }
@@ -155,6 +159,9 @@ impl OperatorProcess {
                     "3",
                 ])
                 .args(["--sweep-interval-seconds", "2", "--sweep-grace-seconds", "3"]);
+        }
+        if options.allow_private_endpoints {
+            command.arg("--allow-private-endpoints");
         }
         command
             .args(&options.args)

@@ -42,6 +42,7 @@ use super::gpuinstance::error_chain;
 use super::pass_limit;
 use super::patch::{TRAININGJOB_MANAGER, apply_status};
 use crate::api::{GpuInstance, Reason, TrainingJob, TrainingJobPhase, TrainingJobStatus, from_k8s_time};
+use crate::artifacts::address::EndpointPolicy;
 use crate::remote::launch::RemoteLayout;
 use crate::remote::tool::{JobContext, ToolRegistry};
 use pass::Pass;
@@ -112,6 +113,9 @@ pub struct JobController {
     pub hf_cli: String,
     /// What one job may upload in all (the machine listing more is refused).
     pub upload_limits: crate::artifacts::upload::JobUploadLimits,
+    /// Which addresses the URLs a job names (webhook, S3 endpoint) may reach
+    /// (`--allow-private-endpoints`).
+    pub endpoint_policy: EndpointPolicy,
 }
 
 /// One reconciliation of one TrainingJob.

@@ -1,7 +1,8 @@
 //! `spec.notify`: the same facts as the job's events, POSTed as JSON to a webhook when a stall is
 //! detected and when the job is stopped, succeeds or fails. Best effort: delivery runs in the
 //! background and a failure is logged (never with the URL), so a webhook can neither slow down
-//! nor fail a job.
+//! nor fail a job. A URL the operator's address policy refuses (a private or cluster-internal
+//! address, see `artifacts::address`) is a Warning event on the job, naming the Secret and key.
 
 use chrono::Utc;
 use kube::ResourceExt;
@@ -13,6 +14,7 @@ use crate::api::{Reason, TrainingJobStatus};
 use crate::artifacts::notify::{
     CheckpointFacts, EventKind, JobRef, Notification, ProgressFacts, WebhookNotifier, WebhookUrl,
 };
+use crate::controller::gpuinstance::error_chain;
 
 /// What a finished job's message is about: stopped by the operator, succeeded, or failed. Pure.
 pub fn finish_kind(reason: Reason) -> EventKind {
@@ -77,8 +79,23 @@ impl Pass<'_> {
             uid: self.job.uid().unwrap_or_default(),
         };
         let body = notification(job, event, &self.status, message);
+        let what = format!("the webhook URL in Secret {}/{} key `{}`", body.job.namespace, r.name, r.key);
+        let (ctx, owner, policy) = (self.ctrl.ctx.clone(), self.job.clone(), self.ctrl.endpoint_policy);
+        // The host is resolved and checked in the background too: a slow DNS answer must not
+        // hold the pass.
         tokio::spawn(async move {
-            WebhookNotifier::new(url).notify(&body).await;
+            match WebhookNotifier::new(url, policy, &what).await {
+                Ok(notifier) => {
+                    notifier.notify(&body).await;
+                }
+                Err(e) if e.is_refusal() => {
+                    let note = format!("{}; no webhook sent", error_chain(&e));
+                    ctx.event(&owner, EventType::Warning, Reason::NotifyFailed, "Notify", note).await;
+                }
+                Err(e) => {
+                    warn!(job = %owner.name_any(), error = %error_chain(&e), "Webhook notification failed")
+                }
+            }
         });
     }
 }

@@ -8,11 +8,12 @@ use kube::api::Api;
 
 use super::{Error, kube_err};
 use crate::api::{CheckpointStatus, HuggingFaceOutput, TrainingJobSpec, TrainingJobStatus};
+use crate::artifacts::address::EndpointPolicy;
 use crate::artifacts::huggingface::HfToken;
 use crate::artifacts::model_card::ModelCard;
 use crate::artifacts::plan::Destination;
 use crate::artifacts::s3::S3Store;
-use crate::artifacts::settings::secret_bytes;
+use crate::artifacts::settings::{output_endpoint_field, secret_bytes};
 use crate::artifacts::upload::{JobUploadLimits, UploadLimits};
 use crate::artifacts::{S3Settings, UploadSettings};
 use crate::controller::gpuinstance::error_chain;
@@ -46,12 +47,13 @@ impl Outputs {
 }
 
 /// Resolves `spec.output`. The inner `Err` is a message for a job that cannot upload (a missing
-/// Secret or key, bad settings); the outer one a transient API error.
+/// Secret or key, bad settings, an endpoint `policy` refuses); the outer one a transient API error.
 pub async fn resolve(
     secrets: &Api<Secret>,
     spec: &TrainingJobSpec,
     job_name: &str,
     job_uid: &str,
+    policy: EndpointPolicy,
 ) -> Result<Result<Outputs, String>, Error> {
     let Some(output) = &spec.output else { return Ok(Ok(Outputs::default())) };
     let mut outputs = Outputs::default();
@@ -75,10 +77,14 @@ pub async fn resolve(
             None => None,
         };
         let defaults = S3Settings::from_env().ok();
-        match S3Settings::for_output(s3, secret_data.as_ref(), defaults.as_ref()) {
-            Ok(settings) => {
+        let store = match S3Settings::for_output(s3, secret_data.as_ref(), defaults.as_ref()) {
+            Ok(settings) => S3Store::connect(&settings, policy, output_endpoint_field(s3)).await,
+            Err(e) => Err(e),
+        };
+        match store {
+            Ok(store) => {
                 outputs.s3 = Some(S3Target {
-                    store: S3Store::new(&settings),
+                    store,
                     dest: Destination::for_job(s3, job_name, job_uid),
                     sync_checkpoints: s3.sync_checkpoints,
                 })

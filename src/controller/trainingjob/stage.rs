@@ -131,6 +131,8 @@ async fn presign_s3_dataset(
             return Ok(Err((Reason::StagingFailed, format!("spec.dataset.s3: {}", error_chain(&err)))));
         }
     };
+    // Presigning makes no request: the machine, on its own network, is what connects to the
+    // endpoint. So the operator's address policy (for its own connections) does not apply here.
     match dataset::presign(&S3Store::new(&settings), s3).await {
         Ok(presigned) => Ok(Ok(presigned.url)),
         Err(err) => Ok(Err((

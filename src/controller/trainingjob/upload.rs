@@ -91,7 +91,9 @@ impl Pass<'_> {
             return Ok(Ok(outputs.clone()));
         }
         let uid = self.job.uid().ok_or(Error::Missing("uid"))?;
-        let resolved = outputs::resolve(&self.secrets, &self.job.spec, &self.job.name_any(), &uid).await?;
+        let policy = self.ctrl.endpoint_policy;
+        let resolved =
+            outputs::resolve(&self.secrets, &self.job.spec, &self.job.name_any(), &uid, policy).await?;
         Ok(resolved.map(|o| {
             let o = Arc::new(o);
             runtime.outputs = Some(o.clone());
