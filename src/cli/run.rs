@@ -15,8 +15,8 @@ use tokio::sync::watch;
 use tracing::info;
 
 use super::operator::{OperatorArgs, start};
-use crate::artifacts::upload::JobUploadLimits;
 use crate::artifacts::address::EndpointPolicy;
+use crate::artifacts::upload::JobUploadLimits;
 use crate::controller::gpuinstance;
 use crate::controller::http::{self, HealthState};
 use crate::controller::leader::{LeaderConfig, run_elector};
