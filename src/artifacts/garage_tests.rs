@@ -77,6 +77,7 @@ impl Fixture {
                 RunOptions {
                     timeout: Duration::from_secs(60),
                     env: vec![("URL".into(), request.url.clone())],
+                    ..Default::default()
                 },
             )
             .await
@@ -93,6 +94,7 @@ impl Fixture {
                 RunOptions {
                     timeout: Duration::from_secs(60),
                     env: vec![("URL".into(), request.url.clone())],
+                    ..Default::default()
                 },
             )
             .await
@@ -335,7 +337,7 @@ async fn credentials_never_reach_the_machine() {
     recording
         .run(
             "curl -sS --fail -o dataset.tar \"$URL\"",
-            RunOptions { timeout: Duration::from_secs(60), env: vec![("URL".into(), get.url)] },
+            RunOptions { timeout: Duration::from_secs(60), env: vec![("URL".into(), get.url)], ..Default::default() },
         )
         .await
         .unwrap();

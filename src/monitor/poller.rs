@@ -362,6 +362,11 @@ pub async fn checkpoint_inventory(
             detail: output.stderr_lossy(),
         });
     }
+    output.require_complete("listing the checkpoints").map_err(|source| MonitorError::Read {
+        path: output_dir.to_owned(),
+        target: remote.describe(),
+        source,
+    })?;
     Ok(inventory(&parse_listing(&output.stdout_lossy()), kind))
 }
 

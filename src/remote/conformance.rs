@@ -87,7 +87,7 @@ pub(crate) async fn ssh_fixture() -> Fixture {
 }
 
 fn opts(secs: u64) -> RunOptions {
-    RunOptions { timeout: Duration::from_secs(secs), env: Vec::new() }
+    RunOptions { timeout: Duration::from_secs(secs), env: Vec::new(), ..Default::default() }
 }
 
 /// Polls `check` until it holds; fails the test after a generous limit (never a timed assertion
@@ -191,7 +191,7 @@ pub(crate) mod cases {
             .exec
             .run(
                 "printf '%s' \"$GT_SECRET\"",
-                RunOptions { timeout: Duration::from_secs(30), env: env.clone() },
+                RunOptions { timeout: Duration::from_secs(30), env: env.clone(), ..Default::default() },
             )
             .await
             .unwrap();
@@ -199,7 +199,7 @@ pub(crate) mod cases {
         // Every command line on the machine while the command runs (including our own).
         let marker = secret.lines().next().unwrap().to_string();
         let cmd = "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < \"$f\" 2>/dev/null; echo; done";
-        let out = f.exec.run(cmd, RunOptions { timeout: Duration::from_secs(30), env }).await.unwrap();
+        let out = f.exec.run(cmd, RunOptions { timeout: Duration::from_secs(30), env, ..Default::default() }).await.unwrap();
         assert!(out.success());
         assert!(out.stdout_lossy().lines().count() > 2);
         assert!(!out.stdout_lossy().contains(&marker), "the secret is visible on a command line");
@@ -207,7 +207,7 @@ pub(crate) mod cases {
             .exec
             .run(
                 "true",
-                RunOptions { timeout: Duration::from_secs(30), env: vec![("A;B".into(), "x".into())] },
+                RunOptions { timeout: Duration::from_secs(30), env: vec![("A;B".into(), "x".into())], ..Default::default() },
             )
             .await;
         assert!(matches!(bad, Err(RemoteError::InvalidRequest(_))));
@@ -228,10 +228,10 @@ pub(crate) mod cases {
         assert_eq!(again.sha256, sha);
 
         let back = f.local.path().join("back/big.bin");
-        let down = f.exec.download(&remote, &back).await.unwrap();
+        let down = f.exec.download(&remote, &back, u64::MAX).await.unwrap();
         assert_eq!((down.bytes, down.sha256.as_str(), down.skipped), (BIG as u64, sha.as_str(), false));
         assert_eq!(super::super::sha256_file(&back).await.unwrap().0, sha);
-        assert!(f.exec.download(&remote, &back).await.unwrap().skipped);
+        assert!(f.exec.download(&remote, &back, u64::MAX).await.unwrap().skipped);
 
         // Different content of the same size is sent again.
         random_file(&src, BIG, 8);
@@ -239,7 +239,7 @@ pub(crate) mod cases {
         assert!(!changed.skipped);
         assert_ne!(changed.sha256, sha);
         assert!(matches!(
-            f.exec.download(&f.path("missing"), &back).await,
+            f.exec.download(&f.path("missing"), &back, u64::MAX).await,
             Err(RemoteError::NotFound { .. })
         ));
     }
@@ -551,7 +551,7 @@ async fn ssh_download_resumes_after_the_connection_drops() {
     let (sha, _) = super::sha256_file(&src).await.unwrap();
     proxy.cut_after(20 * 1024 * 1024);
     let dest = dir.path().join("local.bin");
-    let report = exec.download(&src.display().to_string(), &dest).await.unwrap();
+    let report = exec.download(&src.display().to_string(), &dest, u64::MAX).await.unwrap();
     assert_eq!(report.sha256, sha);
     assert_eq!(super::sha256_file(&dest).await.unwrap().0, sha);
 }
