@@ -337,7 +337,11 @@ async fn credentials_never_reach_the_machine() {
     recording
         .run(
             "curl -sS --fail -o dataset.tar \"$URL\"",
-            RunOptions { timeout: Duration::from_secs(60), env: vec![("URL".into(), get.url)], ..Default::default() },
+            RunOptions {
+                timeout: Duration::from_secs(60),
+                env: vec![("URL".into(), get.url)],
+                ..Default::default()
+            },
         )
         .await
         .unwrap();

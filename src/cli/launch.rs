@@ -420,9 +420,11 @@ mod tests {
         for bad in ["0", "-1", "NaN", "inf", "ten"] {
             assert!(parse_gb(bad).is_err(), "{bad}");
         }
-        let parsed = crate::cli::Cli::try_parse_from(["gpu-trainer", "launch", "job.yaml", "--max-download-gb", "20"]);
+        let parsed =
+            crate::cli::Cli::try_parse_from(["gpu-trainer", "launch", "job.yaml", "--max-download-gb", "20"]);
         assert!(parsed.is_ok(), "{parsed:?}");
-        let refused = crate::cli::Cli::try_parse_from(["gpu-trainer", "launch", "job.yaml", "--max-download-gb", "0"]);
+        let refused =
+            crate::cli::Cli::try_parse_from(["gpu-trainer", "launch", "job.yaml", "--max-download-gb", "0"]);
         assert!(refused.is_err());
     }
 }

@@ -84,7 +84,10 @@ fn check_answer(output: &ExecOutput, token: &str) -> Result<(), String> {
         ));
     }
     if output.stdout != format!("{token}\n").as_bytes() {
-        return Err(format!("the machine answered the probe with {} instead of the token it was sent", shown(&output.stdout)));
+        return Err(format!(
+            "the machine answered the probe with {} instead of the token it was sent",
+            shown(&output.stdout)
+        ));
     }
     Ok(())
 }
@@ -111,7 +114,12 @@ mod tests {
     fn only_the_echoed_token_passes() {
         assert_eq!(check_answer(&answer(0, format!("{TOKEN}\n").as_bytes()), TOKEN), Ok(()));
         // Another token, garbage, nothing, a motd before the token: all refused, naming what came.
-        for bad in [b"gpu-trainer-probe-ffff\n".as_slice(), b"\x1b[2Jhello", b"", b"Welcome!\ngpu-trainer-probe-0011223344556677\n"] {
+        for bad in [
+            b"gpu-trainer-probe-ffff\n".as_slice(),
+            b"\x1b[2Jhello",
+            b"",
+            b"Welcome!\ngpu-trainer-probe-0011223344556677\n",
+        ] {
             let err = check_answer(&answer(0, bad), TOKEN).unwrap_err();
             assert!(err.starts_with("the machine answered the probe with \""), "{err}");
         }
@@ -121,13 +129,17 @@ mod tests {
 
     #[test]
     fn a_flood_is_refused_by_its_size_and_garbage_is_shown_short_and_escaped() {
-        let flooded = ExecOutput { stdout: vec![b'x'; OUTPUT_LIMIT], stdout_dropped: 10_000, ..answer(0, b"") };
+        let flooded =
+            ExecOutput { stdout: vec![b'x'; OUTPUT_LIMIT], stdout_dropped: 10_000, ..answer(0, b"") };
         let err = check_answer(&flooded, TOKEN).unwrap_err();
         assert!(err.contains(&format!("{} bytes", OUTPUT_LIMIT + 10_000)), "{err}");
         let long = vec![b'\x07'; 200];
         let err = check_answer(&answer(0, &long), TOKEN).unwrap_err();
         let shown = format!("{:?}...", "\u{7}".repeat(64));
-        assert_eq!(err, format!("the machine answered the probe with {shown} instead of the token it was sent"));
+        assert_eq!(
+            err,
+            format!("the machine answered the probe with {shown} instead of the token it was sent")
+        );
     }
 
     #[tokio::test]

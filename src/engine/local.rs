@@ -1079,7 +1079,8 @@ impl LocalRun {
                     })?;
                 }
                 let exec = self.connection().await?;
-                match super::model::fetch_model(&*exec, &remote_model, &local, self.max_download_bytes).await {
+                match super::model::fetch_model(&*exec, &remote_model, &local, self.max_download_bytes).await
+                {
                     Ok(model) => model,
                     Err(ModelError::Remote(err)) => return Err(err.into()),
                     // Not on the machine, or larger than allowed: the job failed, said how.

@@ -142,7 +142,12 @@ mod tests {
         ) -> Result<crate::remote::TransferReport, RemoteError> {
             Err(RemoteError::NotFound { path: path.to_string() })
         }
-        async fn read_from(&self, path: &str, _: u64, _: u64) -> Result<crate::remote::FileChunk, RemoteError> {
+        async fn read_from(
+            &self,
+            path: &str,
+            _: u64,
+            _: u64,
+        ) -> Result<crate::remote::FileChunk, RemoteError> {
             Err(RemoteError::NotFound { path: path.to_string() })
         }
         async fn pid_alive(&self, _: u32) -> Result<bool, RemoteError> {
@@ -161,6 +166,9 @@ mod tests {
         let remote = same_path.display().to_string();
         let err = fetch_model(&Empty, &remote, &here.path().join("out.bin"), None).await.unwrap_err();
         assert!(matches!(err, ModelError::Missing { .. }), "{err:?}");
-        assert_eq!(err.to_string(), format!("the trainer finished but left no model at {remote} on empty-machine"));
+        assert_eq!(
+            err.to_string(),
+            format!("the trainer finished but left no model at {remote} on empty-machine")
+        );
     }
 }

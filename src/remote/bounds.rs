@@ -157,7 +157,11 @@ pub(crate) enum LineError {
 /// Appends `data` to the line being read; `Some(line)` (without the newline) once a newline has
 /// arrived, the bytes after it being ignored. Refuses a line longer than `limit` so a machine that
 /// never sends a newline cannot grow it without bound.
-pub(crate) fn read_line_capped(line: &mut Vec<u8>, data: &[u8], limit: usize) -> Result<Option<Vec<u8>>, LineError> {
+pub(crate) fn read_line_capped(
+    line: &mut Vec<u8>,
+    data: &[u8],
+    limit: usize,
+) -> Result<Option<Vec<u8>>, LineError> {
     let end = data.iter().position(|&b| b == b'\n');
     let take = end.unwrap_or(data.len());
     if line.len() + take > limit {
@@ -184,7 +188,10 @@ mod tests {
     #[test]
     fn output_within_the_limit_is_kept_whole() {
         let (kept, dropped, forwarded) = capture_all(10, &[b"abc", b"defg", b"hij"]);
-        assert_eq!((kept.as_slice(), dropped, forwarded.as_slice()), (&b"abcdefghij"[..], 0, &b"abcdefghij"[..]));
+        assert_eq!(
+            (kept.as_slice(), dropped, forwarded.as_slice()),
+            (&b"abcdefghij"[..], 0, &b"abcdefghij"[..])
+        );
     }
 
     #[test]
@@ -230,7 +237,10 @@ mod tests {
     #[test]
     fn timeouts_name_what_the_machine_did() {
         let e = RemoteError::timeout(Phase::ExecRequest, Duration::from_secs(30));
-        assert_eq!(e.to_string(), "the machine opened a channel but never answered the exec request within 30s");
+        assert_eq!(
+            e.to_string(),
+            "the machine opened a channel but never answered the exec request within 30s"
+        );
         assert_eq!(e.timeout_phase(), Some(Phase::ExecRequest));
         assert_eq!(e.machine_fault(), Some(super::super::MachineFault::Unresponsive));
         let e = RemoteError::timeout(Phase::TransferStalled, Duration::from_secs(60));

@@ -433,7 +433,9 @@ async fn run_stage_script(
     env: Vec<(String, String)>,
     expected: Option<&str>,
 ) -> Result<String, DatasetError> {
-    let out = exec.run(script, RunOptions { timeout: Duration::from_secs(3600), env, ..Default::default() }).await?;
+    let out = exec
+        .run(script, RunOptions { timeout: Duration::from_secs(3600), env, ..Default::default() })
+        .await?;
     out.require_complete("the staging script")?;
     let stdout = out.stdout_lossy();
     if out.exit_code == Some(EXIT_MISMATCH) {

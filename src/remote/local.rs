@@ -14,9 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 
 use super::bounds::Capture;
-use super::{
-    ExecOutput, FileChunk, OutputChunk, Phase, RemoteError, RemoteExec, RunOptions, TransferReport,
-};
+use super::{ExecOutput, FileChunk, OutputChunk, Phase, RemoteError, RemoteExec, RunOptions, TransferReport};
 
 /// Runs commands and holds files on this machine.
 #[derive(Clone, Debug)]
@@ -50,7 +48,12 @@ impl LocalExec {
         if p.is_absolute() { p.to_path_buf() } else { self.work_dir.join(p) }
     }
 
-    async fn copy_verified(&self, from: &Path, to: &Path, max_bytes: u64) -> Result<TransferReport, RemoteError> {
+    async fn copy_verified(
+        &self,
+        from: &Path,
+        to: &Path,
+        max_bytes: u64,
+    ) -> Result<TransferReport, RemoteError> {
         // Only regular files: a FIFO or a device would block or never end.
         let meta = tokio::fs::metadata(from).await.map_err(|e| super::open_error(from, e))?;
         if !meta.is_file() {
@@ -273,7 +276,8 @@ impl RemoteExec for LocalExec {
         offset: u64,
         max_len: u64,
     ) -> Result<FileChunk, RemoteError> {
-        match tokio::time::timeout(self.request_timeout, self.read_from_inner(remote_path, offset, max_len)).await
+        match tokio::time::timeout(self.request_timeout, self.read_from_inner(remote_path, offset, max_len))
+            .await
         {
             Ok(result) => result,
             Err(_) => Err(RemoteError::timeout(Phase::FileRequest, self.request_timeout)),

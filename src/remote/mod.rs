@@ -311,7 +311,10 @@ pub(crate) async fn sha256_file_within(path: &Path, max_bytes: u64) -> Result<(S
             hasher.update(&buf[..n]);
             total += n as u64;
             if total > max_bytes {
-                return Err(RemoteError::TooLarge { what: format!("the file {}", path.display()), limit: max_bytes });
+                return Err(RemoteError::TooLarge {
+                    what: format!("the file {}", path.display()),
+                    limit: max_bytes,
+                });
             }
         }
         Ok((hex::encode(hasher.finalize()), total))

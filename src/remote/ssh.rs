@@ -45,7 +45,8 @@ use crate::metrics::TRANSPORT;
 
 use super::bounds::Capture;
 use super::{
-    ExecOutput, FileChunk, OutputChunk, Phase, RemoteError, RemoteExec, RunOptions, TransferReport, shell_quote,
+    ExecOutput, FileChunk, OutputChunk, Phase, RemoteError, RemoteExec, RunOptions, TransferReport,
+    shell_quote,
 };
 
 pub use transfer::UploadOutcome;
@@ -179,7 +180,12 @@ struct Connection {
 
 impl Connection {
     fn new(handle: client::Handle<Client>) -> Self {
-        Self { handle, sftp: OnceCell::new(), discarded: AtomicBool::new(false), _counted: OpenConnection::new() }
+        Self {
+            handle,
+            sftp: OnceCell::new(),
+            discarded: AtomicBool::new(false),
+            _counted: OpenConnection::new(),
+        }
     }
 
     fn usable(&self) -> bool {
@@ -355,7 +361,8 @@ impl SshExec {
         };
         let _ = socket.set_nodelay(true);
         let connected =
-            tokio::time::timeout_at(deadline, client::connect_stream(self.config.clone(), socket, handler)).await;
+            tokio::time::timeout_at(deadline, client::connect_stream(self.config.clone(), socket, handler))
+                .await;
         let seen = seen.lock().ok().and_then(|g| g.clone());
         let mut handle = match connected {
             Err(_) => {
@@ -501,8 +508,9 @@ impl SshExec {
         let conn = self.connection().await?;
         let deadline = tokio::time::Instant::now() + limit;
         let open = |conn: Arc<Connection>| async move {
-            let opened =
-                self.within(&conn, deadline, Phase::ChannelOpen, limit, conn.handle.channel_open_session()).await;
+            let opened = self
+                .within(&conn, deadline, Phase::ChannelOpen, limit, conn.handle.channel_open_session())
+                .await;
             (conn, opened)
         };
         match open(conn).await {
@@ -512,7 +520,8 @@ impl SshExec {
                 // A connection that died quietly fails here first: reconnect once.
                 self.discard(&conn).await;
                 let (conn, opened) = open(self.connection().await?).await;
-                let ch = opened?.map_err(|e| RemoteError::io(format!("open a channel to {}", self.target), e))?;
+                let ch =
+                    opened?.map_err(|e| RemoteError::io(format!("open a channel to {}", self.target), e))?;
                 Ok((conn, ch, deadline))
             }
         }
@@ -526,6 +535,8 @@ impl SshExec {
     ) -> Result<(Arc<Connection>, Arc<SftpSession>), RemoteError> {
         let conn = self.connection().await?;
         let opened = AtomicBool::new(false);
+        let backstop =
+            self.options.request_timeout.max(self.options.transfer_stall_timeout) + Duration::from_secs(10);
         let start = conn.sftp.get_or_try_init(|| async {
             let channel = conn.handle.channel_open_session().await?;
             opened.store(true, Ordering::SeqCst);
@@ -537,7 +548,9 @@ impl SshExec {
                 max_concurrent_reads: 64,
                 max_write_packet_len: 256 * 1024,
                 max_packet_len: 256 * 1024 + 1024,
-                request_timeout_secs: limit.as_secs().max(1),
+                // Only a backstop: our own deadlines cover every request, and must fire first
+                // (theirs is an I/O error, which a transfer would retry).
+                request_timeout_secs: backstop.as_secs(),
             };
             let session = SftpSession::new_with_config(channel.into_stream(), cfg)
                 .await
@@ -755,15 +768,20 @@ impl SshExec {
         let kill = Box::pin(self.run_inner(&script, RunOptions::with_timeout(limit), None, false));
         match tokio::time::timeout(limit, kill).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(target = %self.target, error = %e, "Failed to kill a timed-out command"),
-            Err(_) => tracing::warn!(target = %self.target, limit = ?limit, "Gave up killing a timed-out command"),
+            Ok(Err(e)) => {
+                tracing::warn!(target = %self.target, error = %e, "Failed to kill a timed-out command")
+            }
+            Err(_) => {
+                tracing::warn!(target = %self.target, limit = ?limit, "Gave up killing a timed-out command")
+            }
         }
     }
 
     /// Runs a step of a larger operation (not timed on its own: the operation is) whose stdout
     /// the caller parses: it must be complete.
     async fn run_checked(&self, command: &str, what: &str) -> Result<ExecOutput, RemoteError> {
-        let out = self.run_inner(command, RunOptions::with_timeout(Duration::from_secs(600)), None, true).await?;
+        let out =
+            self.run_inner(command, RunOptions::with_timeout(Duration::from_secs(600)), None, true).await?;
         if !out.success() {
             return Err(RemoteError::io(
                 format!("{what} on {}", self.target),

@@ -45,7 +45,11 @@ struct Counting<R> {
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &polled {
@@ -63,7 +67,12 @@ enum Watchdog {
 }
 
 /// Ends when the connection is gone, when `moved` has not changed for `stall`, or at `deadline`.
-async fn watch(is_closed: impl Fn() -> bool, moved: &AtomicU64, stall: Duration, deadline: Instant) -> Watchdog {
+async fn watch(
+    is_closed: impl Fn() -> bool,
+    moved: &AtomicU64,
+    stall: Duration,
+    deadline: Instant,
+) -> Watchdog {
     let mut last = moved.load(Ordering::Relaxed);
     let mut last_change = Instant::now();
     loop {
@@ -94,10 +103,8 @@ impl SshExec {
         remote_path: &str,
     ) -> Result<UploadOutcome, RemoteError> {
         let deadline = Instant::now() + self.options.transfer_deadline;
-        let size = tokio::fs::metadata(local_path)
-            .await
-            .map_err(|e| super::super::open_error(local_path, e))?
-            .len();
+        let size =
+            tokio::fs::metadata(local_path).await.map_err(|e| super::super::open_error(local_path, e))?.len();
         let q = shell_quote(remote_path)?;
         let parent =
             Path::new(remote_path).parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
@@ -268,7 +275,8 @@ impl SshExec {
                         }
                     }
                     Some(ChannelMsg::Failure) => {
-                        let e = RemoteError::io(format!("write {part}"), "the machine refused the exec request");
+                        let e =
+                            RemoteError::io(format!("write {part}"), "the machine refused the exec request");
                         return Err(fatal(e));
                     }
                     Some(ChannelMsg::ExitStatus { exit_status }) => {
@@ -279,7 +287,9 @@ impl SshExec {
                         return Err(fatal(e));
                     }
                     Some(_) => {}
-                    None => return Err((RemoteError::io(format!("write {part}"), "the channel closed"), false)),
+                    None => {
+                        return Err((RemoteError::io(format!("write {part}"), "the channel closed"), false));
+                    }
                 }
             }
         };
@@ -308,7 +318,8 @@ impl SshExec {
                 .map_err(|e| fatal(RemoteError::io("seek the local file", e)))?;
         }
         let moved = Arc::new(AtomicU64::new(0));
-        let reader = Counting { inner: tokio::io::BufReader::with_capacity(1 << 20, local), count: moved.clone() };
+        let reader =
+            Counting { inner: tokio::io::BufReader::with_capacity(1 << 20, local), count: moved.clone() };
         // russh does not wake a sender waiting for window space when the connection dies, so a
         // watchdog ends the send once the connection is gone, or when the window stays shut.
         tokio::select! {
@@ -340,7 +351,9 @@ impl SshExec {
                         return Err((e, false));
                     }
                     Some(_) => {}
-                    None => return Err((RemoteError::io(format!("write {part}"), "the channel closed"), false)),
+                    None => {
+                        return Err((RemoteError::io(format!("write {part}"), "the channel closed"), false));
+                    }
                 }
             }
         };
@@ -455,9 +468,15 @@ impl SshExec {
             .map_err(|e| RemoteError::io(format!("open {}", part.display()), e))?;
         if start > 0 {
             local.seek(std::io::SeekFrom::Start(start)).await.map_err(|e| RemoteError::io("seek", e))?;
-            self.within(&conn, step_deadline(), Phase::FileRequest, stall, remote.seek(std::io::SeekFrom::Start(start)))
-                .await?
-                .map_err(|e| RemoteError::io("seek", e))?;
+            self.within(
+                &conn,
+                step_deadline(),
+                Phase::FileRequest,
+                stall,
+                remote.seek(std::io::SeekFrom::Start(start)),
+            )
+            .await?
+            .map_err(|e| RemoteError::io("seek", e))?;
         }
         let mut received = start;
         let mut buf = vec![0u8; 4 << 20];
