@@ -13,7 +13,7 @@ use async_trait::async_trait;
 
 use super::SshProbe;
 use crate::remote::ssh::{SshExec, SshKey, SshOptions, SshTarget};
-use crate::remote::{ExecOutput, RemoteExec, RunOptions};
+use crate::remote::{ExecOutput, OutputChunk, RemoteExec, RunOptions};
 
 /// Most bytes of output the probe keeps: the token and a newline, with room to show garbage.
 const OUTPUT_LIMIT: usize = 256;
@@ -61,12 +61,34 @@ impl RusshProbe {
         let token = format!("gpu-trainer-probe-{}", hex::encode(rand::random::<[u8; 8]>()));
         let left = self.deadline.saturating_sub(started.elapsed()).saturating_sub(MARGIN).max(MARGIN);
         let opts = RunOptions { timeout: left, output_limit: OUTPUT_LIMIT, ..Default::default() };
-        let output = exec.run(&format!("echo {token}"), opts).await;
+        let output = echo(&exec, &format!("echo {token}"), opts).await;
         let fingerprint = exec.host_key_fingerprint();
         exec.close().await;
-        let output = output.map_err(|e| crate::controller::gpuinstance::error_chain(&e))?;
-        check_answer(&output, &token)?;
+        check_answer(&output?, &token)?;
         fingerprint.ok_or_else(|| "the server presented no host key".to_string())
+    }
+}
+
+/// Runs the probe command, giving up as soon as the machine has sent the whole output cap: a
+/// machine that floods without end is told apart from one that hangs.
+async fn echo(exec: &SshExec, command: &str, opts: RunOptions) -> Result<ExecOutput, String> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let run = exec.run_streaming(command, opts, tx);
+    tokio::pin!(run);
+    let mut seen = 0;
+    loop {
+        tokio::select! {
+            out = &mut run => return out.map_err(|e| crate::controller::gpuinstance::error_chain(&e)),
+            Some(chunk) = rx.recv() => {
+                let (OutputChunk::Stdout(bytes) | OutputChunk::Stderr(bytes)) = chunk;
+                seen += bytes.len();
+                if seen >= OUTPUT_LIMIT {
+                    return Err(format!(
+                        "the machine answered the probe with more than {OUTPUT_LIMIT} bytes instead of echoing a token"
+                    ));
+                }
+            }
+        }
     }
 }
 

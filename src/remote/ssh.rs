@@ -527,13 +527,14 @@ impl SshExec {
         }
     }
 
-    /// The connection's SFTP session (started on first use), within `deadline`.
+    /// The connection's SFTP session (started on first use), within `limit` from the moment a
+    /// connection is at hand (the returned deadline, for the rest of the operation).
     async fn sftp(
         &self,
-        deadline: tokio::time::Instant,
         limit: Duration,
-    ) -> Result<(Arc<Connection>, Arc<SftpSession>), RemoteError> {
+    ) -> Result<(Arc<Connection>, Arc<SftpSession>, tokio::time::Instant), RemoteError> {
         let conn = self.connection().await?;
+        let deadline = tokio::time::Instant::now() + limit;
         let opened = AtomicBool::new(false);
         let backstop =
             self.options.request_timeout.max(self.options.transfer_stall_timeout) + Duration::from_secs(10);
@@ -567,7 +568,7 @@ impl SshExec {
             }
         };
         let sftp = started.map_err(|e| RemoteError::io(format!("start SFTP on {}", self.target), e))?.clone();
-        Ok((conn, sftp))
+        Ok((conn, sftp, deadline))
     }
 
     /// One small SFTP operation, bounded as a whole by `request_timeout`. An I/O error on a
@@ -578,8 +579,7 @@ impl SshExec {
         Fut: Future<Output = Result<T, RemoteError>>,
     {
         let limit = self.options.request_timeout;
-        let deadline = tokio::time::Instant::now() + limit;
-        let (conn, sftp) = self.sftp(deadline, limit).await?;
+        let (conn, sftp, deadline) = self.sftp(limit).await?;
         let result = self.within(&conn, deadline, Phase::FileRequest, limit, op(sftp)).await?;
         if matches!(result, Err(RemoteError::Io { .. })) && conn.handle.is_closed() {
             self.discard(&conn).await;
@@ -915,7 +915,9 @@ impl RemoteExec for SshExec {
         if pid == 0 {
             return Ok(false);
         }
-        // One limit for the whole check, the fallback command included.
+        // One limit for the whole check, the fallback command included, from the moment a
+        // connection is at hand (connecting has its own limits).
+        self.connection().await?;
         let limit = self.options.request_timeout;
         match tokio::time::timeout(limit, self.pid_alive_within(pid, limit)).await {
             Ok(alive) => alive,

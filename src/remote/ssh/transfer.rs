@@ -444,7 +444,7 @@ impl SshExec {
     ) -> Result<(), RemoteError> {
         let stall = self.options.transfer_stall_timeout;
         let step_deadline = || (Instant::now() + stall).min(deadline);
-        let (conn, sftp) = self.sftp(step_deadline(), stall).await?;
+        let (conn, sftp, _) = self.sftp(stall).await?;
         let start = tokio::fs::metadata(part).await.map(|m| m.len()).unwrap_or(0);
         let mut remote = self
             .within(&conn, step_deadline(), Phase::FileRequest, stall, sftp.open(remote_path))
