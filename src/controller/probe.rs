@@ -52,7 +52,8 @@ impl RusshProbe {
             attempt_timeout: self.deadline,
             connect_deadline: self.deadline,
             request_timeout: self.deadline,
-            kill_timeout: self.deadline.min(Duration::from_secs(2)),
+            // `echo` needs no killing, and the probe's time is better spent on its answer.
+            kill_timeout: Duration::ZERO,
             ..SshOptions::default()
         };
         let exec = SshExec::connect(target.clone(), key, None, options)

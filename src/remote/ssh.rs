@@ -650,8 +650,8 @@ impl SshExec {
 
     /// Runs one command within `opts.timeout` from the moment a connection is at hand: opening
     /// the channel, the exec request, sending the script and reading to the end share that one
-    /// deadline. Past it the connection is discarded and, when the command may have started, it
-    /// is killed (`kill_on_timeout`, bounded, over a new connection).
+    /// deadline. Past it the connection is discarded and, when the command was started, it is
+    /// killed (`kill_on_timeout`, bounded, over a new connection).
     async fn run_inner(
         &self,
         command: &str,
@@ -728,9 +728,10 @@ impl SshExec {
                 (true, true) => Phase::Output,
             };
             tracing::warn!(machine = %self.target, ?phase, limit = ?opts.timeout, "Command timed out; dropping the connection");
-            // The hung connection goes first, so the kill does not wait on it.
+            // The hung connection goes first, so the kill does not wait on it. Only a command the
+            // machine started can need killing (a script not sent whole runs nothing).
             self.discard(&conn).await;
-            if kill_on_timeout && input_sent {
+            if kill_on_timeout && phase == Phase::Output {
                 self.kill_command(&nonce).await;
             }
             return Err(RemoteError::timeout(phase, opts.timeout));
