@@ -9,6 +9,8 @@
 //! idempotent, graceful stop) and `layout` (the remote work dir of one job).
 
 pub mod dataset;
+#[doc(hidden)]
+pub mod hostile;
 pub mod launch;
 pub mod local;
 pub mod ssh;
