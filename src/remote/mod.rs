@@ -10,6 +10,8 @@
 
 pub mod bounds;
 pub mod dataset;
+#[doc(hidden)]
+pub mod hostile;
 pub mod launch;
 pub mod local;
 pub mod ssh;
