@@ -763,7 +763,7 @@ mod tests {
     }
 
     fn quick() -> RunOptions {
-        RunOptions { timeout: Duration::from_secs(1), env: Vec::new() }
+        RunOptions { timeout: Duration::from_secs(1), ..Default::default() }
     }
 
     /// What a command run against a misbehaving machine came to within `limit`: `None` when it
@@ -795,7 +795,7 @@ mod tests {
         let up = exec.upload(&local, remote).await.unwrap();
         assert_eq!(std::fs::read(remote).unwrap(), vec![7u8; 300_000]);
         let back = dir.path().join("back.bin");
-        let down = exec.download(remote, &back).await.unwrap();
+        let down = exec.download(remote, &back, u64::MAX).await.unwrap();
         assert_eq!(down.sha256, up.sha256);
         let chunk = exec.read_from(remote, 299_990, 100).await.unwrap();
         assert_eq!((chunk.data.len(), chunk.file_size), (10, 300_000));
@@ -878,7 +878,9 @@ mod tests {
             }
             (bytes, newline)
         });
-        let result = within(Duration::from_secs(3), exec.run_streaming("echo hi", quick(), tx)).await;
+        // Streaming stops at the output limit: a limit above what the watcher wants to see.
+        let opts = RunOptions { output_limit: 8 << 20, ..quick() };
+        let result = within(Duration::from_secs(3), exec.run_streaming("echo hi", opts, tx)).await;
         assert!(!matches!(result, Some(Ok(ref out)) if out.exit_code.is_some()), "{result:?}");
         watcher.await.unwrap()
     }

@@ -19,6 +19,8 @@ pub mod tool;
 
 #[cfg(test)]
 mod conformance;
+#[cfg(test)]
+mod hostile_tests;
 
 use std::path::Path;
 use std::time::Duration;
