@@ -94,12 +94,14 @@ impl Fixture {
                 RunOptions {
                     timeout: Duration::from_secs(60),
                     env: vec![("URL".into(), request.url.clone())],
-                    ..Default::default()
+                    // Whole objects come back on stdout.
+                    output_limit: 64 << 20,
                 },
             )
             .await
             .unwrap();
         assert!(out.success(), "{}", out.stderr_lossy());
+        out.require_complete("the object read back").unwrap();
         out.stdout
     }
 }
