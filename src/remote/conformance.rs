@@ -848,3 +848,31 @@ async fn ssh_a_transfer_that_stops_moving_fails_at_the_stall_limit() {
     exec.upload(&src, &dest).await.unwrap();
     exec.download(&dest, &back, u64::MAX).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn ssh_a_transfer_that_outlasts_its_overall_limit_fails_at_it() {
+    // A stall limit far away, an overall limit near: the overall one ends the transfer.
+    let options = SshOptions {
+        transfer_stall_timeout: Duration::from_secs(120),
+        transfer_deadline: Duration::from_secs(3),
+        ..frozen_options()
+    };
+    let proxy = Proxy::start(sshd_addr()).await;
+    let exec = ssh_connect_with(proxy.target(), options).await;
+    let local = tempfile::tempdir().unwrap();
+    let remote = tempfile::tempdir().unwrap();
+    let src = local.path().join("big.bin");
+    random_file(&src, 64 * 1024 * 1024, 14);
+    let dest = remote.path().join("big.bin").display().to_string();
+
+    proxy.freeze_after(8 * 1024 * 1024);
+    let err = times_out_at(Phase::TransferDeadline, exec.upload(&src, &dest)).await;
+    assert_eq!(err.to_string(), "the transfer did not finish within 3s");
+    proxy.thaw();
+
+    proxy.freeze_after(8 * 1024 * 1024);
+    let back = local.path().join("back.bin");
+    times_out_at(Phase::TransferDeadline, exec.download(&src.display().to_string(), &back, u64::MAX)).await;
+    proxy.thaw();
+}
