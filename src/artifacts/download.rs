@@ -71,7 +71,7 @@ pub async fn download(
     }
     let (script, env) = render_download(&requests)?;
     let out = remote
-        .run(&script, RunOptions { timeout, env })
+        .run(&script, RunOptions { timeout, env, ..Default::default() })
         .await
         .map_err(|e| ArtifactError::remote("download", e))?;
     if !out.success() {

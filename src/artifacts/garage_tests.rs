@@ -77,6 +77,7 @@ impl Fixture {
                 RunOptions {
                     timeout: Duration::from_secs(60),
                     env: vec![("URL".into(), request.url.clone())],
+                    ..Default::default()
                 },
             )
             .await
@@ -93,11 +94,14 @@ impl Fixture {
                 RunOptions {
                     timeout: Duration::from_secs(60),
                     env: vec![("URL".into(), request.url.clone())],
+                    // Whole objects come back on stdout.
+                    output_limit: 64 << 20,
                 },
             )
             .await
             .unwrap();
         assert!(out.success(), "{}", out.stderr_lossy());
+        out.require_complete("the object read back").unwrap();
         out.stdout
     }
 }
@@ -382,7 +386,11 @@ async fn credentials_never_reach_the_machine() {
     recording
         .run(
             "curl -sS --fail -o dataset.tar \"$URL\"",
-            RunOptions { timeout: Duration::from_secs(60), env: vec![("URL".into(), get.url)] },
+            RunOptions {
+                timeout: Duration::from_secs(60),
+                env: vec![("URL".into(), get.url)],
+                ..Default::default()
+            },
         )
         .await
         .unwrap();

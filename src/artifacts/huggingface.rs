@@ -103,7 +103,14 @@ pub async fn upload_to_hub(
 ) -> Result<Vec<ArtifactStatus>, ArtifactError> {
     let script = render_hf_upload(upload)?;
     let out = remote
-        .run(&script, RunOptions { timeout, env: vec![("HF_TOKEN".to_string(), token.0.clone())] })
+        .run(
+            &script,
+            RunOptions {
+                timeout,
+                env: vec![("HF_TOKEN".to_string(), token.0.clone())],
+                ..Default::default()
+            },
+        )
         .await
         .map_err(|e| ArtifactError::remote("hf upload", e))?;
     // The CLI could echo the token in an error; scrub it before it reaches a status or log.

@@ -73,8 +73,13 @@ impl<R: RemoteExec> RemoteExec for RecordingExec<R> {
         self.inner.upload(local_path, remote_path).await
     }
 
-    async fn download(&self, remote_path: &str, local_path: &Path) -> Result<TransferReport, RemoteError> {
-        self.inner.download(remote_path, local_path).await
+    async fn download(
+        &self,
+        remote_path: &str,
+        local_path: &Path,
+        max_bytes: u64,
+    ) -> Result<TransferReport, RemoteError> {
+        self.inner.download(remote_path, local_path, max_bytes).await
     }
 
     async fn read_from(

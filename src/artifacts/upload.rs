@@ -272,7 +272,10 @@ impl<'a> Uploader<'a> {
         let paths: Vec<String> = items.iter().map(|i| i.path.clone()).collect();
         let command = script::render_inspect(&paths)?;
         let out = remote
-            .run(&command, RunOptions { timeout: Duration::from_secs(120), env: Vec::new() })
+            .run(
+                &command,
+                RunOptions { timeout: Duration::from_secs(120), env: Vec::new(), ..Default::default() },
+            )
             .await
             .map_err(|e| ArtifactError::remote("inspect", e))?;
         if !out.success() {
@@ -359,7 +362,14 @@ impl<'a> Uploader<'a> {
             }
             let rendered = script::render_upload(&files)?;
             let out = remote
-                .run(&rendered.script, RunOptions { timeout: self.settings.step_timeout, env: rendered.env })
+                .run(
+                    &rendered.script,
+                    RunOptions {
+                        timeout: self.settings.step_timeout,
+                        env: rendered.env,
+                        ..Default::default()
+                    },
+                )
                 .await;
             let (reports, failure) = match out {
                 Ok(out) => {

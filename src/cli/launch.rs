@@ -68,6 +68,24 @@ pub struct LaunchArgs {
     /// Folder of the tool registry [default: config/tools].
     #[arg(long, env = "GPU_TRAINER_TOOLS_DIR", value_name = "DIR")]
     tools_dir: Option<PathBuf>,
+    /// Largest final model brought back from the machine with `--provider ssh` and `vastai`, in
+    /// GB (10^9 bytes) [default: 4 times the size the machine reports, at least 1 GiB]. The
+    /// download stops at the limit.
+    #[arg(long, value_name = "GB", value_parser = parse_gb)]
+    max_download_gb: Option<f64>,
+}
+
+/// A positive number of GB.
+fn parse_gb(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(gb) if gb.is_finite() && gb > 0.0 => Ok(gb),
+        _ => Err(format!("{text:?} is not a positive number of GB")),
+    }
+}
+
+/// GB (10^9 bytes) as bytes, saturating.
+fn gb_to_bytes(gb: f64) -> u64 {
+    (gb * 1e9).min(u64::MAX as f64) as u64
 }
 
 pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
@@ -133,7 +151,8 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
         }
     }
     let mut run = LocalRun::prepare(job, &args.file, &state_dir, &tools_dir, machine.clone())
-        .with_context(|| format!("job {} cannot run", args.file.display()))?;
+        .with_context(|| format!("job {} cannot run", args.file.display()))?
+        .with_max_download_bytes(args.max_download_gb.map(gb_to_bytes));
 
     if args.dry_run {
         let tool = run.tool();
@@ -385,5 +404,27 @@ fn fmt_duration(seconds: i64) -> String {
         format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
     } else {
         format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn max_download_gb_takes_positive_gb_only() {
+        assert_eq!(gb_to_bytes(parse_gb("1.5").unwrap()), 1_500_000_000);
+        assert_eq!(gb_to_bytes(parse_gb("1e30").unwrap()), u64::MAX);
+        for bad in ["0", "-1", "NaN", "inf", "ten"] {
+            assert!(parse_gb(bad).is_err(), "{bad}");
+        }
+        let parsed =
+            crate::cli::Cli::try_parse_from(["gpu-trainer", "launch", "job.yaml", "--max-download-gb", "20"]);
+        assert!(parsed.is_ok(), "{parsed:?}");
+        let refused =
+            crate::cli::Cli::try_parse_from(["gpu-trainer", "launch", "job.yaml", "--max-download-gb", "0"]);
+        assert!(refused.is_err());
     }
 }

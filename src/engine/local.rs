@@ -17,6 +17,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::decide::{MachineObservation, Observations, Step, TrainingObservation, next_step};
+use super::model::ModelError;
 use super::rent::{self, RentSpec, RentedMachine};
 use crate::api::{
     ArtifactStatus, CheckpointStatus, ConditionStatus, CostStatus, JobInstanceStatus, ProgressStatus, Reason,
@@ -146,6 +147,9 @@ pub struct LocalRun {
     create_failures: u32,
     /// Notes for the observer, not yet reported.
     notes: Vec<String>,
+    /// Limit for downloading the final model (`--max-download-gb`); `None`: a few times the size
+    /// the machine reports (see [`super::model::download_limit`]).
+    max_download_bytes: Option<u64>,
 }
 
 /// Called after every step and poll, for progress display.
@@ -253,7 +257,14 @@ impl LocalRun {
             last_machine: None,
             create_failures: 0,
             notes: Vec::new(),
+            max_download_bytes: None,
         })
+    }
+
+    /// Sets the limit for downloading the final model from an SSH or rented machine.
+    pub fn with_max_download_bytes(mut self, limit: Option<u64>) -> Self {
+        self.max_download_bytes = limit;
+        self
     }
 
     /// The job as read from its file.
@@ -1068,10 +1079,15 @@ impl LocalRun {
                     })?;
                 }
                 let exec = self.connection().await?;
-                match exec.download(&remote_model, &local).await {
-                    Ok(_) => local,
-                    Err(crate::remote::RemoteError::NotFound { .. }) => PathBuf::from(&remote_model),
-                    Err(err) => return Err(err.into()),
+                match super::model::fetch_model(&*exec, &remote_model, &local, self.max_download_bytes).await
+                {
+                    Ok(model) => model,
+                    Err(ModelError::Remote(err)) => return Err(err.into()),
+                    // Not on the machine, or larger than allowed: the job failed, said how.
+                    Err(err) => {
+                        self.finish(TrainingJobPhase::Failed, Reason::UploadFailed, &err.to_string(), now);
+                        return Ok(());
+                    }
                 }
             }
         };

@@ -6,6 +6,7 @@
 
 pub mod decide;
 pub mod local;
+pub mod model;
 pub mod rent;
 
 pub use decide::{MachineObservation, Observations, Step, TrainingObservation, next_step};

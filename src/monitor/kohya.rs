@@ -9,6 +9,10 @@ use super::parser::{Dialect, number_after};
 use super::prefix::{RichLayout, Stripped};
 use super::tqdm::Bar;
 
+/// Longest joined message: a log of endless continuation lines cannot grow memory; the message
+/// is matched as it stands and the rest starts a new one.
+const MAX_MESSAGE_BYTES: usize = super::line::MAX_RECORD_BYTES;
+
 #[derive(Debug, Default)]
 pub struct Kohya {
     /// Steps already done before a resume; the bar counts from 0 after it.
@@ -81,6 +85,10 @@ impl Dialect for Kohya {
     fn on_message(&mut self, line: Stripped<'_>, last_step: Option<u64>, out: &mut dyn FnMut(LogEvent)) {
         match line.rich {
             RichLayout::Continuation { padded } => match self.pending.as_mut() {
+                Some((message, _)) if message.len() + line.text.len() >= MAX_MESSAGE_BYTES => {
+                    self.take_pending(last_step, out);
+                    self.pending = Some((line.text.to_owned(), padded));
+                }
                 Some((message, previous_padded)) => {
                     if *previous_padded {
                         message.push(' ');
@@ -108,7 +116,24 @@ impl Dialect for Kohya {
 
 #[cfg(test)]
 mod tests {
-    use super::checkpoint_step;
+    use super::*;
+
+    #[test]
+    fn endless_continuation_lines_stay_within_the_message_limit() {
+        let mut kohya = Kohya::default();
+        let text = "x".repeat(80);
+        let mut events = 0;
+        let mut out = |_: LogEvent| events += 1;
+        let header = Stripped { text: "INFO start", logger: None, rich: RichLayout::Header { padded: true } };
+        kohya.on_message(header, None, &mut out);
+        for _ in 0..100_000 {
+            let line =
+                Stripped { text: &text, logger: None, rich: RichLayout::Continuation { padded: true } };
+            kohya.on_message(line, None, &mut out);
+            let held = kohya.pending.as_ref().map_or(0, |(m, _)| m.len());
+            assert!(held <= MAX_MESSAGE_BYTES, "{held}");
+        }
+    }
 
     #[test]
     fn checkpoint_steps_from_kohya_names() {

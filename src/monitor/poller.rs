@@ -350,6 +350,9 @@ impl TrainingMonitor {
     }
 }
 
+/// Largest listing of the output folder read from the machine.
+const LISTING_OUTPUT_LIMIT: usize = 8 << 20;
+
 /// Lists `output_dir` on the machine with one command and builds the checkpoint inventory for
 /// the trainer's naming scheme. A missing folder is an empty inventory (nothing saved yet).
 pub async fn checkpoint_inventory(
@@ -358,7 +361,10 @@ pub async fn checkpoint_inventory(
     kind: ParserKind,
 ) -> Result<CheckpointInventory, MonitorError> {
     let command = format!("{} 2>/dev/null || true", listing_command(output_dir));
-    let output = remote.run(&command, RunOptions::default()).await.map_err(|source| MonitorError::Read {
+    // Room for the most entries the listing accepts (10,000 of up to 512-byte paths), so an
+    // honest listing is judged by its count, not cut by the output cap.
+    let opts = RunOptions { output_limit: LISTING_OUTPUT_LIMIT, ..RunOptions::default() };
+    let output = remote.run(&command, opts).await.map_err(|source| MonitorError::Read {
         path: output_dir.to_owned(),
         target: remote.describe(),
         source,
@@ -370,6 +376,11 @@ pub async fn checkpoint_inventory(
             detail: output.stderr_lossy(),
         });
     }
+    output.require_complete("listing the checkpoints").map_err(|source| MonitorError::Read {
+        path: output_dir.to_owned(),
+        target: remote.describe(),
+        source,
+    })?;
     let refused = |e: super::checkpoints::ListingError| MonitorError::Refused {
         path: output_dir.to_owned(),
         target: remote.describe(),

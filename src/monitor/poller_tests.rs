@@ -60,14 +60,14 @@ impl RemoteExec for FakeMachine {
                 path.strip_prefix(&prefix).map(|rel| format!("f {} {rel}\n", data.len()))
             })
             .collect();
-        Ok(ExecOutput { exit_code: Some(0), stdout: listing.into_bytes(), stderr: Vec::new() })
+        Ok(ExecOutput::new(Some(0), listing, Vec::new()))
     }
 
     async fn upload(&self, _local: &Path, _remote: &str) -> Result<TransferReport, RemoteError> {
         Err(unsupported("upload"))
     }
 
-    async fn download(&self, _remote: &str, _local: &Path) -> Result<TransferReport, RemoteError> {
+    async fn download(&self, _remote: &str, _local: &Path, _max: u64) -> Result<TransferReport, RemoteError> {
         Err(unsupported("download"))
     }
 

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::local::LocalExec;
 use super::ssh::{SshExec, SshKey, SshOptions, SshTarget};
-use super::{OutputChunk, RemoteError, RemoteExec, RunOptions};
+use super::{OutputChunk, Phase, RemoteError, RemoteExec, RunOptions};
 
 /// A machine under test plus a scratch folder on it (`base`, absolute) and one on this side.
 pub(crate) struct Fixture {
@@ -30,9 +30,21 @@ impl Fixture {
     }
 }
 
+/// Limit for one file request in the fixtures made for the deadline cases.
+const QUICK: Duration = Duration::from_secs(2);
+
 pub(crate) async fn local_fixture() -> Fixture {
+    local_fixture_with(Duration::from_secs(30))
+}
+
+/// A local machine whose file requests time out after [`QUICK`].
+pub(crate) async fn quick_local_fixture() -> Fixture {
+    local_fixture_with(QUICK)
+}
+
+fn local_fixture_with(request_timeout: Duration) -> Fixture {
     let remote = tempfile::tempdir().expect("tempdir");
-    let exec = LocalExec::new(remote.path()).expect("local exec");
+    let exec = LocalExec::new(remote.path()).expect("local exec").with_request_timeout(request_timeout);
     Fixture {
         exec: Arc::new(exec),
         base: remote.path().display().to_string(),
@@ -76,7 +88,18 @@ pub(crate) async fn ssh_connect(target: SshTarget) -> SshExec {
 }
 
 pub(crate) async fn ssh_fixture() -> Fixture {
-    let exec = ssh_connect(ssh_env().target).await;
+    ssh_fixture_with(test_options()).await
+}
+
+/// The test sshd with file requests that time out after [`QUICK`].
+pub(crate) async fn quick_ssh_fixture() -> Fixture {
+    ssh_fixture_with(SshOptions { request_timeout: QUICK, ..test_options() }).await
+}
+
+async fn ssh_fixture_with(options: SshOptions) -> Fixture {
+    let env = ssh_env();
+    let key = SshKey::from_file(&env.key_path).expect("key");
+    let exec = SshExec::connect(env.target, key, None, options).await.expect("connect to the test sshd");
     let remote = tempfile::tempdir().expect("tempdir");
     Fixture {
         exec: Arc::new(exec),
@@ -87,7 +110,7 @@ pub(crate) async fn ssh_fixture() -> Fixture {
 }
 
 fn opts(secs: u64) -> RunOptions {
-    RunOptions { timeout: Duration::from_secs(secs), env: Vec::new() }
+    RunOptions::with_timeout(Duration::from_secs(secs))
 }
 
 /// Polls `check` until it holds; fails the test after a generous limit (never a timed assertion
@@ -139,9 +162,75 @@ pub(crate) mod cases {
         // stdin is closed: a command that reads it gets EOF instead of hanging.
         let out = f.exec.run("cat; echo done", opts(30)).await.unwrap();
         assert_eq!(out.stdout_lossy(), "done\n");
-        // Output bigger than any window or pipe buffer arrives whole.
-        let out = f.exec.run("head -c 3000000 /dev/zero", opts(60)).await.unwrap();
-        assert_eq!(out.stdout.len(), 3_000_000);
+        // Output bigger than any window or pipe buffer arrives whole (within its limit).
+        let big = RunOptions { output_limit: 4_000_000, ..opts(60) };
+        let out = f.exec.run("head -c 3000000 /dev/zero", big).await.unwrap();
+        assert_eq!((out.stdout.len(), out.stdout_dropped), (3_000_000, 0));
+        out.require_complete("a big output").unwrap();
+    }
+
+    pub async fn output_past_its_limit_keeps_head_and_tail_and_says_so(f: Fixture) {
+        // 2 MB between a head and a tail marker, on both streams; 1000 bytes kept of each.
+        let cmd = "for s in 1 2; do { printf HEAD; head -c 2000000 /dev/zero | tr '\\0' x; printf TAIL; } >&$s; done";
+        let capped = RunOptions { output_limit: 1000, ..opts(60) };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+        let exec = f.exec.clone();
+        let running = tokio::spawn(async move { exec.run_streaming(cmd, capped, tx).await });
+        let (mut streamed_out, mut streamed_err) = (0, 0);
+        while let Some(chunk) = rx.recv().await {
+            match chunk {
+                OutputChunk::Stdout(b) => streamed_out += b.len(),
+                OutputChunk::Stderr(b) => streamed_err += b.len(),
+            }
+        }
+        let out = running.await.unwrap().unwrap();
+        assert!(out.success());
+        let total = 2_000_008u64;
+        for (kept, dropped) in [(&out.stdout, out.stdout_dropped), (&out.stderr, out.stderr_dropped)] {
+            assert_eq!(kept.len(), 1000);
+            assert!(kept.starts_with(b"HEADxxx") && kept.ends_with(b"xxxTAIL"));
+            assert_eq!(dropped, total - 1000);
+        }
+        // Streaming passed on no more than the limit either.
+        assert!(streamed_out <= 1000 && streamed_err <= 1000, "{streamed_out} {streamed_err}");
+        assert!(out.stdout_lossy().contains(&format!("[... {} bytes dropped ...]", total - 1000)));
+        let refused = out.require_complete("a flood").unwrap_err();
+        assert!(matches!(refused, RemoteError::TooLarge { limit: 1000, .. }), "{refused:?}");
+        assert!(refused.to_string().contains("a flood"), "{refused}");
+    }
+
+    pub async fn a_file_read_that_is_never_answered_times_out_and_the_next_one_works(f: Fixture) {
+        // Opening a FIFO nobody writes never returns: the read must end at its deadline.
+        let fifo = f.path("fifo");
+        assert!(f.exec.run(&format!("mkfifo {fifo}"), opts(30)).await.unwrap().success());
+        let read = tokio::time::timeout(Duration::from_secs(60), f.exec.read_from(&fifo, 0, 100)).await;
+        let err = read.expect("the read outlived its deadline").unwrap_err();
+        assert_eq!(err.timeout_phase(), Some(Phase::FileRequest), "{err:?}");
+        assert!(err.to_string().contains("did not answer a file request"), "{err}");
+        // The next call works (over SSH: on a new connection; the old SFTP server is stuck).
+        let log = f.path("log");
+        f.exec.run(&format!("printf ok > {log}"), opts(30)).await.unwrap();
+        assert_eq!(f.exec.read_from(&log, 0, 10).await.unwrap().data, b"ok");
+        // Unblocks the stuck open (on either side) so nothing is left waiting.
+        let _ = f.exec.run(&format!(": > {fifo}"), opts(5)).await;
+    }
+
+    pub async fn a_download_stops_at_its_limit(f: Fixture) {
+        let remote = f.path("model.bin");
+        f.exec.run(&format!("head -c 1000 /dev/zero > {remote}"), opts(30)).await.unwrap();
+        let local = f.local.path().join("model.bin");
+        let err = f.exec.download(&remote, &local, 999).await.unwrap_err();
+        assert!(matches!(err, RemoteError::TooLarge { limit: 999, .. }), "{err:?}");
+        assert!(std::fs::read_dir(f.local.path()).unwrap().next().is_none(), "something was left behind");
+        assert_eq!(f.exec.download(&remote, &local, 1000).await.unwrap().bytes, 1000);
+        // A file that reports less than it holds (`/proc` reports 0) is cut off while it is read.
+        let status = f.local.path().join("status");
+        let err = f.exec.download("/proc/self/status", &status, 64).await.unwrap_err();
+        assert!(matches!(err, RemoteError::TooLarge { limit: 64, .. }), "{err:?}");
+        assert!(!status.exists());
+        // Not a regular file: not downloaded at all.
+        let err = f.exec.download("/dev/zero", &status, u64::MAX).await.unwrap_err();
+        assert!(matches!(err, RemoteError::NotFound { .. }), "{err:?}");
     }
 
     pub async fn timeout_kills_the_command_and_its_children(f: Fixture) {
@@ -149,7 +238,8 @@ pub(crate) mod cases {
         let cmd =
             format!("echo $$ > {pids}.tmp; sleep 300 & echo $! >> {pids}.tmp; mv {pids}.tmp {pids}; wait");
         let err = f.exec.run(&cmd, opts(2)).await.unwrap_err();
-        assert!(matches!(err, RemoteError::Timeout(_)), "{err:?}");
+        assert_eq!(err.timeout_phase(), Some(Phase::Output), "{err:?}");
+        assert_eq!(err.to_string(), "the command did not finish within 2s");
         let listed = f.exec.run(&format!("cat {pids}"), opts(30)).await.unwrap().stdout_lossy();
         let pids: Vec<u32> = listed.split_whitespace().map(|p| p.parse().unwrap()).collect();
         assert_eq!(pids.len(), 2, "{listed}");
@@ -191,7 +281,7 @@ pub(crate) mod cases {
             .exec
             .run(
                 "printf '%s' \"$GT_SECRET\"",
-                RunOptions { timeout: Duration::from_secs(30), env: env.clone() },
+                RunOptions { timeout: Duration::from_secs(30), env: env.clone(), ..Default::default() },
             )
             .await
             .unwrap();
@@ -199,7 +289,11 @@ pub(crate) mod cases {
         // Every command line on the machine while the command runs (including our own).
         let marker = secret.lines().next().unwrap().to_string();
         let cmd = "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < \"$f\" 2>/dev/null; echo; done";
-        let out = f.exec.run(cmd, RunOptions { timeout: Duration::from_secs(30), env }).await.unwrap();
+        let out = f
+            .exec
+            .run(cmd, RunOptions { timeout: Duration::from_secs(30), env, ..Default::default() })
+            .await
+            .unwrap();
         assert!(out.success());
         assert!(out.stdout_lossy().lines().count() > 2);
         assert!(!out.stdout_lossy().contains(&marker), "the secret is visible on a command line");
@@ -207,7 +301,11 @@ pub(crate) mod cases {
             .exec
             .run(
                 "true",
-                RunOptions { timeout: Duration::from_secs(30), env: vec![("A;B".into(), "x".into())] },
+                RunOptions {
+                    timeout: Duration::from_secs(30),
+                    env: vec![("A;B".into(), "x".into())],
+                    ..Default::default()
+                },
             )
             .await;
         assert!(matches!(bad, Err(RemoteError::InvalidRequest(_))));
@@ -228,10 +326,10 @@ pub(crate) mod cases {
         assert_eq!(again.sha256, sha);
 
         let back = f.local.path().join("back/big.bin");
-        let down = f.exec.download(&remote, &back).await.unwrap();
+        let down = f.exec.download(&remote, &back, u64::MAX).await.unwrap();
         assert_eq!((down.bytes, down.sha256.as_str(), down.skipped), (BIG as u64, sha.as_str(), false));
         assert_eq!(super::super::sha256_file(&back).await.unwrap().0, sha);
-        assert!(f.exec.download(&remote, &back).await.unwrap().skipped);
+        assert!(f.exec.download(&remote, &back, u64::MAX).await.unwrap().skipped);
 
         // Different content of the same size is sent again.
         random_file(&src, BIG, 8);
@@ -239,7 +337,7 @@ pub(crate) mod cases {
         assert!(!changed.skipped);
         assert_ne!(changed.sha256, sha);
         assert!(matches!(
-            f.exec.download(&f.path("missing"), &back).await,
+            f.exec.download(&f.path("missing"), &back, u64::MAX).await,
             Err(RemoteError::NotFound { .. })
         ));
     }
@@ -279,9 +377,12 @@ pub(crate) mod cases {
 
 /// Declares one test per case for an implementation.
 macro_rules! conformance_suite {
-    ($module:ident, $fixture:path $(, #[$attr:meta])*) => {
+    ($module:ident, $fixture:path, $quick:path $(, #[$attr:meta])*) => {
         mod $module {
             use super::*;
+            conformance_suite!(@case $fixture, output_past_its_limit_keeps_head_and_tail_and_says_so $(, #[$attr])*);
+            conformance_suite!(@case $quick, a_file_read_that_is_never_answered_times_out_and_the_next_one_works $(, #[$attr])*);
+            conformance_suite!(@case $fixture, a_download_stops_at_its_limit $(, #[$attr])*);
             conformance_suite!(@case $fixture, commands_report_exit_codes_and_output $(, #[$attr])*);
             conformance_suite!(@case $fixture, timeout_kills_the_command_and_its_children $(, #[$attr])*);
             conformance_suite!(@case $fixture, output_streams_while_the_command_runs $(, #[$attr])*);
@@ -316,8 +417,8 @@ macro_rules! conformance_suite {
     };
 }
 
-conformance_suite!(local, local_fixture);
-conformance_suite!(ssh, ssh_fixture, #[ignore = "needs tests/ environment"]);
+conformance_suite!(local, local_fixture, quick_local_fixture);
+conformance_suite!(ssh, ssh_fixture, quick_ssh_fixture, #[ignore = "needs tests/ environment"]);
 
 /// A TCP relay in front of sshd that can be retargeted and can cut connections mid-stream.
 struct Proxy {
@@ -329,6 +430,9 @@ struct Proxy {
     cut_at: Arc<AtomicU64>,
     /// Client-to-server bytes of the connections opened after the cut.
     after_cut: Arc<AtomicU64>,
+    /// Stop relaying (connections stay open, bytes are held) once the total reaches this
+    /// (`u64::MAX` = off): a machine that stopped answering but did not hang up.
+    freeze_at: Arc<AtomicU64>,
 }
 
 impl Proxy {
@@ -341,14 +445,17 @@ impl Proxy {
             total: Arc::new(AtomicU64::new(0)),
             cut_at: Arc::new(AtomicU64::new(u64::MAX)),
             after_cut: Arc::new(AtomicU64::new(0)),
+            freeze_at: Arc::new(AtomicU64::new(u64::MAX)),
         };
         let (target, total, cut_at, after_cut) =
             (proxy.target.clone(), proxy.total.clone(), proxy.cut_at.clone(), proxy.after_cut.clone());
+        let freeze_at = proxy.freeze_at.clone();
         let cut_happened = Arc::new(std::sync::atomic::AtomicBool::new(false));
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let addr = *target.lock().unwrap();
                 let (total, cut_at, after_cut) = (total.clone(), cut_at.clone(), after_cut.clone());
+                let freeze_at = freeze_at.clone();
                 let opened_after_cut = cut_happened.load(Ordering::SeqCst);
                 let cut_happened = cut_happened.clone();
                 tokio::spawn(async move {
@@ -360,6 +467,7 @@ impl Proxy {
                                  upstream: bool| {
                         let (total, cut_at, after_cut, cut_happened) =
                             (total.clone(), cut_at.clone(), after_cut.clone(), cut_happened.clone());
+                        let freeze_at = freeze_at.clone();
                         async move {
                             let mut buf = vec![0u8; 64 * 1024];
                             loop {
@@ -379,6 +487,9 @@ impl Proxy {
                                 {
                                     cut_happened.store(true, Ordering::SeqCst);
                                     return;
+                                }
+                                while now >= freeze_at.load(Ordering::SeqCst) {
+                                    tokio::time::sleep(Duration::from_millis(20)).await;
                                 }
                                 if to.write_all(&buf[..n]).await.is_err() {
                                     return;
@@ -404,6 +515,16 @@ impl Proxy {
     /// Cuts the connection once `bytes` more bytes have passed.
     fn cut_after(&self, bytes: u64) {
         self.cut_at.store(self.total.load(Ordering::SeqCst) + bytes, Ordering::SeqCst);
+    }
+
+    /// Stops relaying once `bytes` more bytes have passed (0: now).
+    fn freeze_after(&self, bytes: u64) {
+        self.freeze_at.store(self.total.load(Ordering::SeqCst) + bytes, Ordering::SeqCst);
+    }
+
+    /// Relays again; connections frozen meanwhile carry on with what they held.
+    fn thaw(&self) {
+        self.freeze_at.store(u64::MAX, Ordering::SeqCst);
     }
 }
 
@@ -551,7 +672,7 @@ async fn ssh_download_resumes_after_the_connection_drops() {
     let (sha, _) = super::sha256_file(&src).await.unwrap();
     proxy.cut_after(20 * 1024 * 1024);
     let dest = dir.path().join("local.bin");
-    let report = exec.download(&src.display().to_string(), &dest).await.unwrap();
+    let report = exec.download(&src.display().to_string(), &dest, u64::MAX).await.unwrap();
     assert_eq!(report.sha256, sha);
     assert_eq!(super::sha256_file(&dest).await.unwrap().0, sha);
 }
@@ -622,4 +743,136 @@ async fn ssh_connect_waits_for_a_booting_machine() {
     });
     let exec = connecting.await.unwrap();
     assert!(exec.run("true", opts(30)).await.unwrap().success());
+}
+
+/// `$SSH_CLIENT` of a new command: names the TCP connection it came over.
+async fn ssh_client_of(exec: &SshExec) -> String {
+    exec.run("echo \"$SSH_CLIENT\"", opts(30)).await.unwrap().stdout_lossy()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn ssh_a_timed_out_command_drops_its_connection_and_the_next_call_reconnects() {
+    let exec = ssh_connect(ssh_env().target).await;
+    let before = ssh_client_of(&exec).await;
+    assert_eq!(ssh_client_of(&exec).await, before, "commands should share a connection");
+    let err = exec.run("sleep 30", opts(1)).await.unwrap_err();
+    assert_eq!(err.timeout_phase(), Some(Phase::Output), "{err:?}");
+    assert_ne!(ssh_client_of(&exec).await, before, "the timed-out connection was used again");
+}
+
+/// Options for the frozen-machine tests: short limits, no retries of transfers.
+fn frozen_options() -> SshOptions {
+    SshOptions {
+        request_timeout: Duration::from_secs(2),
+        transfer_stall_timeout: Duration::from_secs(2),
+        kill_timeout: Duration::from_secs(2),
+        ..test_options()
+    }
+}
+
+async fn ssh_connect_with(target: SshTarget, options: SshOptions) -> SshExec {
+    let key = SshKey::from_file(&ssh_env().key_path).expect("key");
+    SshExec::connect(target, key, None, options).await.expect("connect to the test sshd")
+}
+
+/// Runs `op`, which must fail with a timeout at `phase` well before a generous limit.
+async fn times_out_at<T: std::fmt::Debug>(
+    phase: Phase,
+    op: impl std::future::Future<Output = Result<T, RemoteError>>,
+) -> RemoteError {
+    let result =
+        tokio::time::timeout(Duration::from_secs(60), op).await.expect("the operation outlived its deadline");
+    let err = result.unwrap_err();
+    assert_eq!(err.timeout_phase(), Some(phase), "{err:?}");
+    err
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn ssh_a_machine_that_stops_answering_fails_each_operation_at_its_deadline() {
+    let proxy = Proxy::start(sshd_addr()).await;
+    let exec = ssh_connect_with(proxy.target(), frozen_options()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    std::fs::write(&log, b"hello").unwrap();
+    let log = log.display().to_string();
+
+    // A live connection, then silence: the channel is never opened.
+    proxy.freeze_after(0);
+    let err = times_out_at(Phase::ChannelOpen, exec.run("true", opts(2))).await;
+    assert!(err.to_string().starts_with("the machine did not answer the request to open a channel"), "{err}");
+    proxy.thaw();
+    // The next command reconnects and works.
+    assert!(exec.run("true", opts(30)).await.unwrap().success());
+
+    // SFTP on a fresh connection: never started.
+    exec.close().await;
+    assert!(exec.run("true", opts(30)).await.unwrap().success());
+    proxy.freeze_after(0);
+    times_out_at(Phase::ChannelOpen, exec.read_from(&log, 0, 10)).await;
+    proxy.thaw();
+    assert_eq!(exec.read_from(&log, 0, 10).await.unwrap().data, b"hello");
+    // SFTP started, then a request is never answered; pid_alive likewise.
+    proxy.freeze_after(0);
+    times_out_at(Phase::FileRequest, exec.read_from(&log, 0, 10)).await;
+    proxy.thaw();
+    assert_eq!(exec.read_from(&log, 0, 10).await.unwrap().data, b"hello");
+    proxy.freeze_after(0);
+    times_out_at(Phase::FileRequest, exec.pid_alive(std::process::id())).await;
+    proxy.thaw();
+    assert!(exec.pid_alive(std::process::id()).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn ssh_a_transfer_that_stops_moving_fails_at_the_stall_limit() {
+    let proxy = Proxy::start(sshd_addr()).await;
+    let exec = ssh_connect_with(proxy.target(), frozen_options()).await;
+    let local = tempfile::tempdir().unwrap();
+    let remote = tempfile::tempdir().unwrap();
+    let src = local.path().join("big.bin");
+    random_file(&src, 64 * 1024 * 1024, 13);
+    let dest = remote.path().join("big.bin").display().to_string();
+
+    proxy.freeze_after(8 * 1024 * 1024);
+    let err = times_out_at(Phase::TransferStalled, exec.upload(&src, &dest)).await;
+    assert_eq!(err.to_string(), "the transfer made no progress for 2s");
+    proxy.thaw();
+
+    proxy.freeze_after(8 * 1024 * 1024);
+    let back = local.path().join("back.bin");
+    times_out_at(Phase::TransferStalled, exec.download(&src.display().to_string(), &back, u64::MAX)).await;
+    proxy.thaw();
+    // Both work once the machine answers again.
+    exec.upload(&src, &dest).await.unwrap();
+    exec.download(&dest, &back, u64::MAX).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn ssh_a_transfer_that_outlasts_its_overall_limit_fails_at_it() {
+    // A stall limit far away, an overall limit near: the overall one ends the transfer.
+    let options = SshOptions {
+        transfer_stall_timeout: Duration::from_secs(120),
+        transfer_deadline: Duration::from_secs(3),
+        ..frozen_options()
+    };
+    let proxy = Proxy::start(sshd_addr()).await;
+    let exec = ssh_connect_with(proxy.target(), options).await;
+    let local = tempfile::tempdir().unwrap();
+    let remote = tempfile::tempdir().unwrap();
+    let src = local.path().join("big.bin");
+    random_file(&src, 64 * 1024 * 1024, 14);
+    let dest = remote.path().join("big.bin").display().to_string();
+
+    proxy.freeze_after(8 * 1024 * 1024);
+    let err = times_out_at(Phase::TransferDeadline, exec.upload(&src, &dest)).await;
+    assert_eq!(err.to_string(), "the transfer did not finish within 3s");
+    proxy.thaw();
+
+    proxy.freeze_after(8 * 1024 * 1024);
+    let back = local.path().join("back.bin");
+    times_out_at(Phase::TransferDeadline, exec.download(&src.display().to_string(), &back, u64::MAX)).await;
+    proxy.thaw();
 }

@@ -423,6 +423,7 @@ async fn marker_matches(
 ) -> Result<bool, RemoteError> {
     let marker = shell_quote(&layout.join(MARKER_NAME))?;
     let out = exec.run(&format!("cat {marker} 2>/dev/null || true"), RunOptions::default()).await?;
+    out.require_complete("reading the dataset marker")?;
     Ok(out.stdout_lossy().trim() == sha256)
 }
 
@@ -432,7 +433,10 @@ async fn run_stage_script(
     env: Vec<(String, String)>,
     expected: Option<&str>,
 ) -> Result<String, DatasetError> {
-    let out = exec.run(script, RunOptions { timeout: Duration::from_secs(3600), env }).await?;
+    let out = exec
+        .run(script, RunOptions { timeout: Duration::from_secs(3600), env, ..Default::default() })
+        .await?;
+    out.require_complete("the staging script")?;
     let stdout = out.stdout_lossy();
     if out.exit_code == Some(EXIT_MISMATCH) {
         let actual = stdout.split_whitespace().nth(1).unwrap_or_default().to_string();

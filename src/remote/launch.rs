@@ -120,7 +120,7 @@ pub enum StopOutcome {
 }
 
 fn quick() -> RunOptions {
-    RunOptions { timeout: Duration::from_secs(60), env: Vec::new() }
+    RunOptions { timeout: Duration::from_secs(60), env: Vec::new(), ..Default::default() }
 }
 
 fn check(out: &super::ExecOutput, what: &str) -> Result<(), RemoteError> {
@@ -148,6 +148,7 @@ pub async fn state(exec: &dyn RemoteExec, layout: &RemoteLayout) -> Result<Train
         )
         .await?;
     check(&out, "read the training state")?;
+    out.require_complete("reading the training state")?;
     let text = out.stdout_lossy();
     let mut words = text.split_whitespace();
     match (words.next(), words.next().map(str::parse::<i64>)) {
@@ -171,6 +172,7 @@ pub async fn state(exec: &dyn RemoteExec, layout: &RemoteLayout) -> Result<Train
 async fn state_files_only(exec: &dyn RemoteExec, layout: &RemoteLayout) -> Result<Option<i32>, RemoteError> {
     let f = shell_quote(&layout.exit_code_file())?;
     let out = exec.run(&format!("cat {f} 2>/dev/null || true"), quick()).await?;
+    out.require_complete("reading the exit code file")?;
     Ok(out.stdout_lossy().trim().parse().ok())
 }
 
@@ -214,10 +216,11 @@ pub async fn launch(
     let out = exec
         .run(
             &launch_script(layout, &spec.command)?,
-            RunOptions { timeout: Duration::from_secs(120), env: spec.env.clone() },
+            RunOptions { timeout: Duration::from_secs(120), env: spec.env.clone(), ..Default::default() },
         )
         .await?;
     check(&out, "start training")?;
+    out.require_complete("starting training")?;
     let pid = out.stdout_lossy().trim().parse().map_err(|_| {
         RemoteError::io("start training", format!("no pid recorded: {}", out.stdout_lossy().trim()))
     })?;

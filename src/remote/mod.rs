@@ -8,7 +8,10 @@
 //! (declarative training recipes rendered with shell-quoted values), `launch` (background start,
 //! idempotent, graceful stop) and `layout` (the remote work dir of one job).
 
+pub mod bounds;
 pub mod dataset;
+#[doc(hidden)]
+pub mod hostile;
 pub mod launch;
 pub mod local;
 pub mod ssh;
@@ -16,33 +19,76 @@ pub mod tool;
 
 #[cfg(test)]
 mod conformance;
+#[cfg(test)]
+mod hostile_tests;
 
 use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-/// What a finished command left behind.
-#[derive(Clone, Debug, PartialEq, Eq)]
+pub use bounds::{DEFAULT_OUTPUT_LIMIT, Phase, TimedOut};
+
+/// What a finished command left behind. Each stream is kept within `RunOptions::output_limit`:
+/// past it, its first and last halves are kept and the bytes in between counted as dropped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ExecOutput {
     /// Exit status; `None` when the command was killed by a signal or the channel closed without one.
     pub exit_code: Option<i32>,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// Bytes of stdout dropped between the kept head and tail (0: `stdout` is complete).
+    pub stdout_dropped: u64,
+    /// Bytes of stderr dropped between the kept head and tail (0: `stderr` is complete).
+    pub stderr_dropped: u64,
 }
 
 impl ExecOutput {
+    /// A complete output (nothing dropped), e.g. for a fake machine in tests.
+    pub fn new(exit_code: Option<i32>, stdout: impl Into<Vec<u8>>, stderr: impl Into<Vec<u8>>) -> Self {
+        Self { exit_code, stdout: stdout.into(), stderr: stderr.into(), ..Default::default() }
+    }
+
     pub fn success(&self) -> bool {
         self.exit_code == Some(0)
     }
 
+    /// Stdout as text; where bytes were dropped, a marker between head and tail says how many.
     pub fn stdout_lossy(&self) -> String {
-        String::from_utf8_lossy(&self.stdout).into_owned()
+        lossy_with_gap(&self.stdout, self.stdout_dropped)
     }
 
+    /// Stderr as text; where bytes were dropped, a marker between head and tail says how many.
     pub fn stderr_lossy(&self) -> String {
-        String::from_utf8_lossy(&self.stderr).into_owned()
+        lossy_with_gap(&self.stderr, self.stderr_dropped)
     }
+
+    /// Fails with [`RemoteError::TooLarge`] when stdout was cut: a caller that parses the output
+    /// must not parse half of it. (Stderr is only ever shown, where its head and tail suffice: a
+    /// command that warns a lot still succeeds.)
+    pub fn require_complete(&self, what: &str) -> Result<(), RemoteError> {
+        if self.stdout_dropped == 0 {
+            return Ok(());
+        }
+        Err(RemoteError::TooLarge {
+            what: format!("the output of {what} ({} bytes)", self.stdout.len() as u64 + self.stdout_dropped),
+            // When bytes were dropped, what is kept is exactly the limit.
+            limit: self.stdout.len() as u64,
+        })
+    }
+}
+
+/// A kept head and tail (of equal halves, the tail one byte longer for an odd limit) as text.
+fn lossy_with_gap(kept: &[u8], dropped: u64) -> String {
+    if dropped == 0 {
+        return String::from_utf8_lossy(kept).into_owned();
+    }
+    let (head, tail) = kept.split_at(kept.len() / 2);
+    format!(
+        "{}\n[... {dropped} bytes dropped ...]\n{}",
+        String::from_utf8_lossy(head),
+        String::from_utf8_lossy(tail)
+    )
 }
 
 /// Options for one command.
@@ -53,11 +99,21 @@ pub struct RunOptions {
     /// Extra environment for this command only. Values never appear on the command line, so
     /// `ps` on the machine does not show them.
     pub env: Vec<(String, String)>,
+    /// Most bytes kept of each of stdout and stderr (head and tail halves); streaming forwards no
+    /// more than this per stream either.
+    pub output_limit: usize,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { timeout: Duration::from_secs(60), env: Vec::new() }
+        Self { timeout: Duration::from_secs(60), env: Vec::new(), output_limit: DEFAULT_OUTPUT_LIMIT }
+    }
+}
+
+impl RunOptions {
+    /// Default options with this timeout.
+    pub fn with_timeout(timeout: Duration) -> Self {
+        Self { timeout, ..Default::default() }
     }
 }
 
@@ -102,8 +158,9 @@ pub enum RemoteError {
     HostKeyChanged { target: String, expected: String, actual: String },
     #[error("authentication to {target} was refused")]
     AuthRefused { target: String },
-    #[error("command timed out after {0:?}")]
-    Timeout(Duration),
+    /// The operation passed its deadline; says at which step (what the machine did).
+    #[error("{0}")]
+    Timeout(TimedOut),
     /// The machine sent more than a limit allows (output, a line, a file).
     #[error("{what} exceeded the limit of {limit} bytes")]
     TooLarge { what: String, limit: u64 },
@@ -150,8 +207,15 @@ pub trait RemoteExec: Send + Sync {
     /// remote file already has the same SHA-256.
     async fn upload(&self, local_path: &Path, remote_path: &str) -> Result<TransferReport, RemoteError>;
 
-    /// Downloads `remote_path` into a local file.
-    async fn download(&self, remote_path: &str, local_path: &Path) -> Result<TransferReport, RemoteError>;
+    /// Downloads `remote_path` into a local file, refusing ([`RemoteError::TooLarge`]) a file
+    /// larger than `max_bytes`: checked against the size the machine reports before anything is
+    /// sent, and enforced while the bytes arrive (a file that grows is cut off at the limit).
+    async fn download(
+        &self,
+        remote_path: &str,
+        local_path: &Path,
+        max_bytes: u64,
+    ) -> Result<TransferReport, RemoteError>;
 
     /// Reads at most `max_len` bytes of `remote_path` starting at `offset`.
     async fn read_from(&self, remote_path: &str, offset: u64, max_len: u64)
@@ -228,6 +292,12 @@ pub(crate) fn sha256_shell(quoted_path: &str) -> String {
 
 /// Lower-case hex SHA-256 of a local file, computed off the async runtime.
 pub async fn sha256_file(path: &Path) -> Result<(String, u64), RemoteError> {
+    sha256_file_within(path, u64::MAX).await
+}
+
+/// Like [`sha256_file`], failing with [`RemoteError::TooLarge`] once more than `max_bytes` were
+/// read (a file that keeps growing is not read for ever).
+pub(crate) async fn sha256_file_within(path: &Path, max_bytes: u64) -> Result<(String, u64), RemoteError> {
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || {
         use sha2::Digest;
@@ -244,6 +314,12 @@ pub async fn sha256_file(path: &Path) -> Result<(String, u64), RemoteError> {
             }
             hasher.update(&buf[..n]);
             total += n as u64;
+            if total > max_bytes {
+                return Err(RemoteError::TooLarge {
+                    what: format!("the file {}", path.display()),
+                    limit: max_bytes,
+                });
+            }
         }
         Ok((hex::encode(hasher.finalize()), total))
     })

@@ -15,9 +15,20 @@
 //!   up with `scp`), into `<path>.part`, resumed from the part's size after a dropped connection,
 //!   verified with SHA-256 on the machine (OpenSSL when present: several times faster than
 //!   coreutils' `sha256sum`), then renamed. An identical file is not sent again. Downloads and
-//!   log reads use SFTP with many requests in flight.
+//!   log reads use SFTP with many requests in flight (transfers are in `ssh/transfer.rs`).
+//! - Every operation is bounded (see `bounds.rs`): a command's deadline covers opening the channel,
+//!   the exec request, sending the script and every read; SFTP reads have one; transfers fail when
+//!   no byte moves for `transfer_stall_timeout` and after `transfer_deadline`. An operation that
+//!   times out discards its connection (it may be hung), so the next one reconnects. Output is
+//!   capped (head and tail), and so is every line read up to a newline. Connecting is bounded on
+//!   its own (`attempt_timeout`, `connect_deadline`); an operation's deadline starts once it has a
+//!   connection.
 
+mod transfer;
+
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
@@ -32,9 +43,13 @@ use tokio::sync::{OnceCell, mpsc};
 
 use crate::metrics::TRANSPORT;
 
+use super::bounds::Capture;
 use super::{
-    ExecOutput, FileChunk, OutputChunk, RemoteError, RemoteExec, RunOptions, TransferReport, shell_quote,
+    ExecOutput, FileChunk, OutputChunk, Phase, RemoteError, RemoteExec, RunOptions, TransferReport,
+    shell_quote,
 };
+
+pub use transfer::UploadOutcome;
 
 /// Where to connect.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,6 +128,17 @@ pub struct SshOptions {
     pub keepalive_max: usize,
     /// How many times a transfer reconnects and resumes before it fails.
     pub transfer_attempts: u32,
+    /// Limit for one small file operation over SFTP (reading a log chunk, `/proc/<pid>/stat`,
+    /// a file's size), starting SFTP included, and for `pid_alive` as a whole.
+    pub request_timeout: Duration,
+    /// A transfer fails when no byte moves for this long (opening it, and its end, included): a
+    /// machine that answers keepalives but stopped moving data.
+    pub transfer_stall_timeout: Duration,
+    /// Limit for one whole upload or download, resumptions included: generous, since files can
+    /// be tens of gigabytes.
+    pub transfer_deadline: Duration,
+    /// Limit for killing a command that timed out (on a new connection, reconnecting included).
+    pub kill_timeout: Duration,
 }
 
 impl Default for SshOptions {
@@ -125,6 +151,10 @@ impl Default for SshOptions {
             keepalive_interval: Duration::from_secs(15),
             keepalive_max: 4,
             transfer_attempts: 5,
+            request_timeout: Duration::from_secs(30),
+            transfer_stall_timeout: Duration::from_secs(60),
+            transfer_deadline: Duration::from_secs(6 * 3600),
+            kill_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -143,8 +173,28 @@ pub struct SshExec {
 struct Connection {
     handle: client::Handle<Client>,
     sftp: OnceCell<Arc<SftpSession>>,
+    /// Set when an operation on it timed out: never handed out again, even before it is closed.
+    discarded: AtomicBool,
     _counted: OpenConnection,
 }
+
+impl Connection {
+    fn new(handle: client::Handle<Client>) -> Self {
+        Self {
+            handle,
+            sftp: OnceCell::new(),
+            discarded: AtomicBool::new(false),
+            _counted: OpenConnection::new(),
+        }
+    }
+
+    fn usable(&self) -> bool {
+        !self.discarded.load(Ordering::SeqCst) && !self.handle.is_closed()
+    }
+}
+
+/// How long closing a connection politely may take: the connection may be the hung one.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Counts a connection in `gputrainer_ssh_connections_opened_total` and, while it lives, in
 /// `gputrainer_ssh_connections_open`.
@@ -203,6 +253,14 @@ enum AttemptError {
     Fatal(RemoteError),
 }
 
+/// Sends a disconnect, waiting at most `CLOSE_TIMEOUT` (best effort: the connection may be hung).
+async fn close_politely(conn: &Connection) {
+    if !conn.handle.is_closed() {
+        let bye = conn.handle.disconnect(Disconnect::ByApplication, "", "en");
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, bye).await;
+    }
+}
+
 fn sftp_not_found(e: &russh_sftp::client::error::Error) -> bool {
     matches!(e, russh_sftp::client::error::Error::Status(s) if s.status_code == StatusCode::NoSuchFile)
 }
@@ -219,6 +277,11 @@ impl SshExec {
         let config = client::Config {
             keepalive_interval: Some(options.keepalive_interval),
             keepalive_max: options.keepalive_max,
+            // Keepalives start after authentication: before it (a key exchange that stalls) only
+            // this ends a silent connection, including one whose attempt we gave up on.
+            inactivity_timeout: Some(
+                options.keepalive_interval * (options.keepalive_max as u32 + 1) + options.attempt_timeout,
+            ),
             // A larger receive window and TCP_NODELAY keep downloads and short commands fast.
             window_size: 16 * 1024 * 1024,
             nodelay: true,
@@ -268,11 +331,14 @@ impl SshExec {
         tracing::debug!(machine = %self.target, operation, seconds = took.as_secs_f64(), "SSH operation");
     }
 
-    /// Closes the connection politely. Later calls reconnect.
+    /// Closes the connection politely (bounded: it may be a hung one). Later calls reconnect.
     pub async fn close(&self) {
-        let conn = self.conn.lock().await.take();
+        let conn = match tokio::time::timeout(CLOSE_TIMEOUT, self.conn.lock()).await {
+            Ok(mut guard) => guard.take(),
+            Err(_) => None,
+        };
         if let Some(conn) = conn {
-            let _ = conn.handle.disconnect(Disconnect::ByApplication, "", "en").await;
+            close_politely(&conn).await;
         }
     }
 
@@ -280,15 +346,31 @@ impl SshExec {
         let expected = self.host_key_fingerprint();
         let seen = Arc::new(StdMutex::new(None));
         let handler = Client { expected: expected.clone(), seen: seen.clone() };
+        let limit = self.options.attempt_timeout;
+        let deadline = tokio::time::Instant::now() + limit;
         let addr = (self.target.host.clone(), self.target.port);
-        let connected = tokio::time::timeout(
-            self.options.attempt_timeout,
-            client::connect(self.config.clone(), addr, handler),
-        )
-        .await;
+        // TCP first, then the handshake, so the error says which one the machine did not do.
+        let socket = match tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(addr)).await {
+            Err(_) => {
+                return Err(AttemptError::Retry(
+                    format!("nothing accepted a TCP connection within {limit:?}").into(),
+                ));
+            }
+            Ok(Err(e)) => return Err(AttemptError::Retry(Box::new(e))),
+            Ok(Ok(socket)) => socket,
+        };
+        let _ = socket.set_nodelay(true);
+        let connected =
+            tokio::time::timeout_at(deadline, client::connect_stream(self.config.clone(), socket, handler))
+                .await;
         let seen = seen.lock().ok().and_then(|g| g.clone());
         let mut handle = match connected {
-            Err(_) => return Err(AttemptError::Retry("timed out".into())),
+            Err(_) => {
+                return Err(AttemptError::Retry(
+                    format!("the machine accepted the TCP connection but did not finish the SSH handshake within {limit:?}")
+                        .into(),
+                ));
+            }
             Ok(Err(e)) => {
                 if let (Some(expected), Some(actual)) = (expected, seen)
                     && expected != actual
@@ -316,11 +398,11 @@ impl SshExec {
         )
         .await;
         match auth {
-            Err(_) => Err(AttemptError::Retry("authentication timed out".into())),
+            Err(_) => Err(AttemptError::Retry(
+                format!("the machine did not answer the authentication within {limit:?}").into(),
+            )),
             Ok(Err(e)) => Err(AttemptError::Retry(Box::new(e))),
-            Ok(Ok(result)) if result.success() => {
-                Ok(Connection { handle, sftp: OnceCell::new(), _counted: OpenConnection::new() })
-            }
+            Ok(Ok(result)) if result.success() => Ok(Connection::new(handle)),
             Ok(Ok(_)) => Err(AttemptError::Auth),
         }
     }
@@ -359,11 +441,11 @@ impl SshExec {
         }
     }
 
-    /// The live connection, reconnecting when the last one dropped.
+    /// The live connection, reconnecting when the last one dropped or was discarded.
     async fn connection(&self) -> Result<Arc<Connection>, RemoteError> {
         let mut guard = self.conn.lock().await;
         if let Some(conn) = guard.as_ref()
-            && !conn.handle.is_closed()
+            && conn.usable()
         {
             return Ok(conn.clone());
         }
@@ -375,69 +457,140 @@ impl SshExec {
 
     /// Forgets the current connection so the next call reconnects.
     async fn drop_connection(&self) {
-        // Taken out under the lock, closed after it is released.
-        let old = self.conn.lock().await.take();
-        drop(old);
-    }
-
-    /// Forgets `conn` (if still current) so the next call reconnects.
-    async fn discard(&self, conn: &Arc<Connection>) {
-        let mut guard = self.conn.lock().await;
-        if guard.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
-            *guard = None;
+        // Bounded: the lock is held for long only by a reconnect, which replaced the old one.
+        let old = match tokio::time::timeout(CLOSE_TIMEOUT, self.conn.lock()).await {
+            Ok(mut guard) => guard.take(),
+            Err(_) => None,
+        };
+        if let Some(old) = old {
+            old.discarded.store(true, Ordering::SeqCst);
         }
     }
 
-    async fn open_channel(&self) -> Result<(Arc<Connection>, russh::Channel<client::Msg>), RemoteError> {
-        let conn = self.connection().await?;
-        match conn.handle.channel_open_session().await {
-            Ok(ch) => Ok((conn, ch)),
+    /// Forgets `conn` so the next call reconnects, and closes it: after a timeout it may be hung,
+    /// and every other operation on it would wait for its own deadline. Never waits long.
+    async fn discard(&self, conn: &Arc<Connection>) {
+        conn.discarded.store(true, Ordering::SeqCst);
+        if let Ok(mut guard) = tokio::time::timeout(CLOSE_TIMEOUT, self.conn.lock()).await
+            && guard.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn))
+        {
+            *guard = None;
+        }
+        close_politely(conn).await;
+    }
+
+    /// Awaits one step of an operation until its deadline; past it the connection is discarded
+    /// and the error names the step (`limit` is the operation's whole limit, for the message).
+    async fn within<T>(
+        &self,
+        conn: &Arc<Connection>,
+        deadline: tokio::time::Instant,
+        phase: Phase,
+        limit: Duration,
+        step: impl Future<Output = T>,
+    ) -> Result<T, RemoteError> {
+        match tokio::time::timeout_at(deadline, step).await {
+            Ok(value) => Ok(value),
             Err(_) => {
-                // A connection that died quietly fails here first: reconnect once.
-                self.discard(&conn).await;
-                let conn = self.connection().await?;
-                let ch = conn
-                    .handle
-                    .channel_open_session()
-                    .await
-                    .map_err(|e| RemoteError::io(format!("open a channel to {}", self.target), e))?;
-                Ok((conn, ch))
+                tracing::warn!(machine = %self.target, ?phase, limit = ?limit, "Remote operation timed out; dropping the connection");
+                self.discard(conn).await;
+                Err(RemoteError::timeout(phase, limit))
             }
         }
     }
 
-    async fn sftp(&self) -> Result<(Arc<Connection>, Arc<SftpSession>), RemoteError> {
+    /// A new session channel, within `limit` from the moment a connection is at hand (the
+    /// returned deadline, for the rest of the operation).
+    async fn open_channel(
+        &self,
+        limit: Duration,
+    ) -> Result<(Arc<Connection>, russh::Channel<client::Msg>, tokio::time::Instant), RemoteError> {
         let conn = self.connection().await?;
-        let sftp = conn
-            .sftp
-            .get_or_try_init(|| async {
-                let channel = conn.handle.channel_open_session().await?;
-                channel.request_subsystem(true, "sftp").await?;
-                let cfg = russh_sftp::client::Config {
-                    // Many large writes in flight: the transfer is limited by the link, not by
-                    // round trips.
-                    max_concurrent_writes: 64,
-                    max_concurrent_reads: 64,
-                    max_write_packet_len: 256 * 1024,
-                    max_packet_len: 256 * 1024 + 1024,
-                    request_timeout_secs: 60,
-                };
-                let session = SftpSession::new_with_config(channel.into_stream(), cfg)
-                    .await
-                    .map_err(|e| russh::Error::IO(std::io::Error::other(e)))?;
-                Ok::<_, russh::Error>(Arc::new(session))
-            })
-            .await
-            .map_err(|e| RemoteError::io(format!("start SFTP on {}", self.target), e))?
-            .clone();
-        Ok((conn, sftp))
+        let deadline = tokio::time::Instant::now() + limit;
+        let open = |conn: Arc<Connection>| async move {
+            let opened = self
+                .within(&conn, deadline, Phase::ChannelOpen, limit, conn.handle.channel_open_session())
+                .await;
+            (conn, opened)
+        };
+        match open(conn).await {
+            (conn, Ok(Ok(ch))) => Ok((conn, ch, deadline)),
+            (_, Err(timeout)) => Err(timeout),
+            (conn, Ok(Err(_))) => {
+                // A connection that died quietly fails here first: reconnect once.
+                self.discard(&conn).await;
+                let (conn, opened) = open(self.connection().await?).await;
+                let ch =
+                    opened?.map_err(|e| RemoteError::io(format!("open a channel to {}", self.target), e))?;
+                Ok((conn, ch, deadline))
+            }
+        }
+    }
+
+    /// The connection's SFTP session (started on first use), within `limit` from the moment a
+    /// connection is at hand (the returned deadline, for the rest of the operation).
+    async fn sftp(
+        &self,
+        limit: Duration,
+    ) -> Result<(Arc<Connection>, Arc<SftpSession>, tokio::time::Instant), RemoteError> {
+        let conn = self.connection().await?;
+        let deadline = tokio::time::Instant::now() + limit;
+        let opened = AtomicBool::new(false);
+        let backstop =
+            self.options.request_timeout.max(self.options.transfer_stall_timeout) + Duration::from_secs(10);
+        let start = conn.sftp.get_or_try_init(|| async {
+            let channel = conn.handle.channel_open_session().await?;
+            opened.store(true, Ordering::SeqCst);
+            channel.request_subsystem(true, "sftp").await?;
+            let cfg = russh_sftp::client::Config {
+                // Many large writes in flight: the transfer is limited by the link, not by
+                // round trips.
+                max_concurrent_writes: 64,
+                max_concurrent_reads: 64,
+                max_write_packet_len: 256 * 1024,
+                max_packet_len: 256 * 1024 + 1024,
+                // Only a backstop: our own deadlines cover every request, and must fire first
+                // (theirs is an I/O error, which a transfer would retry).
+                request_timeout_secs: backstop.as_secs(),
+            };
+            let session = SftpSession::new_with_config(channel.into_stream(), cfg)
+                .await
+                .map_err(|e| russh::Error::IO(std::io::Error::other(e)))?;
+            Ok::<_, russh::Error>(Arc::new(session))
+        });
+        let started = match tokio::time::timeout_at(deadline, start).await {
+            Ok(started) => started,
+            Err(_) => {
+                let phase = if opened.load(Ordering::SeqCst) { Phase::SftpStart } else { Phase::ChannelOpen };
+                tracing::warn!(machine = %self.target, ?phase, "SFTP did not start; dropping the connection");
+                self.discard(&conn).await;
+                return Err(RemoteError::timeout(phase, limit));
+            }
+        };
+        let sftp = started.map_err(|e| RemoteError::io(format!("start SFTP on {}", self.target), e))?.clone();
+        Ok((conn, sftp, deadline))
+    }
+
+    /// One small SFTP operation, bounded as a whole by `request_timeout`. An I/O error on a
+    /// connection that closed meanwhile discards it.
+    async fn sftp_op<T, F, Fut>(&self, op: F) -> Result<T, RemoteError>
+    where
+        F: FnOnce(Arc<SftpSession>) -> Fut,
+        Fut: Future<Output = Result<T, RemoteError>>,
+    {
+        let limit = self.options.request_timeout;
+        let (conn, sftp, deadline) = self.sftp(limit).await?;
+        let result = self.within(&conn, deadline, Phase::FileRequest, limit, op(sftp)).await?;
+        if matches!(result, Err(RemoteError::Io { .. })) && conn.handle.is_closed() {
+            self.discard(&conn).await;
+        }
+        result
     }
 
     /// A small file read to its end over SFTP whatever size it reports (`/proc` files report 0);
     /// `None` when it does not exist.
     async fn read_whole(&self, path: &str) -> Result<Option<String>, RemoteError> {
-        let (conn, sftp) = self.sftp().await?;
-        let result = async {
+        self.sftp_op(|sftp| async move {
             let mut file = match sftp.open(path).await {
                 Ok(file) => file,
                 Err(e) if sftp_not_found(&e) => return Ok(None),
@@ -451,12 +604,8 @@ impl SshExec {
                 .map_err(|e| RemoteError::io(format!("read {path}"), e))?;
             let _ = file.shutdown().await;
             Ok(Some(String::from_utf8_lossy(&data).into_owned()))
-        }
-        .await;
-        if matches!(result, Err(RemoteError::Io { .. })) && conn.handle.is_closed() {
-            self.discard(&conn).await;
-        }
-        result
+        })
+        .await
     }
 
     /// One read of a file over SFTP (timed by the caller).
@@ -466,8 +615,7 @@ impl SshExec {
         offset: u64,
         max_len: u64,
     ) -> Result<FileChunk, RemoteError> {
-        let (conn, sftp) = self.sftp().await?;
-        let result = async {
+        self.sftp_op(|sftp| async move {
             let mut file = sftp.open(remote_path).await.map_err(|e| map_sftp(remote_path, "open", e))?;
             let file_size = file.metadata().await.map_err(|e| map_sftp(remote_path, "stat", e))?.len();
             let mut data = Vec::new();
@@ -483,58 +631,113 @@ impl SshExec {
             }
             let _ = file.shutdown().await;
             Ok(FileChunk { offset, data, file_size })
-        }
-        .await;
-        if matches!(result, Err(RemoteError::Io { .. })) && conn.handle.is_closed() {
-            self.discard(&conn).await;
-        }
-        result
+        })
+        .await
     }
 
+    /// The size of a regular file as the machine reports it; `NotFound` for anything else (a
+    /// FIFO or a device would never end).
+    async fn remote_size(&self, path: &str) -> Result<u64, RemoteError> {
+        self.sftp_op(|sftp| async move {
+            let meta = sftp.metadata(path).await.map_err(|e| map_sftp(path, "stat", e))?;
+            if !meta.is_regular() {
+                return Err(RemoteError::NotFound { path: path.to_string() });
+            }
+            Ok(meta.len())
+        })
+        .await
+    }
+
+    /// Runs one command within `opts.timeout` from the moment a connection is at hand: opening
+    /// the channel, the exec request, sending the script and reading to the end share that one
+    /// deadline. Past it the connection is discarded and, when the command was started, it is
+    /// killed (`kill_on_timeout`, bounded, over a new connection).
     async fn run_inner(
         &self,
         command: &str,
         opts: RunOptions,
         output: Option<mpsc::Sender<OutputChunk>>,
+        kill_on_timeout: bool,
     ) -> Result<ExecOutput, RemoteError> {
         let nonce = hex::encode(rand::random::<[u8; 12]>());
         let script = command_script(command, &opts.env, &nonce)?;
-        let (conn, mut channel) = self.open_channel().await?;
+        let (conn, channel, deadline) = self.open_channel(opts.timeout).await?;
         let io_err = |e: russh::Error| RemoteError::io(format!("run a command on {}", self.target), e);
-        channel.exec(true, "sh -s").await.map_err(io_err)?;
-        channel.data_bytes(script.into_bytes()).await.map_err(io_err)?;
-        channel.eof().await.map_err(io_err)?;
-
-        let deadline = tokio::time::Instant::now() + opts.timeout;
-        let mut out = ExecOutput { exit_code: None, stdout: Vec::new(), stderr: Vec::new() };
-        loop {
-            let msg = match tokio::time::timeout_at(deadline, channel.wait()).await {
-                Ok(Some(msg)) => msg,
-                Ok(None) => break,
-                Err(_) => {
-                    let _ = channel.close().await;
-                    self.kill_command(&nonce).await;
-                    return Err(RemoteError::Timeout(opts.timeout));
-                }
+        let (mut read, write) = channel.split();
+        // What the machine has done so far, to name the step it stopped at.
+        let mut answered = false;
+        let mut input_sent = false;
+        let mut stdout = Capture::new(opts.output_limit);
+        let mut stderr = Capture::new(opts.output_limit);
+        let mut exit_code = None;
+        let work = async {
+            write.exec(true, "sh -s").await.map_err(io_err)?;
+            // The script goes out while replies are read: a machine that never opens its window
+            // must not keep us from seeing what it answered.
+            let input = async {
+                write.data_bytes(script.into_bytes()).await?;
+                write.eof().await
             };
-            match msg {
-                ChannelMsg::Data { data } => {
-                    out.stdout.extend_from_slice(&data);
-                    if let Some(tx) = &output {
-                        let _ = tx.send(OutputChunk::Stdout(data.to_vec())).await;
+            tokio::pin!(input);
+            loop {
+                tokio::select! {
+                    sent = &mut input, if !input_sent => {
+                        sent.map_err(io_err)?;
+                        input_sent = true;
+                    }
+                    msg = read.wait() => {
+                        let Some(msg) = msg else { break };
+                        match msg {
+                            ChannelMsg::Success => answered = true,
+                            ChannelMsg::Failure => {
+                                return Err(RemoteError::io(
+                                    format!("run a command on {}", self.target),
+                                    "the machine refused the exec request",
+                                ));
+                            }
+                            ChannelMsg::Data { data } => {
+                                answered = true;
+                                let forward = stdout.push(&data);
+                                if let Some(tx) = &output && !forward.is_empty() {
+                                    let _ = tx.send(OutputChunk::Stdout(forward.to_vec())).await;
+                                }
+                            }
+                            ChannelMsg::ExtendedData { data, ext: 1 } => {
+                                answered = true;
+                                let forward = stderr.push(&data);
+                                if let Some(tx) = &output && !forward.is_empty() {
+                                    let _ = tx.send(OutputChunk::Stderr(forward.to_vec())).await;
+                                }
+                            }
+                            ChannelMsg::ExitStatus { exit_status } => {
+                                answered = true;
+                                exit_code = i32::try_from(exit_status).ok();
+                            }
+                            _ => {}
+                        }
                     }
                 }
-                ChannelMsg::ExtendedData { data, ext: 1 } => {
-                    out.stderr.extend_from_slice(&data);
-                    if let Some(tx) = &output {
-                        let _ = tx.send(OutputChunk::Stderr(data.to_vec())).await;
-                    }
-                }
-                ChannelMsg::ExitStatus { exit_status } => out.exit_code = i32::try_from(exit_status).ok(),
-                _ => {}
             }
-        }
-        if out.exit_code.is_none() && conn.handle.is_closed() {
+            Ok(())
+        };
+        let finished = tokio::time::timeout_at(deadline, work).await;
+        let Ok(finished) = finished else {
+            let phase = match (answered, input_sent) {
+                (false, _) => Phase::ExecRequest,
+                (true, false) => Phase::SendInput,
+                (true, true) => Phase::Output,
+            };
+            tracing::warn!(machine = %self.target, ?phase, limit = ?opts.timeout, "Command timed out; dropping the connection");
+            // The hung connection goes first, so the kill does not wait on it. Only a command the
+            // machine started can need killing (a script not sent whole runs nothing).
+            self.discard(&conn).await;
+            if kill_on_timeout && phase == Phase::Output {
+                self.kill_command(&nonce).await;
+            }
+            return Err(RemoteError::timeout(phase, opts.timeout));
+        };
+        finished?;
+        if exit_code.is_none() && conn.handle.is_closed() {
             // The connection died under the command: its outcome is unknown, not "killed".
             self.discard(&conn).await;
             return Err(RemoteError::io(
@@ -542,11 +745,17 @@ impl SshExec {
                 "the connection was lost before the command finished",
             ));
         }
-        Ok(out)
+        let (stdout, stdout_dropped) = stdout.finish();
+        let (stderr, stderr_dropped) = stderr.finish();
+        if stdout_dropped + stderr_dropped > 0 {
+            tracing::warn!(machine = %self.target, stdout_dropped, stderr_dropped, "Command output past its limit; kept head and tail");
+        }
+        Ok(ExecOutput { exit_code, stdout, stderr, stdout_dropped, stderr_dropped })
     }
 
     /// Kills the process group of a command that ran past its timeout, found through the pid
-    /// file its script wrote.
+    /// file its script wrote. Best effort and bounded by `kill_timeout` as a whole (reconnecting
+    /// included): the machine may be the reason the command hung.
     async fn kill_command(&self, nonce: &str) {
         let pid_file = format!("/tmp/.gpu-trainer-run-{nonce}.pid");
         let script = format!(
@@ -556,23 +765,31 @@ impl SshExec {
              else kill -KILL $pid 2>/dev/null; fi\n\
              rm -f {pid_file}\n"
         );
-        let opts = RunOptions { timeout: Duration::from_secs(30), env: Vec::new() };
-        if let Err(e) = Box::pin(self.run_inner(&script, opts, None)).await {
-            tracing::warn!(target = %self.target, error = %e, "Failed to kill a timed-out command");
+        let limit = self.options.kill_timeout;
+        let kill = Box::pin(self.run_inner(&script, RunOptions::with_timeout(limit), None, false));
+        match tokio::time::timeout(limit, kill).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(target = %self.target, error = %e, "Failed to kill a timed-out command")
+            }
+            Err(_) => {
+                tracing::warn!(target = %self.target, limit = ?limit, "Gave up killing a timed-out command")
+            }
         }
     }
 
-    /// Runs a step of a larger operation (not timed on its own: the operation is).
+    /// Runs a step of a larger operation (not timed on its own: the operation is) whose stdout
+    /// the caller parses: it must be complete.
     async fn run_checked(&self, command: &str, what: &str) -> Result<ExecOutput, RemoteError> {
-        let out = self
-            .run_inner(command, RunOptions { timeout: Duration::from_secs(600), env: Vec::new() }, None)
-            .await?;
+        let out =
+            self.run_inner(command, RunOptions::with_timeout(Duration::from_secs(600)), None, true).await?;
         if !out.success() {
             return Err(RemoteError::io(
                 format!("{what} on {}", self.target),
                 format!("exit code {:?}: {}", out.exit_code, out.stderr_lossy().trim()),
             ));
         }
+        out.require_complete(&format!("the command to {what}"))?;
         Ok(out)
     }
 
@@ -590,299 +807,33 @@ impl SshExec {
         Ok(if text == "absent" { None } else { Some(text.to_string()) })
     }
 
-    /// Uploads like [`RemoteExec::upload`] and also says where a resumed transfer started.
-    pub async fn upload_resumable(
-        &self,
-        local_path: &Path,
-        remote_path: &str,
-    ) -> Result<UploadOutcome, RemoteError> {
-        let size = tokio::fs::metadata(local_path).await.map_err(|e| super::open_error(local_path, e))?.len();
-        let q = shell_quote(remote_path)?;
-        let parent =
-            Path::new(remote_path).parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-        let mkdir =
-            if parent.is_empty() { String::new() } else { format!("mkdir -p {} && ", shell_quote(&parent)?) };
-        // One round trip: create the folder and learn the size of any existing file.
-        let out = self
-            .run_checked(
-                &format!("{mkdir}if [ -f {q} ]; then wc -c < {q}; else echo -1; fi"),
-                "prepare an upload",
-            )
-            .await?;
-        let existing: i64 = out.stdout_lossy().trim().parse().unwrap_or(-1);
-        // Hash the local file on another core while the bytes travel.
-        let local_hash = {
-            let path = local_path.to_path_buf();
-            tokio::spawn(async move { super::sha256_file(&path).await })
+    /// `pid_alive` (bounded by the caller). `/proc/<pid>/stat` over SFTP starts no process on
+    /// the machine (a command starts the login shell, at every poll of every job). Without
+    /// `/proc` the command decides.
+    async fn pid_alive_within(&self, pid: u32, limit: Duration) -> Result<bool, RemoteError> {
+        let started = Instant::now();
+        let from_proc = match self.read_whole(&format!("/proc/{pid}/stat")).await {
+            Ok(Some(stat)) => stat_says_alive(&stat),
+            // A machine that does not answer is not asked again another way.
+            Err(e @ RemoteError::Timeout(_)) => return Err(e),
+            Ok(None) => match self.read_whole("/proc/self/stat").await {
+                Ok(Some(_)) => Some(false),
+                Err(e @ RemoteError::Timeout(_)) => return Err(e),
+                _ => None,
+            },
+            _ => None,
         };
-        if existing == size as i64 {
-            let local = join_hash(local_hash).await?;
-            if self.remote_sha256(remote_path).await?.as_deref() == Some(local.as_str()) {
-                return Ok(UploadOutcome {
-                    report: TransferReport { bytes: size, sha256: local, skipped: true },
-                    resumed_from: None,
-                });
-            }
-            return self.transfer_up(local_path, remote_path, size, Some(local), None).await;
+        self.timed("read", started);
+        if let Some(alive) = from_proc {
+            return Ok(alive);
         }
-        self.transfer_up(local_path, remote_path, size, None, Some(local_hash)).await
-    }
-
-    async fn transfer_up(
-        &self,
-        local_path: &Path,
-        remote_path: &str,
-        size: u64,
-        mut local_sha: Option<String>,
-        mut pending_hash: Option<HashTask>,
-    ) -> Result<UploadOutcome, RemoteError> {
-        let part = format!("{remote_path}.part");
-        let mut resumed_from = None;
-        let mut restarted = false;
-        let started = std::time::Instant::now();
-        'transfer: loop {
-            let mut attempt = 0;
-            loop {
-                attempt += 1;
-                match self.send_part(local_path, &part, size).await {
-                    Ok(start) => {
-                        if start > 0 && resumed_from.is_none() {
-                            resumed_from = Some(start);
-                        }
-                        break;
-                    }
-                    Err((e, fatal)) if fatal || attempt >= self.options.transfer_attempts => return Err(e),
-                    Err((e, _)) => {
-                        tracing::warn!(target = %self.target, attempt, error = %e, "Upload interrupted, resuming");
-                        self.drop_connection().await;
-                    }
-                }
-            }
-            tracing::debug!(target = %self.target, elapsed = ?started.elapsed(), "Upload sent");
-            let local = match (local_sha.take(), pending_hash.take()) {
-                (Some(sha), _) => sha,
-                (None, Some(handle)) => join_hash(handle).await?,
-                (None, None) => super::sha256_file(local_path).await?.0,
-            };
-            tracing::debug!(target = %self.target, elapsed = ?started.elapsed(), "Local hash ready");
-            let remote = self.remote_sha256(&part).await?.unwrap_or_default();
-            tracing::debug!(target = %self.target, elapsed = ?started.elapsed(), "Remote hash ready");
-            if remote != local {
-                // A corrupt part must not be resumed again.
-                let _ = self.run(&format!("rm -f {}", shell_quote(&part)?), RunOptions::default()).await;
-                if resumed_from.is_some() && !restarted {
-                    // The part may have come from another file of the same name: start over once.
-                    tracing::warn!(target = %self.target, "Resumed upload did not verify, starting over");
-                    restarted = true;
-                    resumed_from = None;
-                    local_sha = Some(local);
-                    continue 'transfer;
-                }
-                return Err(RemoteError::ChecksumMismatch {
-                    path: remote_path.to_string(),
-                    expected: local,
-                    actual: remote,
-                });
-            }
-            let q = shell_quote(&part)?;
-            // The size check is cheap insurance against a part that changed after hashing.
-            self.run_checked(
-                &format!(
-                    "[ \"$(wc -c < {q})\" -eq {size} ] && mv -f {q} {} && rm -f {q}.writer",
-                    shell_quote(remote_path)?
-                ),
-                "rename an upload",
-            )
-            .await?;
-            return Ok(UploadOutcome {
-                report: TransferReport { bytes: size, sha256: local, skipped: false },
-                resumed_from,
-            });
+        let out = self.run(&pid_alive_command(pid), RunOptions::with_timeout(limit)).await?;
+        match out.exit_code {
+            Some(0) => Ok(true),
+            Some(1) => Ok(false),
+            _ => Err(RemoteError::io("check a pid", out.stderr_lossy())),
         }
     }
-
-    /// Sends the missing tail of `part` over a plain exec channel running `cat` (no SFTP
-    /// framing: the bytes go straight into the channel window, which is what keeps up with
-    /// `scp`). The remote script first stops a writer left over from a dropped connection, then
-    /// reports the part's size, which is where this attempt continues. (Hashing on the machine
-    /// while the bytes stream, behind `tee`, was measured slower on a busy 2-core machine than
-    /// hashing the finished file with OpenSSL.) Returns the offset; the error says whether
-    /// retrying is pointless.
-    async fn send_part(&self, local_path: &Path, part: &str, size: u64) -> Result<u64, (RemoteError, bool)> {
-        let retry = |op: &str, e: russh::Error| (RemoteError::io(format!("{op} {part}"), e), false);
-        let q = shell_quote(part).map_err(|e| (e, true))?;
-        // The writer's process group (the session sshd made for this channel) is recorded, so a
-        // writer orphaned by a dropped connection is stopped before the next attempt measures
-        // the part. The marker argument makes sure we only ever signal our own writers (and is why
-        // the shell runs `cat` as a child instead of `exec`ing it: the shell keeps the marker).
-        let script = format!(
-            "part={q}\nw=\"$part.writer\"\n\
-             old=$(cat \"$w\" 2>/dev/null) || old=\n\
-             if [ -n \"$old\" ] && grep -q {MARKER} /proc/$old/cmdline 2>/dev/null && kill -TERM -$old 2>/dev/null; then \
-             while kill -0 \"$old\" 2>/dev/null; do sleep 0.05; done; fi\n\
-             pg=$(cut -d' ' -f5 /proc/$$/stat 2>/dev/null) || pg=$$\n\
-             echo \"$pg\" > \"$w\"\n\
-             [ -f \"$part\" ] || : > \"$part\"\n\
-             size=$(wc -c < \"$part\")\n\
-             if [ \"$size\" -gt {size} ]; then : > \"$part\"; size=0; fi\n\
-             echo \"$size\"\n\
-             cat >> \"$part\"\n"
-        );
-        let (conn, mut channel) = self.open_channel().await.map_err(|e| (e, false))?;
-        let command = format!("sh -c {} {MARKER}", shell_quote(&script).map_err(|e| (e, true))?);
-        channel.exec(true, command).await.map_err(|e| retry("start writing", e))?;
-        let mut first = Vec::new();
-        while !first.contains(&b'\n') {
-            match channel.wait().await {
-                Some(ChannelMsg::Data { data }) => first.extend_from_slice(&data),
-                Some(ChannelMsg::ExitStatus { exit_status }) => {
-                    let e = RemoteError::io(
-                        format!("write {part}"),
-                        format!("the writer exited with {exit_status}"),
-                    );
-                    return Err((e, true));
-                }
-                Some(_) => {}
-                None => return Err((RemoteError::io(format!("write {part}"), "the channel closed"), false)),
-            }
-        }
-        let start: u64 = String::from_utf8_lossy(&first).trim().parse().map_err(|_| {
-            (RemoteError::io(format!("write {part}"), "the writer did not report the part's size"), true)
-        })?;
-        let mut local =
-            tokio::fs::File::open(local_path).await.map_err(|e| (super::open_error(local_path, e), true))?;
-        if start > 0 {
-            local
-                .seek(std::io::SeekFrom::Start(start))
-                .await
-                .map_err(|e| (RemoteError::io("seek the local file", e), true))?;
-        }
-        let reader = tokio::io::BufReader::with_capacity(1 << 20, local);
-        // russh does not wake a sender waiting for window space when the connection dies, so a
-        // watchdog ends the send once the connection is gone.
-        let dead = async {
-            while !conn.handle.is_closed() {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        };
-        tokio::select! {
-            sent = channel.data(reader) => sent.map_err(|e| retry("send", e))?,
-            () = dead => return Err((RemoteError::io(format!("write {part}"), "the connection was lost"), false)),
-        }
-        channel.eof().await.map_err(|e| retry("finish", e))?;
-        loop {
-            match channel.wait().await {
-                Some(ChannelMsg::ExitStatus { exit_status: 0 }) => return Ok(start),
-                Some(ChannelMsg::ExitStatus { exit_status }) => {
-                    let e = RemoteError::io(
-                        format!("write {part}"),
-                        format!("the writer exited with {exit_status}"),
-                    );
-                    return Err((e, false));
-                }
-                Some(_) => {}
-                None => return Err((RemoteError::io(format!("write {part}"), "the channel closed"), false)),
-            }
-        }
-    }
-
-    async fn transfer_down(
-        &self,
-        remote_path: &str,
-        local_path: &Path,
-    ) -> Result<TransferReport, RemoteError> {
-        let remote_sha = self
-            .remote_sha256(remote_path)
-            .await?
-            .ok_or_else(|| RemoteError::NotFound { path: remote_path.to_string() })?;
-        if let Ok((local, bytes)) = super::sha256_file(local_path).await
-            && local == remote_sha
-        {
-            return Ok(TransferReport { bytes, sha256: local, skipped: true });
-        }
-        if let Some(parent) = local_path.parent()
-            && !parent.as_os_str().is_empty()
-        {
-            tokio::fs::create_dir_all(parent)
-                .await
-                .map_err(|e| RemoteError::io(format!("create {}", parent.display()), e))?;
-        }
-        let mut name = local_path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-        name.push(".part");
-        let part = local_path.with_file_name(name);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.receive_part(remote_path, &part).await {
-                Ok(()) => break,
-                Err(e) if attempt >= self.options.transfer_attempts => return Err(e),
-                Err(e) => {
-                    tracing::warn!(target = %self.target, attempt, error = %e, "Download interrupted, resuming");
-                    self.drop_connection().await;
-                }
-            }
-        }
-        let (local, bytes) = super::sha256_file(&part).await?;
-        if local != remote_sha {
-            let _ = tokio::fs::remove_file(&part).await;
-            return Err(RemoteError::ChecksumMismatch {
-                path: remote_path.to_string(),
-                expected: remote_sha,
-                actual: local,
-            });
-        }
-        tokio::fs::rename(&part, local_path)
-            .await
-            .map_err(|e| RemoteError::io(format!("rename {}", part.display()), e))?;
-        Ok(TransferReport { bytes, sha256: local, skipped: false })
-    }
-
-    async fn receive_part(&self, remote_path: &str, part: &Path) -> Result<(), RemoteError> {
-        let (_conn, sftp) = self.sftp().await?;
-        let start = tokio::fs::metadata(part).await.map(|m| m.len()).unwrap_or(0);
-        let mut remote = sftp.open(remote_path).await.map_err(|e| map_sftp(remote_path, "open", e))?;
-        let size = remote.metadata().await.map_err(|e| map_sftp(remote_path, "stat", e))?.len();
-        let start = if start > size { 0 } else { start };
-        let mut local = tokio::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(start == 0)
-            .open(part)
-            .await
-            .map_err(|e| RemoteError::io(format!("open {}", part.display()), e))?;
-        if start > 0 {
-            local.seek(std::io::SeekFrom::Start(start)).await.map_err(|e| RemoteError::io("seek", e))?;
-            remote.seek(std::io::SeekFrom::Start(start)).await.map_err(|e| RemoteError::io("seek", e))?;
-        }
-        let mut buf = vec![0u8; 4 << 20];
-        loop {
-            let n =
-                remote.read(&mut buf).await.map_err(|e| RemoteError::io(format!("read {remote_path}"), e))?;
-            if n == 0 {
-                break;
-            }
-            local
-                .write_all(&buf[..n])
-                .await
-                .map_err(|e| RemoteError::io(format!("write {}", part.display()), e))?;
-        }
-        local.flush().await.map_err(|e| RemoteError::io(format!("write {}", part.display()), e))?;
-        Ok(())
-    }
-}
-
-/// An upload's report and, when it continued a part left by a dropped connection, the offset it
-/// continued from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UploadOutcome {
-    pub report: TransferReport,
-    pub resumed_from: Option<u64>,
-}
-
-type HashTask = tokio::task::JoinHandle<Result<(String, u64), RemoteError>>;
-
-async fn join_hash(handle: HashTask) -> Result<String, RemoteError> {
-    Ok(handle.await.map_err(|e| RemoteError::io("hash the local file", e))??.0)
 }
 
 fn map_sftp(path: &str, op: &str, e: russh_sftp::client::error::Error) -> RemoteError {
@@ -895,15 +846,17 @@ fn map_sftp(path: &str, op: &str, e: russh_sftp::client::error::Error) -> Remote
 
 /// The script fed to `sh -s` on the machine: records its pid (for killing on timeout), exports
 /// the environment (values quoted, never on a command line) and runs `command` with `sh -c`,
-/// stdin closed.
+/// stdin closed. It is one `{ ... }` group, which the shell parses whole before running any of
+/// it: a script cut short (the connection dropped while it was sent) runs nothing, rather than
+/// a prefix of the command.
 fn command_script(command: &str, env: &[(String, String)], nonce: &str) -> Result<String, RemoteError> {
     let pid_file = format!("/tmp/.gpu-trainer-run-{nonce}.pid");
-    let mut script = format!("echo $$ > {pid_file}\ntrap 'rm -f {pid_file}' EXIT\n");
+    let mut script = format!("{{\necho $$ > {pid_file}\ntrap 'rm -f {pid_file}' EXIT\n");
     for (name, value) in env {
         super::check_env_name(name)?;
         script.push_str(&format!("{name}={}\nexport {name}\n", shell_quote(value)?));
     }
-    script.push_str(&format!("sh -c {} </dev/null\n", shell_quote(command)?));
+    script.push_str(&format!("sh -c {} </dev/null\n}}\n", shell_quote(command)?));
     Ok(script)
 }
 
@@ -911,7 +864,7 @@ fn command_script(command: &str, env: &[(String, String)], nonce: &str) -> Resul
 impl RemoteExec for SshExec {
     async fn run(&self, command: &str, opts: RunOptions) -> Result<ExecOutput, RemoteError> {
         let started = Instant::now();
-        let result = self.run_inner(command, opts, None).await;
+        let result = self.run_inner(command, opts, None, true).await;
         self.timed("run", started);
         result
     }
@@ -923,7 +876,7 @@ impl RemoteExec for SshExec {
         output: mpsc::Sender<OutputChunk>,
     ) -> Result<ExecOutput, RemoteError> {
         let started = Instant::now();
-        let result = self.run_inner(command, opts, Some(output)).await;
+        let result = self.run_inner(command, opts, Some(output), true).await;
         self.timed("run", started);
         result
     }
@@ -935,9 +888,14 @@ impl RemoteExec for SshExec {
         Ok(result?.report)
     }
 
-    async fn download(&self, remote_path: &str, local_path: &Path) -> Result<TransferReport, RemoteError> {
+    async fn download(
+        &self,
+        remote_path: &str,
+        local_path: &Path,
+        max_bytes: u64,
+    ) -> Result<TransferReport, RemoteError> {
         let started = Instant::now();
-        let result = self.transfer_down(remote_path, local_path).await;
+        let result = self.transfer_down(remote_path, local_path, max_bytes).await;
         self.timed("download", started);
         result
     }
@@ -958,25 +916,16 @@ impl RemoteExec for SshExec {
         if pid == 0 {
             return Ok(false);
         }
-        // `/proc/<pid>/stat` over SFTP starts no process on the machine (a command starts the
-        // login shell, at every poll of every job). Without `/proc` the command decides.
-        let started = Instant::now();
-        let from_proc = match self.read_whole(&format!("/proc/{pid}/stat")).await {
-            Ok(Some(stat)) => stat_says_alive(&stat),
-            Ok(None) if matches!(self.read_whole("/proc/self/stat").await, Ok(Some(_))) => Some(false),
-            _ => None,
-        };
-        self.timed("read", started);
-        if let Some(alive) = from_proc {
-            return Ok(alive);
-        }
-        let out = self
-            .run(&pid_alive_command(pid), RunOptions { timeout: Duration::from_secs(30), env: Vec::new() })
-            .await?;
-        match out.exit_code {
-            Some(0) => Ok(true),
-            Some(1) => Ok(false),
-            _ => Err(RemoteError::io("check a pid", out.stderr_lossy())),
+        // One limit for the whole check, the fallback command included, from the moment a
+        // connection is at hand (connecting has its own limits).
+        self.connection().await?;
+        let limit = self.options.request_timeout;
+        match tokio::time::timeout(limit, self.pid_alive_within(pid, limit)).await {
+            Ok(alive) => alive,
+            Err(_) => {
+                self.drop_connection().await;
+                Err(RemoteError::timeout(Phase::FileRequest, limit))
+            }
         }
     }
 

@@ -612,7 +612,7 @@ impl RenderedTool {
     ) -> Result<super::ExecOutput, ToolError> {
         let wd = shell_quote(layout.work_dir())?;
         let full = format!("mkdir -p {wd} && cd {wd} && {command}");
-        let out = exec.run(&full, RunOptions { timeout, env: env.to_vec() }).await?;
+        let out = exec.run(&full, RunOptions { timeout, env: env.to_vec(), ..Default::default() }).await?;
         if !out.success() {
             let stderr = out.stderr_lossy();
             let tail: String =

@@ -91,6 +91,13 @@ pub fn boot_deadline_passed(launched_at: DateTime<Utc>, timeout: Duration, now: 
     now.signed_duration_since(launched_at).to_std().is_ok_and(|elapsed| elapsed >= timeout)
 }
 
+/// How long until the boot deadline; zero once it has passed. An SSH probe gets no more than
+/// this, so it never holds up the release of a machine that did not boot.
+pub fn boot_time_left(launched_at: DateTime<Utc>, timeout: Duration, now: DateTime<Utc>) -> Duration {
+    let elapsed = now.signed_duration_since(launched_at).to_std().unwrap_or_default();
+    timeout.saturating_sub(elapsed)
+}
+
 /// What a create-pending mark means.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PendingCreate {
@@ -207,6 +214,11 @@ mod tests {
         let at = |s: i64| Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap();
         assert!(!boot_deadline_passed(at(0), t, at(1199)));
         assert!(boot_deadline_passed(at(0), t, at(1200)));
+        assert_eq!(boot_time_left(at(0), t, at(1190)), Duration::from_secs(10));
+        assert_eq!(boot_time_left(at(0), t, at(1200)), Duration::ZERO);
+        assert_eq!(boot_time_left(at(0), t, at(5000)), Duration::ZERO);
+        // A clock that went back leaves the whole timeout.
+        assert_eq!(boot_time_left(at(10), t, at(0)), t);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
-use super::decide::{Verdict, boot_deadline_passed, boot_timeout, classify};
+use super::decide::{Verdict, boot_deadline_passed, boot_time_left, boot_timeout, classify};
 use super::launch::{exclude_machine, set_reason};
 use super::{Error, provider_err, sshkey};
 use crate::api::{
@@ -115,7 +115,16 @@ async fn probe_ssh(
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let key = sshkey::ensure_key(&secrets, instance).await?;
     let target = SshTarget { host: endpoint.host.clone(), port: endpoint.port, user: "root".into() };
-    match ctx.ssh_probe.probe(&target, &key.private_openssh).await {
+    // The probe is an input to the boot deadline, never a reason to pass it.
+    let timeout =
+        boot_timeout(&instance.spec, ctx.config.default_boot_timeout, ctx.config.boot_time_per_image_gb);
+    let launched = status.launched_at.as_ref().map(from_k8s_time).unwrap_or(now);
+    let left = boot_time_left(launched, timeout, now);
+    let probed = match tokio::time::timeout(left, ctx.ssh_probe.probe(&target, &key.private_openssh)).await {
+        Ok(probed) => probed,
+        Err(_) => Err("the boot deadline came while the SSH probe ran".to_string()),
+    };
+    match probed {
         Ok(fingerprint) => {
             status.ssh = Some(SshEndpointStatus {
                 host: endpoint.host,

@@ -47,6 +47,7 @@ pub async fn final_model(
             RunOptions::default(),
         )
         .await?;
+    out.require_complete("hashing the final model")?;
     let text = out.stdout_lossy();
     let mut lines = text.lines();
     let sha = lines.next().and_then(|l| l.split_whitespace().next()).map(str::to_string);

@@ -160,6 +160,7 @@ pub async fn claim_work_dir(
 ) -> Result<(), Error> {
     let marker = crate::remote::shell_quote(&layout.join(MACHINE_MARKER))?;
     let out = exec.run(&format!("cat {marker} 2>/dev/null || true"), RunOptions::default()).await?;
+    out.require_complete("reading the machine marker")?;
     if out.stdout_lossy().trim() == instance {
         return Ok(());
     }
