@@ -653,8 +653,10 @@ mod tests {
         assert!(matches!(remote_in(&error), Some(RemoteError::Refused(m)) if m.contains("1001 files")));
 
         // Other failures are not the machine misbehaving: retried as before.
-        let timeout =
-            ArtifactError::Remote { step: "upload", source: RemoteError::Timeout(Duration::from_secs(1)) };
+        let timeout = ArtifactError::Remote {
+            step: "upload",
+            source: RemoteError::timeout(crate::remote::bounds::Phase::Output, Duration::from_secs(1)),
+        };
         assert!(!is_refusal(&timeout));
         assert!(!is_refusal(&ArtifactError::Missing { path: "m".into() }));
     }

@@ -144,7 +144,10 @@ mod tests {
 
     #[test]
     fn the_fault_is_found_through_the_error_chain() {
-        let timeout = Error::Remote(RemoteError::Timeout(Duration::from_secs(30)));
+        let timeout = Error::Remote(RemoteError::timeout(
+            crate::remote::bounds::Phase::Output,
+            Duration::from_secs(30),
+        ));
         assert_eq!(fault_of(&timeout).map(|f| f.0), Some(MachineFault::Unresponsive));
         let flood = Error::Monitor(Box::new(crate::monitor::poller::MonitorError::Read {
             path: "train.log".into(),
