@@ -426,6 +426,12 @@ impl FakeServer {
         inner.rents_since_endpoints = 0;
     }
 
+    /// The SSH port [`FakeConfig::ssh_endpoints`] gave instance `id`; `None` when it uses the
+    /// configured `ssh_port` (or does not exist).
+    pub fn ssh_endpoint_of(&self, id: i64) -> Option<u16> {
+        self.shared.lock().data.instances.get(&id).and_then(|i| i.ssh_upstream)
+    }
+
     /// SSH public keys attached to an instance, in order.
     pub fn ssh_keys(&self, id: i64) -> Vec<String> {
         self.shared.lock().data.instances.get(&id).map(|i| i.ssh_keys.clone()).unwrap_or_default()
@@ -503,11 +509,13 @@ mod tests {
         let fake =
             spawn(FakeConfig { ssh_endpoints: vec![1111, 2222], ..FakeConfig::default() }).await.unwrap();
         let client = client(&fake);
+        let ids = rent(&client, 3).await;
         let mut ports = Vec::new();
-        for id in rent(&client, 3).await {
-            ports.push(ssh_port(&client, id).await);
+        for id in &ids {
+            ports.push(ssh_port(&client, *id).await);
         }
         assert_eq!(ports, [1111, 2222, 2222]);
+        assert_eq!(fake.ssh_endpoint_of(ids[0].0), Some(1111));
 
         // Replaced at run time: the count starts again; rented instances keep theirs.
         fake.set_ssh_endpoints(vec![3333, 4444]);
@@ -519,6 +527,7 @@ mod tests {
         let plain_client = self::client(&plain);
         let id = rent(&plain_client, 1).await[0];
         assert_eq!(ssh_port(&plain_client, id).await, 2022);
+        assert_eq!(plain.ssh_endpoint_of(id.0), None);
     }
 
     /// A TCP server that greets every connection with `tag`.
