@@ -1,14 +1,17 @@
 //! The chaos suite (issue #11). Trials of short `demo@1` jobs run while faults hit at random
 //! moments: the operator killed (SIGKILL), the API server restarted (etcd keeps its data), sshd
 //! killed mid-run with its connections, provider 429 storms, 5xx bursts (and rents that fail yet
-//! leave a contract), slow provider answers, and instances dying (exited, offline or outbid; their
-//! SSH goes with them and their trainer is killed). After each trial:
+//! leave a contract), slow provider answers, instances dying (exited, offline or outbid; their
+//! SSH goes with them and their trainer is killed), and hostile machines (one of the trial's rents
+//! gets an SSH server that hangs, floods, stalls its key exchange or changes its host key, from
+//! the probe on or from staging on: `gpu_trainer::remote::hostile`). After each trial:
 //! - every job is finished, or still progressing (its status changed recently);
 //! - no training was started twice on one machine (the work dir's `launches` audit trail, whose
 //!   lines name the machine);
 //! - no instance without a GpuInstance outlives the sweep window;
 //! - every deleted GpuInstance's instance is gone, checked the moment the object disappears;
-//! - a job whose machines died no more often than its `backoffLimit` allows succeeds.
+//! - a job whose machines died (or misbehaved) no more often than its `backoffLimit` allows
+//!   succeeds.
 //!
 //! A table of trials, faults (with their times) and outcomes is printed; any violation fails the
 //! suite. Bounded: each trial has a deadline and the suite stops by itself.
@@ -26,9 +29,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::dataset::serve_dataset;
-use common::operator::{OperatorOptions, OperatorProcess, installation_id, start_fake};
+use common::operator::{OperatorOptions, OperatorProcess, installation_id, ssh_env, start_fake};
 use gpu_trainer::api::{GpuInstance, TrainingJob, TrainingJobPhase};
 use gpu_trainer::provider::fake::{FakeServer, Fault, ForcedState};
+use gpu_trainer::remote::hostile::{Authorized, HostileConfig, HostileServer, Mode};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use rand::rngs::StdRng;
@@ -52,6 +56,18 @@ const RELEASE_LIMIT: Duration = Duration::from_secs(90);
 const FAULT_WINDOW_MS: std::ops::Range<u64> = 500..10_000;
 /// Faults aimed at renting come in this window.
 const RENT_WINDOW_MS: std::ops::Range<u64> = 0..2500;
+/// The operator's boot timeout: a machine hanging in the probe is judged within it.
+const BOOT_TIMEOUT_SECS: u64 = 40;
+/// How a hostile machine misbehaves.
+const HOSTILE_MODES: [Mode; 7] = [
+    Mode::HangOnChannelOpen,
+    Mode::HangOnExec,
+    Mode::HangAfterExec,
+    Mode::FloodOutput,
+    Mode::EndlessLine,
+    Mode::StallKeyExchange,
+    Mode::ChangeHostKey,
+];
 
 /// Everything the trials share: one namespace, one fake Vast.ai, one operator (restarted when
 /// killed), a served dataset.
@@ -72,6 +88,8 @@ struct Suite {
     /// Held while `restart.sh` runs: two faults close together restart one after the other
     /// (concurrent restarts of one component would fight over its port).
     restarting: Mutex<()>,
+    /// The hostile SSH servers of the current trial (stopped when it ends).
+    hostile: std::sync::Mutex<Vec<HostileServer>>,
     _dataset_dir: tempfile::TempDir,
 }
 
@@ -102,6 +120,7 @@ impl Suite {
             sha256,
             s3: serde_json::Value::Null,
             restarting: Mutex::new(()),
+            hostile: std::sync::Mutex::new(Vec::new()),
             _dataset_dir: dataset_dir,
         };
         let s3 = suite.s3_output().await;
@@ -163,7 +182,12 @@ fn start_operator(
     logs: &std::sync::Mutex<Vec<PathBuf>>,
 ) -> OperatorProcess {
     let mut options = OperatorOptions::new(ns, fake, installation);
-    options.args = vec!["--remote-base".into(), base.display().to_string()];
+    options.args = vec![
+        "--remote-base".into(),
+        base.display().to_string(),
+        "--boot-timeout-seconds".into(),
+        BOOT_TIMEOUT_SECS.to_string(),
+    ];
     let operator = OperatorProcess::start(&options);
     logs.lock().unwrap().push(operator.log.clone());
     operator
@@ -204,6 +228,10 @@ enum FaultKind {
     Slow { delay: Duration, count: u32 },
     /// A job's machine dies; `pick` chooses among the jobs that have one.
     InstanceDeath { state: ForcedState, pick: u32 },
+    /// The trial's rent number `pick` (0-based) gets a machine whose SSH misbehaves in `mode`,
+    /// from its first exec (the GpuInstance probe meets it) or after one (staging meets it).
+    /// Never later: a trainer it launched would outlive it on this shared machine.
+    HostileMachine { mode: Mode, after_probe: bool, pick: usize },
 }
 
 #[derive(Clone, Debug)]
@@ -234,7 +262,7 @@ fn plan_trial(trial: usize, seed: u64) -> TrialPlan {
     let count = rng.random_range(1..=2);
     let mut faults: Vec<FaultPlan> = (0..count)
         .map(|_| {
-            let kind = match rng.random_range(0..8) {
+            let kind = match rng.random_range(0..9) {
                 0 => FaultKind::OperatorKill { down: Duration::from_millis(rng.random_range(0..2000)) },
                 1 => FaultKind::ApiServerRestart {
                     kill: rng.random_bool(0.5),
@@ -265,10 +293,15 @@ fn plan_trial(trial: usize, seed: u64) -> TrialPlan {
                     delay: Duration::from_millis(rng.random_range(1000..5000)),
                     count: rng.random_range(3..10),
                 },
-                _ => FaultKind::InstanceDeath {
+                7 => FaultKind::InstanceDeath {
                     state: [ForcedState::Exited, ForcedState::Offline, ForcedState::Outbid]
                         [rng.random_range(0..3)],
                     pick: rng.random(),
+                },
+                _ => FaultKind::HostileMachine {
+                    mode: HOSTILE_MODES[rng.random_range(0..HOSTILE_MODES.len())],
+                    after_probe: rng.random_bool(0.5),
+                    pick: rng.random_range(0..JOBS_PER_TRIAL),
                 },
             };
             // Rents happen in the first seconds: faults aimed at them come early.
@@ -279,6 +312,8 @@ fn plan_trial(trial: usize, seed: u64) -> TrialPlan {
             );
             let window = if early { RENT_WINDOW_MS } else { FAULT_WINDOW_MS };
             let at = Duration::from_millis(rng.random_range(window));
+            // A hostile machine is one of the trial's rents: in place before the first.
+            let at = if matches!(kind, FaultKind::HostileMachine { .. }) { Duration::ZERO } else { at };
             FaultPlan { at, kind }
         })
         .collect();
@@ -298,6 +333,8 @@ struct Injected {
     death: Option<(String, String)>,
     /// The provider fault added, to tell afterwards how much of it was used.
     fault: Option<Fault>,
+    /// The port of the hostile SSH server added, to tell afterwards whose machine it was.
+    hostile: Option<u16>,
     /// What went wrong with the fault itself (the operator stopped watching, a component did
     /// not come back): a violation.
     problem: Option<String>,
@@ -364,6 +401,7 @@ async fn inject(suite: &Suite, started: Instant, fault: &FaultPlan, names: &[Str
     let mut death = None;
     let mut added = None;
     let mut problem = None;
+    let mut hostile = None;
     let what = match &fault.kind {
         FaultKind::OperatorKill { down } => {
             let mut operator = suite.operator.lock().await;
@@ -443,11 +481,35 @@ async fn inject(suite: &Suite, started: Instant, fault: &FaultPlan, names: &[Str
             }
             None => "death: no machine to kill".into(),
         },
+        FaultKind::HostileMachine { mode, after_probe, pick } => {
+            let config = HostileConfig {
+                mode: *mode,
+                normal_execs_first: u64::from(*after_probe),
+                ..HostileConfig::new(Authorized::File(ssh_env().authorized_keys))
+            };
+            match HostileServer::start(config).await {
+                Ok(server) => {
+                    // Rents before it and after it go to the good sshd.
+                    let good = ssh_env().port;
+                    let mut endpoints = vec![good; *pick];
+                    endpoints.extend([server.port(), good]);
+                    suite.fake.set_ssh_endpoints(endpoints);
+                    hostile = Some(server.port());
+                    suite.hostile.lock().unwrap().push(server);
+                    let when = if *after_probe { "from staging" } else { "from the probe" };
+                    format!("hostile {mode:?} {when} (rent {})", pick + 1)
+                }
+                Err(e) => {
+                    problem = Some(format!("the hostile SSH server did not start: {e}"));
+                    format!("hostile {mode:?} FAILED to start")
+                }
+            }
+        }
     };
     if let Some(fault) = &added {
         suite.fake.add_fault(fault.clone());
     }
-    Injected { at, what, death, fault: added, problem }
+    Injected { at, what, death, fault: added, hostile, problem }
 }
 
 /// After an API server restart the operator must still watch: a TrainingJob created now is only
@@ -489,6 +551,29 @@ fn state_name(state: ForcedState) -> &'static str {
         ForcedState::Offline => "offline",
         ForcedState::Outbid => "outbid",
         ForcedState::Running => "running",
+    }
+}
+
+/// Finds whose machine each hostile SSH server was (the fake's rows say which instance's SSH
+/// went to which port, their labels which GpuInstance), and records it as that job's machine
+/// death; a server no rent reached is marked unused.
+fn attribute_hostile(suite: &Suite, watch: &Watch, faults: &mut [Injected]) {
+    let rows = suite.fake.instances();
+    for inj in faults.iter_mut() {
+        let Some(port) = inj.hostile else { continue };
+        let machine = rows.iter().find_map(|row| {
+            let id = row.get("id")?.as_i64()?;
+            (suite.fake.ssh_endpoint_of(id) == Some(port)).then_some(())?;
+            let uid = row_uid(row, &suite.label_prefix())?;
+            watch.instances.get(&uid).map(|seen| (seen.name.clone(), seen.job.clone(), id))
+        });
+        match machine {
+            Some((name, job, id)) => {
+                inj.what.push_str(&format!(" -> {name} ({id})"));
+                inj.death = Some((name, job));
+            }
+            None => inj.what.push_str(" (unused)"),
+        }
     }
 }
 
@@ -749,6 +834,9 @@ async fn run_trial(suite: &Suite, trial: usize, seed: u64) -> TrialRow {
     // A fault that ended after the jobs did (e.g. an API server restart): look again.
     watch.look(suite, &names).await;
 
+    // Hostile machines count as machine deaths of the job that rented them.
+    attribute_hostile(suite, &watch, &mut faults);
+
     // Outcomes, against what the faults allow.
     let mut outcomes = Vec::new();
     let mut violations: Vec<String> = faults.iter().filter_map(|f| f.problem.clone()).collect();
@@ -844,9 +932,11 @@ async fn run_trial(suite: &Suite, trial: usize, seed: u64) -> TrialRow {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    // Provider faults left over hit the release too; now they go.
+    // Provider faults left over hit the release too; now they go, with the hostile machines.
     note_unused(&mut faults, &suite.fake.faults());
     suite.fake.clear_faults();
+    suite.fake.set_ssh_endpoints(Vec::new());
+    suite.hostile.lock().unwrap().clear();
     // A trainer of a job that did not finish may still run on "the machine".
     for seen in watch.jobs.values() {
         kill_trainer(&suite.base.join(&seen.uid), None);

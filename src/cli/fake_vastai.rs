@@ -87,6 +87,7 @@ pub fn run(args: FakeVastaiArgs) -> anyhow::Result<()> {
         faults,
         authorized_keys_file: args.authorized_keys,
         ssh_per_instance: false,
+        ssh_endpoints: Vec::new(),
     };
     let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
     runtime.block_on(async move {

@@ -68,6 +68,12 @@ pub struct FakeConfig {
     /// connections, an offline one leaves them hanging (see `ssh_forward`). Without it every
     /// instance reports `ssh_port` itself and stays reachable whatever its state.
     pub ssh_per_instance: bool,
+    /// Where the SSH of the nth rented instance goes: the first rent gets the first port, the
+    /// second the second, and so on, the last repeated for every later rent (empty: `ssh_port`
+    /// for all). So a test can give its first machine a hostile sshd and the replacement a good
+    /// one. With `ssh_per_instance` the instance's own port forwards there; without, the
+    /// instance reports it. [`FakeServer::set_ssh_endpoints`] replaces the list at run time.
+    pub ssh_endpoints: Vec<u16>,
 }
 
 impl Default for FakeConfig {
@@ -86,6 +92,7 @@ impl Default for FakeConfig {
             faults: Vec::new(),
             authorized_keys_file: None,
             ssh_per_instance: false,
+            ssh_endpoints: Vec::new(),
         }
     }
 }
@@ -165,6 +172,9 @@ struct Inner {
     log: Vec<RequestRecord>,
     counters: Counters,
     last_call: BTreeMap<String, tokio::time::Instant>,
+    /// [`FakeConfig::ssh_endpoints`], or what replaced it, and the rents since it was set.
+    ssh_endpoints: Vec<u16>,
+    rents_since_endpoints: usize,
 }
 
 /// State shared by the handlers and the [`FakeServer`] handle.
@@ -201,6 +211,19 @@ impl Shared {
         }
     }
 
+    /// Gives the instance `id` just rented the next entry of the SSH endpoint list, if any.
+    fn assign_ssh_endpoint(&self, inner: &mut Inner, id: i64) {
+        let Some(&last) = inner.ssh_endpoints.last() else { return };
+        let port = inner.ssh_endpoints.get(inner.rents_since_endpoints).copied().unwrap_or(last);
+        inner.rents_since_endpoints += 1;
+        if let Some(inst) = inner.data.instances.get_mut(&id) {
+            inst.ssh_upstream = Some(port);
+            if !self.config.ssh_per_instance {
+                inst.ssh_port = Some(port);
+            }
+        }
+    }
+
     /// Opens instance `id`'s own SSH endpoint when [`FakeConfig::ssh_per_instance`] is set; the
     /// instance then reports its port. On failure the instance keeps the shared endpoint.
     fn open_ssh_endpoint(&self, inner: &mut Inner, id: i64) {
@@ -208,8 +231,9 @@ impl Shared {
             return;
         }
         let Some(inst) = inner.data.instances.get_mut(&id) else { return };
+        let upstream_port = inst.ssh_upstream.unwrap_or(self.config.ssh_port);
         let upstream =
-            std::net::ToSocketAddrs::to_socket_addrs(&(self.config.ssh_host.as_str(), self.config.ssh_port))
+            std::net::ToSocketAddrs::to_socket_addrs(&(self.config.ssh_host.as_str(), upstream_port))
                 .ok()
                 .and_then(|mut addrs| addrs.next());
         let opened = upstream.ok_or_else(|| std::io::Error::other("unresolvable ssh_host")).and_then(|up| {
@@ -315,6 +339,7 @@ fn build_shared(config: FakeConfig) -> Result<Arc<Shared>, FakeError> {
         data.next_id = 20_000_001;
     }
     let initial = config.faults.clone();
+    let ssh_endpoints = config.ssh_endpoints.clone();
     let shared = Arc::new_cyclic(|me| Shared {
         config,
         inner: Mutex::new(Inner {
@@ -323,6 +348,8 @@ fn build_shared(config: FakeConfig) -> Result<Arc<Shared>, FakeError> {
             log: Vec::new(),
             counters: Counters::default(),
             last_call: BTreeMap::new(),
+            ssh_endpoints,
+            rents_since_endpoints: 0,
         }),
         me: me.clone(),
     });
@@ -391,6 +418,20 @@ impl FakeServer {
         inner.data.instances.values().map(|i| state::instance_row(i, now, &settings)).collect()
     }
 
+    /// Replaces [`FakeConfig::ssh_endpoints`]: the next rent gets the first of `ports`, and so
+    /// on, the last repeated. Instances already rented keep theirs.
+    pub fn set_ssh_endpoints(&self, ports: Vec<u16>) {
+        let mut inner = self.shared.lock();
+        inner.ssh_endpoints = ports;
+        inner.rents_since_endpoints = 0;
+    }
+
+    /// The SSH port [`FakeConfig::ssh_endpoints`] gave instance `id`; `None` when it uses the
+    /// configured `ssh_port` (or does not exist).
+    pub fn ssh_endpoint_of(&self, id: i64) -> Option<u16> {
+        self.shared.lock().data.instances.get(&id).and_then(|i| i.ssh_upstream)
+    }
+
     /// SSH public keys attached to an instance, in order.
     pub fn ssh_keys(&self, id: i64) -> Vec<String> {
         self.shared.lock().data.instances.get(&id).map(|i| i.ssh_keys.clone()).unwrap_or_default()
@@ -421,5 +462,110 @@ impl Drop for FakeServer {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use url::Url;
+
+    use super::*;
+    use crate::provider::config::ApiKey;
+    use crate::provider::vastai::{ClientOptions, VastClient};
+    use crate::provider::{GpuProvider, InstanceId, LaunchRequest, OfferQuery};
+
+    fn client(fake: &FakeServer) -> VastClient {
+        VastClient::new(Url::parse(&fake.url()).unwrap(), &ApiKey::new("k"), ClientOptions::default())
+            .unwrap()
+    }
+
+    /// Rents `n` instances and returns their ids, in order.
+    async fn rent(client: &VastClient, n: usize) -> Vec<InstanceId> {
+        let offers = client.search_offers(&OfferQuery::default()).await.unwrap();
+        let mut ids = Vec::new();
+        for offer in offers.iter().take(n) {
+            let request = LaunchRequest {
+                offer_id: offer.id,
+                image: "img".into(),
+                disk_gb: 10,
+                env: Default::default(),
+                onstart: None,
+                label: Some("t".into()),
+                ssh: true,
+                ssh_public_key: None,
+                bid_price_per_hour: None,
+            };
+            ids.push(client.create_instance(&request).await.unwrap());
+        }
+        ids
+    }
+
+    async fn ssh_port(client: &VastClient, id: InstanceId) -> u16 {
+        client.get_instance(id).await.unwrap().ssh.expect("a running instance has SSH").port
+    }
+
+    #[tokio::test]
+    async fn the_nth_rent_gets_the_nth_ssh_endpoint_and_the_last_repeats() {
+        let fake =
+            spawn(FakeConfig { ssh_endpoints: vec![1111, 2222], ..FakeConfig::default() }).await.unwrap();
+        let client = client(&fake);
+        let ids = rent(&client, 3).await;
+        let mut ports = Vec::new();
+        for id in &ids {
+            ports.push(ssh_port(&client, *id).await);
+        }
+        assert_eq!(ports, [1111, 2222, 2222]);
+        assert_eq!(fake.ssh_endpoint_of(ids[0].0), Some(1111));
+
+        // Replaced at run time: the count starts again; rented instances keep theirs.
+        fake.set_ssh_endpoints(vec![3333, 4444]);
+        let id = rent(&client, 1).await[0];
+        assert_eq!(ssh_port(&client, id).await, 3333);
+
+        // Without a list every instance reports the configured endpoint.
+        let plain = spawn(FakeConfig { ssh_port: 2022, ..FakeConfig::default() }).await.unwrap();
+        let plain_client = self::client(&plain);
+        let id = rent(&plain_client, 1).await[0];
+        assert_eq!(ssh_port(&plain_client, id).await, 2022);
+        assert_eq!(plain.ssh_endpoint_of(id.0), None);
+    }
+
+    /// A TCP server that greets every connection with `tag`.
+    async fn greeter(tag: &'static [u8]) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, tag).await;
+            }
+        });
+        port
+    }
+
+    async fn greeting(port: u16) -> Vec<u8> {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let mut buf = [0u8; 8];
+        let n = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read(&mut stream, &mut buf),
+        )
+        .await
+        .expect("the endpoint answers")
+        .unwrap();
+        buf[..n].to_vec()
+    }
+
+    #[tokio::test]
+    async fn with_own_ports_each_instance_forwards_to_its_entry() {
+        let (bad, good) = (greeter(b"bad").await, greeter(b"good").await);
+        let config =
+            FakeConfig { ssh_per_instance: true, ssh_endpoints: vec![bad, good], ..FakeConfig::default() };
+        let fake = spawn(config).await.unwrap();
+        let client = client(&fake);
+        let ids = rent(&client, 2).await;
+        let (first, second) = (ssh_port(&client, ids[0]).await, ssh_port(&client, ids[1]).await);
+        assert!(![bad, good].contains(&first) && ![bad, good].contains(&second));
+        assert_eq!(greeting(first).await, b"bad");
+        assert_eq!(greeting(second).await, b"good");
     }
 }

@@ -316,6 +316,7 @@ fn dispatch(shared: &Shared, route: Route, params: &[(String, String)], body: Op
             let next = inner.data.next_id;
             let reply = create(&mut inner, offer_id, body_map, now);
             if inner.data.next_id != next {
+                shared.assign_ssh_endpoint(&mut inner, next);
                 shared.open_ssh_endpoint(&mut inner, next);
             }
             shared.persist(&inner);
@@ -539,6 +540,7 @@ fn create(inner: &mut Inner, offer_id: i64, body: &Map<String, Value>, now: f64)
             forced: None,
             ssh_keys: Vec::new(),
             ssh_port: None,
+            ssh_upstream: None,
         },
     );
     inner.data.mark_rented();

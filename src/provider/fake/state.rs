@@ -51,6 +51,10 @@ pub struct FakeInstance {
     /// The instance's own SSH port (`FakeConfig::ssh_per_instance`); the shared one otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_port: Option<u16>,
+    /// Where this instance's SSH goes when it is not the configured endpoint
+    /// (`FakeConfig::ssh_endpoints`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_upstream: Option<u16>,
 }
 
 /// Everything saved to the state file.
@@ -328,6 +332,7 @@ mod tests {
             forced: None,
             ssh_keys: vec![],
             ssh_port: None,
+            ssh_upstream: None,
         }
     }
 
