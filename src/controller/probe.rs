@@ -85,7 +85,7 @@ async fn echo(exec: &SshExec, command: &str, opts: RunOptions) -> Result<ExecOut
                 seen += bytes.len();
                 if seen >= OUTPUT_LIMIT {
                     return Err(format!(
-                        "the machine answered the probe with more than {OUTPUT_LIMIT} bytes instead of echoing a token"
+                        "the machine's output exceeded {OUTPUT_LIMIT} bytes in reply to the probe (it should only echo a token)"
                     ));
                 }
             }

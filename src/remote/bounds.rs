@@ -135,6 +135,11 @@ impl Capture {
         &data[..forward]
     }
 
+    /// The stream passed [`flood_limit`]: it is abandoned instead of read to its end.
+    pub fn flooded(&self) -> bool {
+        self.dropped > flood_limit(self.limit())
+    }
+
     /// The kept bytes (head then tail) and how many were dropped between them.
     pub fn finish(mut self) -> (Vec<u8>, u64) {
         if self.tail.len() > self.tail_limit {
@@ -145,6 +150,14 @@ impl Capture {
         self.head.extend_from_slice(&self.tail);
         (self.head, self.dropped)
     }
+}
+
+/// Output of one command past which it is a flood: sixteen times what is kept, and at least
+/// 64 MiB. No command of ours prints that much, so reading on (until the command's deadline,
+/// which an endless stream would reach) only costs time: the command is abandoned at once as the
+/// machine's fault.
+pub fn flood_limit(output_limit: usize) -> u64 {
+    (output_limit as u64).saturating_mul(16).max(64 << 20)
 }
 
 /// Why [`read_line_capped`] gave up.

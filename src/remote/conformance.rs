@@ -199,6 +199,24 @@ pub(crate) mod cases {
         assert!(refused.to_string().contains("a flood"), "{refused}");
     }
 
+    pub async fn an_endless_flood_is_abandoned_long_before_the_deadline(f: Fixture) {
+        // An endless stream never exits: without the flood limit the call would last its whole
+        // (ten-minute) deadline. The limit is 64 MiB here, a second or so over loopback.
+        let started = std::time::Instant::now();
+        let capped = RunOptions { output_limit: 1000, ..opts(600) };
+        let err = f.exec.run("cat /dev/zero", capped.clone()).await.unwrap_err();
+        assert!(
+            matches!(err, RemoteError::TooLarge { limit, .. } if limit == crate::remote::bounds::flood_limit(1000)),
+            "{err:?}"
+        );
+        assert_eq!(err.machine_fault(), Some(crate::remote::MachineFault::Misbehaved));
+        let err = f.exec.run("cat /dev/zero >&2", capped).await.unwrap_err();
+        assert!(err.to_string().contains("error output"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(300), "took {:?}", started.elapsed());
+        // The next call works.
+        assert!(f.exec.run("true", opts(30)).await.unwrap().success());
+    }
+
     pub async fn a_file_read_that_is_never_answered_times_out_and_the_next_one_works(f: Fixture) {
         // Opening a FIFO nobody writes never returns: the read must end at its deadline.
         let fifo = f.path("fifo");
@@ -383,6 +401,7 @@ macro_rules! conformance_suite {
             conformance_suite!(@case $fixture, output_past_its_limit_keeps_head_and_tail_and_says_so $(, #[$attr])*);
             conformance_suite!(@case $quick, a_file_read_that_is_never_answered_times_out_and_the_next_one_works $(, #[$attr])*);
             conformance_suite!(@case $fixture, a_download_stops_at_its_limit $(, #[$attr])*);
+            conformance_suite!(@case $fixture, an_endless_flood_is_abandoned_long_before_the_deadline $(, #[$attr])*);
             conformance_suite!(@case $fixture, commands_report_exit_codes_and_output $(, #[$attr])*);
             conformance_suite!(@case $fixture, timeout_kills_the_command_and_its_children $(, #[$attr])*);
             conformance_suite!(@case $fixture, output_streams_while_the_command_runs $(, #[$attr])*);

@@ -91,6 +91,24 @@ async fn an_exec_request_never_answered_times_out_naming_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_command_still_needs_its_channel_and_exec_request_answered_promptly() {
+    // A command allowed ten minutes (a dataset download) still meets the answer deadline: an
+    // sshd that leaves the channel or the exec request unanswered is wedged, not busy.
+    let long = RunOptions::with_timeout(Duration::from_secs(600));
+    let prompt = SshOptions { answer_timeout: Duration::from_secs(1), ..options() };
+    for (mode, phase) in
+        [(Mode::HangOnExec, Phase::ExecRequest), (Mode::HangOnChannelOpen, Phase::ChannelOpen)]
+    {
+        let server = server(Mode::Normal).await;
+        let exec = SshExec::connect(target(server.port()), key(), None, prompt.clone()).await.unwrap();
+        server.set_mode(mode);
+        let err = ends(exec.run("sleep 1", long.clone())).await.unwrap_err();
+        assert_phase(&err, phase);
+        assert!(err.to_string().ends_with("within 1s"), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_that_never_ends_times_out_and_its_kill_is_bounded_too() {
     // Accepts the command, then nothing; the kill that follows meets the same machine.
     let server = server(Mode::HangAfterExec).await;
@@ -112,11 +130,15 @@ async fn a_flood_is_kept_within_the_limit_and_streams_no_more_than_it() {
         }
         streamed
     });
-    let capped = RunOptions { output_limit: 4096, ..quick() };
+    // A deadline far off: the flood limit, not the deadline, must end the call.
+    let capped = RunOptions { output_limit: 4096, ..RunOptions::with_timeout(Duration::from_secs(50)) };
     let err = ends(exec.run_streaming("yes", capped, tx)).await.unwrap_err();
-    // It never exits: the deadline ends it; the flood was not kept, nor streamed past the limit.
-    assert_phase(&err, Phase::Output);
-    assert!(server.counters().bytes_sent > 4096);
+    // It never exits: the flood is abandoned as the machine's doing once it passes the flood
+    // limit; it was not kept, nor streamed past the output limit.
+    let flood = crate::remote::bounds::flood_limit(4096);
+    assert!(matches!(err, RemoteError::TooLarge { limit, .. } if limit == flood), "{err:?}");
+    assert_eq!(err.machine_fault(), Some(crate::remote::MachineFault::Misbehaved));
+    assert!(server.counters().bytes_sent > flood);
     assert!(counting.await.unwrap() <= 4096);
 }
 
@@ -173,8 +195,8 @@ async fn the_probe_passes_a_good_machine_and_names_what_a_bad_one_did() {
         (Mode::HangOnChannelOpen, "did not answer the request to open a channel"),
         (Mode::HangOnExec, "never answered the exec request"),
         (Mode::HangAfterExec, "did not finish"),
-        (Mode::FloodOutput, "bytes instead of echoing a token"),
-        (Mode::EndlessLine, "bytes instead of echoing a token"),
+        (Mode::FloodOutput, "output exceeded"),
+        (Mode::EndlessLine, "output exceeded"),
         (Mode::StallKeyExchange, "did not finish the SSH handshake"),
     ] {
         let bad = server(mode).await;

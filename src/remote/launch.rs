@@ -120,7 +120,7 @@ pub enum StopOutcome {
 }
 
 fn quick() -> RunOptions {
-    RunOptions { timeout: Duration::from_secs(60), env: Vec::new(), ..Default::default() }
+    RunOptions::default()
 }
 
 fn check(out: &super::ExecOutput, what: &str) -> Result<(), RemoteError> {

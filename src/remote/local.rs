@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
 
-use super::bounds::Capture;
+use super::bounds::{Capture, flood_limit};
 use super::{ExecOutput, FileChunk, OutputChunk, Phase, RemoteError, RemoteExec, RunOptions, TransferReport};
 
 /// Runs commands and holds files on this machine.
@@ -143,11 +143,12 @@ async fn pump<R: AsyncRead + Unpin>(
     limit: usize,
     wrap: fn(Vec<u8>) -> OutputChunk,
     output: Option<mpsc::Sender<OutputChunk>>,
-) -> std::io::Result<(Vec<u8>, u64)> {
+    what: &'static str,
+) -> Result<(Vec<u8>, u64), RemoteError> {
     let mut capture = Capture::new(limit);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = reader.read(&mut buf).await?;
+        let n = reader.read(&mut buf).await.map_err(|e| RemoteError::io(format!("read {what}"), e))?;
         if n == 0 {
             return Ok(capture.finish());
         }
@@ -156,6 +157,14 @@ async fn pump<R: AsyncRead + Unpin>(
             && !forward.is_empty()
         {
             let _ = tx.send(wrap(forward.to_vec())).await;
+        }
+        if capture.flooded() {
+            // Reading on until the deadline would only cost time (see `flood_limit`).
+            let stream = if what == "stderr" { "error output" } else { "output" };
+            return Err(RemoteError::TooLarge {
+                what: format!("the {stream} of a command"),
+                limit: flood_limit(limit),
+            });
         }
     }
 }
@@ -205,20 +214,40 @@ impl LocalExec {
         let work = async {
             let out = async {
                 match stdout {
-                    Some(s) => pump(s, limit, OutputChunk::Stdout, output.clone()).await,
+                    Some(s) => pump(s, limit, OutputChunk::Stdout, output.clone(), "stdout").await,
                     None => Ok((Vec::new(), 0)),
                 }
             };
             let err = async {
                 match stderr {
-                    Some(s) => pump(s, limit, OutputChunk::Stderr, output.clone()).await,
+                    Some(s) => pump(s, limit, OutputChunk::Stderr, output.clone(), "stderr").await,
                     None => Ok((Vec::new(), 0)),
                 }
             };
-            let (out, err, status) = tokio::join!(out, err, child.wait());
-            let status = status.map_err(|e| RemoteError::io("wait for sh", e))?;
-            let (stdout, stdout_dropped) = out.map_err(|e| RemoteError::io("read stdout", e))?;
-            let (stderr, stderr_dropped) = err.map_err(|e| RemoteError::io("read stderr", e))?;
+            // A flood ends the pumps first; the command is then stopped rather than waited for.
+            let (out, err) = tokio::join!(
+                async {
+                    let out = out.await;
+                    if out.is_err()
+                        && let Some(pgid) = pgid
+                    {
+                        kill_group(pgid);
+                    }
+                    out
+                },
+                async {
+                    let err = err.await;
+                    if err.is_err()
+                        && let Some(pgid) = pgid
+                    {
+                        kill_group(pgid);
+                    }
+                    err
+                }
+            );
+            let status = child.wait().await.map_err(|e| RemoteError::io("wait for sh", e))?;
+            let (stdout, stdout_dropped) = out?;
+            let (stderr, stderr_dropped) = err?;
             Ok::<_, RemoteError>(ExecOutput {
                 exit_code: status.code(),
                 stdout,

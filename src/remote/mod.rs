@@ -106,7 +106,9 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { timeout: Duration::from_secs(60), env: Vec::new(), output_limit: DEFAULT_OUTPUT_LIMIT }
+        // A quick command: a working machine answers within seconds, and a job gives up on a
+        // machine after two passes of silence, so this bounds how long a dead one is kept.
+        Self { timeout: Duration::from_secs(30), env: Vec::new(), output_limit: DEFAULT_OUTPUT_LIMIT }
     }
 }
 
@@ -245,7 +247,10 @@ impl RemoteError {
     /// The machine's part in this error, if it is the machine's doing.
     pub fn machine_fault(&self) -> Option<MachineFault> {
         match self {
-            RemoteError::Timeout(_) => Some(MachineFault::Unresponsive),
+            // A ready machine that no longer takes connections (or our key) is as good as gone.
+            RemoteError::Timeout(_) | RemoteError::Connect { .. } | RemoteError::AuthRefused { .. } => {
+                Some(MachineFault::Unresponsive)
+            }
             RemoteError::TooLarge { .. } | RemoteError::Refused(_) => Some(MachineFault::Misbehaved),
             RemoteError::HostKeyChanged { .. } => Some(MachineFault::HostKeyChanged),
             _ => None,

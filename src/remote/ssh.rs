@@ -43,7 +43,7 @@ use tokio::sync::{OnceCell, mpsc};
 
 use crate::metrics::TRANSPORT;
 
-use super::bounds::Capture;
+use super::bounds::{Capture, flood_limit};
 use super::{
     ExecOutput, FileChunk, OutputChunk, Phase, RemoteError, RemoteExec, RunOptions, TransferReport,
     shell_quote,
@@ -139,6 +139,9 @@ pub struct SshOptions {
     pub transfer_deadline: Duration,
     /// Limit for killing a command that timed out (on a new connection, reconnecting included).
     pub kill_timeout: Duration,
+    /// The machine must confirm a new channel, answer the exec request and take the command's
+    /// input within this, however long the command itself may run.
+    pub answer_timeout: Duration,
 }
 
 impl Default for SshOptions {
@@ -155,6 +158,7 @@ impl Default for SshOptions {
             transfer_stall_timeout: Duration::from_secs(60),
             transfer_deadline: Duration::from_secs(6 * 3600),
             kill_timeout: Duration::from_secs(15),
+            answer_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -507,9 +511,12 @@ impl SshExec {
     ) -> Result<(Arc<Connection>, russh::Channel<client::Msg>, tokio::time::Instant), RemoteError> {
         let conn = self.connection().await?;
         let deadline = tokio::time::Instant::now() + limit;
+        // Confirming a channel takes a working sshd a moment, whatever the command will take.
+        let open_limit = limit.min(self.options.answer_timeout);
         let open = |conn: Arc<Connection>| async move {
+            let open_by = tokio::time::Instant::now() + open_limit;
             let opened = self
-                .within(&conn, deadline, Phase::ChannelOpen, limit, conn.handle.channel_open_session())
+                .within(&conn, open_by, Phase::ChannelOpen, open_limit, conn.handle.channel_open_session())
                 .await;
             (conn, opened)
         };
@@ -670,6 +677,14 @@ impl SshExec {
         let mut stdout = Capture::new(opts.output_limit);
         let mut stderr = Capture::new(opts.output_limit);
         let mut exit_code = None;
+        // However long the command may run, the machine must take it promptly: an sshd that
+        // leaves an exec request or our input unanswered is wedged, not busy.
+        let answer_by =
+            (tokio::time::Instant::now() + self.options.answer_timeout.min(opts.timeout)).min(deadline);
+        let flood = |what: &str, limit: usize| RemoteError::TooLarge {
+            what: format!("the {what} of a command on {}", self.target),
+            limit: flood_limit(limit),
+        };
         let work = async {
             write.exec(true, "sh -s").await.map_err(io_err)?;
             // The script goes out while replies are read: a machine that never opens its window
@@ -684,6 +699,9 @@ impl SshExec {
                     sent = &mut input, if !input_sent => {
                         sent.map_err(io_err)?;
                         input_sent = true;
+                    }
+                    () = tokio::time::sleep_until(answer_by), if !(answered && input_sent) => {
+                        return Ok(Ended::AnswerLate);
                     }
                     msg = read.wait() => {
                         let Some(msg) = msg else { break };
@@ -701,12 +719,18 @@ impl SshExec {
                                 if let Some(tx) = &output && !forward.is_empty() {
                                     let _ = tx.send(OutputChunk::Stdout(forward.to_vec())).await;
                                 }
+                                if stdout.flooded() {
+                                    return Err(flood("output", opts.output_limit));
+                                }
                             }
                             ChannelMsg::ExtendedData { data, ext: 1 } => {
                                 answered = true;
                                 let forward = stderr.push(&data);
                                 if let Some(tx) = &output && !forward.is_empty() {
                                     let _ = tx.send(OutputChunk::Stderr(forward.to_vec())).await;
+                                }
+                                if stderr.flooded() {
+                                    return Err(flood("error output", opts.output_limit));
                                 }
                             }
                             ChannelMsg::ExitStatus { exit_status } => {
@@ -718,25 +742,32 @@ impl SshExec {
                     }
                 }
             }
-            Ok(())
+            Ok(Ended::Closed)
         };
         let finished = tokio::time::timeout_at(deadline, work).await;
-        let Ok(finished) = finished else {
+        let late = matches!(finished, Ok(Ok(Ended::AnswerLate)));
+        if late || finished.is_err() {
             let phase = match (answered, input_sent) {
                 (false, _) => Phase::ExecRequest,
                 (true, false) => Phase::SendInput,
                 (true, true) => Phase::Output,
             };
-            tracing::warn!(machine = %self.target, ?phase, limit = ?opts.timeout, "Command timed out; dropping the connection");
+            let limit = if late { self.options.answer_timeout.min(opts.timeout) } else { opts.timeout };
+            tracing::warn!(machine = %self.target, ?phase, limit = ?limit, "Command timed out; dropping the connection");
             // The hung connection goes first, so the kill does not wait on it. Only a command the
             // machine started can need killing (a script not sent whole runs nothing).
             self.discard(&conn).await;
             if kill_on_timeout && phase == Phase::Output {
                 self.kill_command(&nonce).await;
             }
-            return Err(RemoteError::timeout(phase, opts.timeout));
-        };
-        finished?;
+            return Err(RemoteError::timeout(phase, limit));
+        }
+        if let Ok(Err(err @ RemoteError::TooLarge { .. })) = &finished {
+            // A flooding machine keeps sending on this connection: it goes.
+            tracing::warn!(machine = %self.target, error = %err, "Command output flooded; dropping the connection");
+            self.discard(&conn).await;
+        }
+        finished.unwrap_or(Ok(Ended::Closed))?;
         if exit_code.is_none() && conn.handle.is_closed() {
             // The connection died under the command: its outcome is unknown, not "killed".
             self.discard(&conn).await;
@@ -842,6 +873,14 @@ fn map_sftp(path: &str, op: &str, e: russh_sftp::client::error::Error) -> Remote
     } else {
         RemoteError::io(format!("{op} {path}"), e)
     }
+}
+
+/// How the reading of a command's channel ended (short of its deadline or an error).
+enum Ended {
+    /// The channel closed: the command is done.
+    Closed,
+    /// The machine left the exec request or the input unanswered past `answer_timeout`.
+    AnswerLate,
 }
 
 /// The script fed to `sh -s` on the machine: records its pid (for killing on timeout), exports

@@ -160,8 +160,10 @@ mod tests {
         let refused = Error::Remote(RemoteError::Refused("5000 checkpoint folders".into()));
         assert_eq!(fault_of(&refused).map(|f| f.0), Some(MachineFault::Misbehaved));
         assert_eq!(fault_of(&Error::Missing("uid")), None, "our own errors are not the machine's");
-        let connect = Error::Remote(RemoteError::AuthRefused { target: "root@h:22".into() });
-        assert_eq!(fault_of(&connect), None);
+        let refused = Error::Remote(RemoteError::AuthRefused { target: "root@h:22".into() });
+        assert_eq!(fault_of(&refused).map(|f| f.0), Some(MachineFault::Unresponsive));
+        let invalid = Error::Remote(RemoteError::InvalidRequest("NUL in a value".into()));
+        assert_eq!(fault_of(&invalid), None, "a request we got wrong is ours");
     }
 
     #[test]
