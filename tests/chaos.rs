@@ -58,6 +58,9 @@ const FAULT_WINDOW_MS: std::ops::Range<u64> = 500..10_000;
 const RENT_WINDOW_MS: std::ops::Range<u64> = 0..2500;
 /// The operator's boot timeout: a machine hanging in the probe is judged within it.
 const BOOT_TIMEOUT_SECS: u64 = 40;
+/// The chart's memory limit: an operator past it is killed, as the kernel would kill the pod (a
+/// flooding machine must not take this shared test machine down instead).
+const OPERATOR_MEMORY_LIMIT: u64 = 512 << 20;
 /// How a hostile machine misbehaves.
 const HOSTILE_MODES: [Mode; 7] = [
     Mode::HangOnChannelOpen,
@@ -190,7 +193,32 @@ fn start_operator(
     ];
     let operator = OperatorProcess::start(&options);
     logs.lock().unwrap().push(operator.log.clone());
+    tokio::spawn(limit_memory(operator.pid()));
     operator
+}
+
+/// Kills process `pid` once its resident memory passes [`OPERATOR_MEMORY_LIMIT`]; ends with it.
+async fn limit_memory(pid: u32) {
+    loop {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return };
+        let rss = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .map(|kib| kib * 1024);
+        if rss.is_none_or(|bytes| bytes >= OPERATOR_MEMORY_LIMIT) {
+            // Gone (a zombie has no VmRSS) or past the limit.
+            if rss.is_some() {
+                println!(
+                    "       !! operator {pid} passed {} MiB of memory: killed",
+                    OPERATOR_MEMORY_LIMIT >> 20
+                );
+                let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn test_env(name: &str) -> String {

@@ -39,6 +39,10 @@ use tokio::sync::watch;
 
 /// What the machine does. Every mode but [`Mode::Normal`] applies only once armed (at once, or
 /// after the configured number of normal exec requests).
+///
+/// The three hang modes also freeze what was already running when they were armed (a command,
+/// an SFTP session): it sends nothing more, not even its exit status, while its input is still
+/// read. So a machine that hangs mid-job hangs for a client that keeps one SFTP session open.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Mode {
     /// Behaves like an sshd: commands run, SFTP works.
@@ -156,6 +160,9 @@ struct ModeState {
     normal_execs_left: u64,
     /// Connections numbered up to this one were opened before the mode was armed.
     armed_after_connection: u64,
+    /// Counts the times a mode was armed: a channel started before the latest arming of a hang
+    /// mode freezes.
+    epoch: u64,
 }
 
 struct Shared {
@@ -189,11 +196,24 @@ impl Shared {
             state.normal_execs_left -= 1;
             if state.normal_execs_left == 0 {
                 state.armed_after_connection = self.counters.connections.load(Ordering::SeqCst);
+                state.epoch += 1;
             }
             return None;
         }
         // A connection-level mode has done its part when the connection was set up.
         (state.mode != Mode::Normal && !state.mode.is_connection_level()).then_some(state.mode)
+    }
+
+    /// The current epoch, recorded by a channel when it starts.
+    fn epoch(&self) -> u64 {
+        self.lock().epoch
+    }
+
+    /// True when a channel started in `epoch` must freeze: a hang mode was armed since.
+    fn frozen(&self, epoch: u64) -> bool {
+        let state = self.lock();
+        let hangs = matches!(state.mode, Mode::HangOnChannelOpen | Mode::HangOnExec | Mode::HangAfterExec);
+        hangs && state.normal_execs_left == 0 && state.epoch != epoch
     }
 
     fn sent(&self, n: usize) {
@@ -278,6 +298,7 @@ impl HostileServer {
                 mode: config.mode,
                 normal_execs_left: if armed_now { 0 } else { config.normal_execs_first },
                 armed_after_connection: 0,
+                epoch: 0,
             }),
             counters: AtomicCounters::default(),
             config: Arc::new(server_config(key)),
@@ -320,6 +341,7 @@ impl HostileServer {
         state.normal_execs_left = normal_execs;
         if normal_execs == 0 {
             state.armed_after_connection = self.shared.counters.connections.load(Ordering::SeqCst);
+            state.epoch += 1;
         }
     }
 
@@ -439,10 +461,11 @@ impl Connection {
         match misbehaviour {
             None => {
                 let _ = session.channel_success(id);
+                let epoch = shared.epoch();
                 tokio::spawn(async move {
                     tokio::select! {
                         _ = shutdown => {}
-                        _ = run_program(program, channel, shared.clone()) => {}
+                        _ = run_program(program, channel, epoch, shared.clone()) => {}
                     }
                 });
             }
@@ -611,8 +634,14 @@ async fn flood(write: &ChannelWriteHalf<Msg>, pattern: &[u8], shared: &Shared) {
 
 /// Runs `program` with the channel as its stdin, stdout and stderr, like sshd: the exit status
 /// is sent when it ends, then EOF and close. A client that closes the channel first only loses
-/// the output (the process is not killed, as with sshd without a terminal).
-async fn run_program(mut program: tokio::process::Command, channel: Channel<Msg>, shared: Arc<Shared>) {
+/// the output (the process is not killed, as with sshd without a terminal). Started in `epoch`:
+/// a hang mode armed later freezes it.
+async fn run_program(
+    mut program: tokio::process::Command,
+    channel: Channel<Msg>,
+    epoch: u64,
+    shared: Arc<Shared>,
+) {
     let (mut read, write) = channel.split();
     let home = std::env::var_os("HOME").unwrap_or_else(|| "/".into());
     program
@@ -664,8 +693,15 @@ async fn run_program(mut program: tokio::process::Command, channel: Channel<Msg>
         }
     };
     let output = async {
-        let _ = tokio::join!(pipe(stdout, &write, None, &shared), pipe(stderr, &write, Some(1), &shared));
-        child.wait().await
+        let _ = tokio::join!(
+            pipe(stdout, &write, None, epoch, &shared),
+            pipe(stderr, &write, Some(1), epoch, &shared)
+        );
+        let status = child.wait().await;
+        if shared.frozen(epoch) {
+            std::future::pending::<()>().await;
+        }
+        status
     };
     tokio::pin!(input);
     tokio::select! {
@@ -681,11 +717,13 @@ async fn run_program(mut program: tokio::process::Command, channel: Channel<Msg>
     }
 }
 
-/// Copies a process's output into the channel (stdout, or extended data `ext`).
+/// Copies a process's output into the channel (stdout, or extended data `ext`), until a hang
+/// mode armed after `epoch` freezes it.
 async fn pipe(
     mut from: impl AsyncRead + Unpin,
     write: &ChannelWriteHalf<Msg>,
     ext: Option<u32>,
+    epoch: u64,
     shared: &Shared,
 ) {
     let mut buf = vec![0u8; 32 * 1024];
@@ -694,6 +732,9 @@ async fn pipe(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        if shared.frozen(epoch) {
+            std::future::pending::<()>().await;
+        }
         let data = Bytes::copy_from_slice(&buf[..n]);
         let sent = match ext {
             None => write.data_bytes(data).await,
@@ -961,6 +1002,34 @@ mod tests {
         assert!(exec.run("true", quick()).await.unwrap().success());
         let result = within(Duration::from_secs(5), exec.run("true", quick())).await;
         assert!(matches!(result, Some(Err(RemoteError::Connect { .. }))), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn a_hang_mode_freezes_what_already_runs() {
+        let f = fixture(Mode::Normal, 0).await;
+        let exec = f.connect(None).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("log");
+        std::fs::write(&file, b"line\n").unwrap();
+        let file = file.to_str().unwrap();
+        // The SFTP session is open and answers.
+        assert_eq!(exec.read_from(file, 0, 100).await.unwrap().data, b"line\n");
+        f.server.set_mode(Mode::HangAfterExec);
+        let received = f.server.counters().bytes_received;
+        let result = within(Duration::from_secs(3), exec.read_from(file, 0, 100)).await;
+        assert!(!matches!(result, Some(Ok(_))), "{result:?}");
+        // The same session, its requests still read by the frozen machine.
+        let c = f.server.counters();
+        assert!(c.subsystem_requests == 1 && c.bytes_received > received, "{c:?}");
+    }
+
+    #[tokio::test]
+    async fn the_exec_that_arms_a_hang_mode_still_completes() {
+        let f = fixture(Mode::HangAfterExec, 1).await;
+        let exec = f.connect(None).await.unwrap();
+        let out = within(Duration::from_secs(3), exec.run("echo last", quick())).await;
+        assert_eq!(out.and_then(Result::ok).map(|o| o.stdout_lossy()).as_deref(), Some("last\n"));
+        assert_eq!(f.server.mode(), (Mode::HangAfterExec, true));
     }
 
     #[tokio::test]
