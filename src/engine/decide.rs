@@ -184,8 +184,13 @@ fn replace_machine(spec: &TrainingJobSpec, status: &TrainingJobStatus, message: 
             phase: TrainingJobPhase::Failed,
             reason: Reason::BackoffLimitExceeded,
             message: format!(
-                "{} machines failed (backoffLimit {}); the last: {message}",
-                status.attempts, spec.backoff_limit
+                "{} failed (backoffLimit {}); the last: {message}",
+                if status.attempts == 1 {
+                    "1 machine".to_string()
+                } else {
+                    format!("{} machines", status.attempts)
+                },
+                spec.backoff_limit
             ),
         }
     } else {

@@ -105,7 +105,7 @@ pub(super) async fn judge(
 
 fn fault_words(fault: MachineFault) -> &'static str {
     match fault {
-        MachineFault::Unresponsive => "stopped answering",
+        MachineFault::Unresponsive => "did not answer in time",
         MachineFault::Misbehaved => "sent what no honest machine would",
         MachineFault::HostKeyChanged => {
             "cannot be trusted: its host key is not the one recorded at first contact"
