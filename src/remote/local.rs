@@ -224,27 +224,17 @@ impl LocalExec {
                     None => Ok((Vec::new(), 0)),
                 }
             };
-            // A flood ends the pumps first; the command is then stopped rather than waited for.
-            let (out, err) = tokio::join!(
-                async {
-                    let out = out.await;
-                    if out.is_err()
-                        && let Some(pgid) = pgid
-                    {
-                        kill_group(pgid);
-                    }
-                    out
-                },
-                async {
-                    let err = err.await;
-                    if err.is_err()
-                        && let Some(pgid) = pgid
-                    {
-                        kill_group(pgid);
-                    }
-                    err
+            // A flood ends its pump first; the command is then stopped rather than waited for.
+            let stop_on_flood = |pumped: Result<(Vec<u8>, u64), RemoteError>| {
+                if pumped.is_err()
+                    && let Some(pgid) = pgid
+                {
+                    kill_group(pgid);
                 }
-            );
+                pumped
+            };
+            let (out, err) =
+                tokio::join!(async { stop_on_flood(out.await) }, async { stop_on_flood(err.await) });
             let status = child.wait().await.map_err(|e| RemoteError::io("wait for sh", e))?;
             let (stdout, stdout_dropped) = out?;
             let (stderr, stderr_dropped) = err?;

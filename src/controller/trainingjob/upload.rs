@@ -622,16 +622,7 @@ mod tests {
     use crate::monitor::poller::MonitorError;
 
     /// The `RemoteError` the verdict on the machine looks for, found through `source()`.
-    fn remote_in<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a RemoteError> {
-        let mut source = Some(error);
-        while let Some(e) = source {
-            if let Some(remote) = e.downcast_ref::<RemoteError>() {
-                return Some(remote);
-            }
-            source = e.source();
-        }
-        None
-    }
+    use super::super::verdict::remote_error_in as remote_in;
 
     #[test]
     fn refusals_keep_the_remote_error_reachable_for_the_verdict_on_the_machine() {

@@ -68,7 +68,7 @@ pub fn fault_of(error: &Error) -> Option<(MachineFault, String)> {
 }
 
 /// The first [`RemoteError`] in `error`'s source chain.
-fn remote_error_in<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a RemoteError> {
+pub(super) fn remote_error_in<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a RemoteError> {
     let mut current = Some(error);
     while let Some(e) = current {
         if let Some(remote) = e.downcast_ref::<RemoteError>() {
