@@ -589,11 +589,16 @@ fn attribute_hostile(suite: &Suite, watch: &Watch, faults: &mut [Injected]) {
     let rows = suite.fake.instances();
     for inj in faults.iter_mut() {
         let Some(port) = inj.hostile else { continue };
-        let machine = rows.iter().find_map(|row| {
-            let id = row.get("id")?.as_i64()?;
-            (suite.fake.ssh_endpoint_of(id) == Some(port)).then_some(())?;
-            let uid = row_uid(row, &suite.label_prefix())?;
-            watch.instances.get(&uid).map(|seen| (seen.name.clone(), seen.job.clone(), id))
+        let seen_rented = watch.ssh_upstreams.get(&port).and_then(|(id, uid)| {
+            watch.instances.get(uid).map(|seen| (seen.name.clone(), seen.job.clone(), *id))
+        });
+        let machine = seen_rented.or_else(|| {
+            rows.iter().find_map(|row| {
+                let id = row.get("id")?.as_i64()?;
+                (suite.fake.ssh_endpoint_of(id) == Some(port)).then_some(())?;
+                let uid = row_uid(row, &suite.label_prefix())?;
+                watch.instances.get(&uid).map(|seen| (seen.name.clone(), seen.job.clone(), id))
+            })
         });
         match machine {
             Some((name, job, id)) => {
@@ -693,6 +698,10 @@ struct Watch {
     jobs: BTreeMap<String, SeenJob>,
     /// Provider instances without a GpuInstance: id -> (label, first seen so).
     orphans: BTreeMap<i64, (String, Instant)>,
+    /// Where rented instances' SSH went: port -> (provider id, GpuInstance UID). Kept after the
+    /// instance is destroyed (the fake then forgets it), so a hostile server is attributed to
+    /// the machine it was even when that machine is long released.
+    ssh_upstreams: BTreeMap<u16, (i64, String)>,
     violations: BTreeSet<String>,
 }
 
@@ -705,6 +714,14 @@ impl Watch {
         // seen gone outlived it.
         let listed = suite.instances.list(&ListParams::default()).await.ok();
         let rows = suite.fake.instances();
+        for row in &rows {
+            let (Some(id), Some(uid)) = (row["id"].as_i64(), row_uid(row, &suite.label_prefix())) else {
+                continue;
+            };
+            if let Some(port) = suite.fake.ssh_endpoint_of(id) {
+                self.ssh_upstreams.insert(port, (id, uid));
+            }
+        }
         if let Some(listed) = &listed {
             let present: BTreeSet<String> = listed.items.iter().filter_map(|g| g.uid()).collect();
             for gi in &listed.items {
