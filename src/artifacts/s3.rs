@@ -442,16 +442,7 @@ mod tests {
 
     #[tokio::test]
     async fn path_style_puts_the_bucket_in_the_path() {
-        let store = S3Store::new(&S3Settings {
-            endpoint: Some("http://127.0.0.1:3900".into()),
-            region: "garage".into(),
-            force_path_style: true,
-            credentials: S3Credentials {
-                access_key_id: "GK1".into(),
-                secret_access_key: "s".into(),
-                session_token: None,
-            },
-        });
+        let store = S3Store::new(&local("http://127.0.0.1:3900"));
         let p = store
             .presign_get(&ObjectRef::new("data", "sets/a.tar"), Validity::from_now(Duration::from_secs(60)))
             .await
