@@ -38,7 +38,10 @@ pub struct EnvVar {
     #[schemars(pattern(r"^[A-Za-z_][A-Za-z0-9_]*$"), length(max = 128))]
     pub name: String,
     /// Literal value. Exactly one of `value` and `valueFrom` is set.
+    // Bounded so that comparing a whole `env` list (the GpuInstance immutability rule) stays
+    // within the API server's CEL cost budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32_768))]
     pub value: Option<String>,
     /// Where to read the value from. Exactly one of `value` and `valueFrom` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -34,11 +34,23 @@ pub fn reference_pages() -> Vec<(String, String)> {
                         ("examples/quickstart.yaml", "`demo@1` for `gpu-trainer launch`, no cluster needed"),
                         ("examples/invalid/", "specs the API server refuses, one rule each"),
                     ],
-                    checks: "What the schema cannot express is checked by the controller before anything is \
-                             rented: the tool exists, `params` match its parameter list, the tool's required \
-                             secrets are in `env`, and the dataset source and provider are ones the controller \
-                             serves. A job that breaks such a rule goes to phase `Failed` with reason \
-                             `InvalidSpec` and a message naming the field; nothing is rented.",
+                    checks: "Besides each field's own checks, the API server (Kubernetes 1.35 and later) \
+                             checks rules across fields when a job is created or changed, so `kubectl apply` \
+                             refuses the job with a message naming the field: \
+                             `spec.softDeadlineSeconds` must be below `spec.activeDeadlineSeconds`, and \
+                             `spec.monitoring.pollIntervalSeconds` below \
+                             `spec.monitoring.noProgressTimeoutSeconds`. What a job is built from is \
+                             immutable: an update that changes `spec.tool`, `spec.params`, `spec.dataset`, \
+                             `spec.resources` or `spec.provider` is refused; delete the job and create it \
+                             again instead. `spec.suspend`, the deadlines, `spec.budget`, \
+                             `spec.ttlSecondsAfterFinished`, `spec.monitoring`, `spec.output`, `spec.env` \
+                             and `spec.notify` stay editable. What the API server cannot know is checked by \
+                             the controller before anything is rented: the tool exists, `params` match its \
+                             parameter list, the tool's required secrets are in `env`, and the dataset source \
+                             and provider are ones the controller serves (not `dataset.local`, which is for \
+                             `gpu-trainer launch`, nor `provider.ssh`). A job that breaks such a rule goes to \
+                             phase `Failed` with reason `InvalidSpec` and a message naming the field; nothing \
+                             is rented.",
                     phases: enum_variants::<TrainingJobPhase>(),
                     conditions: job_condition::ALL,
                 },
@@ -51,12 +63,23 @@ pub fn reference_pages() -> Vec<(String, String)> {
                 PageExtras {
                     examples: &[
                         ("examples/gpuinstance-interactive.yaml", "a GPU box for interactive work"),
-                        ("examples/invalid/", "specs the API server refuses (files 17-19 are GpuInstances)"),
+                        (
+                            "examples/invalid/",
+                            "specs the API server refuses (files 17-19 and 23 are GpuInstances)",
+                        ),
                     ],
                     checks: "The TrainingJob controller creates one GpuInstance per machine it rents, owned \
                              by the job; a person can create one for an interactive box. Deleting a \
                              GpuInstance releases the machine: the finalizer `gputrainer.dev/terminate` stays \
-                             until the provider no longer lists it.",
+                             until the provider no longer lists it. Besides each field's own checks, the API \
+                             server (Kubernetes 1.35 and later) refuses, naming the field, a \
+                             `spec.bootTimeoutSeconds` that is not below `spec.maxLifetimeSeconds`, and any \
+                             change to what is rented and how it is reached, all used once when the machine \
+                             is rented: `spec.provider`, `spec.requirements`, `spec.image`, `spec.env`, \
+                             `spec.onstart`, `spec.sshPublicKey`, `spec.sshKeySecretRef` and \
+                             `spec.maxLifetimeSeconds` (the timer on the machine is set at rent time) are \
+                             immutable; delete the GpuInstance and create it again instead. \
+                             `spec.bootTimeoutSeconds` and `spec.imageSizeGb` stay editable.",
                     phases: enum_variants::<GpuInstancePhase>(),
                     conditions: instance_condition::ALL,
                 },
@@ -217,13 +240,44 @@ fn children(path: &str, schema: &Value, rows: &mut Vec<String>) {
         for name in names {
             let prop = &props[name];
             let here = format!("{path}.{name}");
-            rows.push(row(&here, name, prop, required.contains(name)));
+            let mut row = row(&here, name, prop, required.contains(name));
+            // CEL rules sit on the parent object and name the field they refuse by `fieldPath`.
+            let rules = cel_rules_for(schema, name);
+            if !rules.is_empty() {
+                row = add_to_validation(&row, &rules.join("; "));
+            }
+            rows.push(row);
             children(&here, prop, rows);
         }
     }
     if schema["type"] == "array" {
         children(&format!("{path}[]"), &schema["items"], rows);
     }
+}
+
+/// What the CEL rules (`x-kubernetes-validations`) of `parent` say about its property `name`:
+/// "immutable" for a transition rule, the rule's message otherwise.
+fn cel_rules_for(parent: &Value, name: &str) -> Vec<String> {
+    parent["x-kubernetes-validations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["fieldPath"].as_str() == Some(&format!(".{name}")))
+        .map(|r| {
+            if r["rule"].as_str().is_some_and(|rule| rule.contains("oldSelf")) {
+                "immutable".to_string()
+            } else {
+                text(&r["message"])
+            }
+        })
+        .collect()
+}
+
+/// `row` with `more` appended to its validation cell (the fourth).
+fn add_to_validation(row: &str, more: &str) -> String {
+    let mut cells: Vec<String> = row.split(" | ").map(str::to_string).collect();
+    cells[3] = if cells[3] == "-" { cell(more) } else { format!("{}; {}", cells[3], cell(more)) };
+    cells.join(" | ")
 }
 
 fn row(path: &str, name: &str, schema: &Value, required: bool) -> String {
@@ -276,6 +330,9 @@ fn validation(name: &str, schema: &Value, required: bool) -> String {
     }
     if let Some(items) = length(&schema["minItems"], &schema["maxItems"], "items") {
         rules.push(items);
+    }
+    if let Some(keys) = length(&schema["minProperties"], &schema["maxProperties"], "keys") {
+        rules.push(keys);
     }
     if let Some(pattern) = schema["pattern"].as_str() {
         rules.push(format!("matches `{pattern}`"));
@@ -399,12 +456,15 @@ mod tests {
         let job = &pages[0].1;
         for field in [
             "`spec.activeDeadlineSeconds` | integer | `14400` | 60 to 2592000 |",
-            "`spec.dataset` | object | - | required; exactly one of `s3`, `url`, `local` |",
+            "`spec.dataset` | object | - | required; exactly one of `s3`, `url`, `local`; immutable |",
+            "`spec.params` | object (free-form) | `{}` | at most 64 keys; immutable |",
+            "`spec.suspend` | boolean | `false` | - |",
+            "`spec.softDeadlineSeconds` | integer | - | 60 to 2592000; spec.softDeadlineSeconds must be below \
+             spec.activeDeadlineSeconds",
             "`spec.resources.gpu.names` | array of string | - | at most 32 items; each item: 1 to 64 characters |",
             "`spec.monitoring.stallDetection.minSamples` | integer | `4` | 3 to 100 |",
             "`status.conditions[].type` | string | - | required |",
             "`status.reason` | string | - | one of the [reasons](#reasons) |",
-            "`spec.params` | object (free-form) |",
         ] {
             assert!(job.contains(field), "trainingjob.md lacks {field}");
         }
@@ -412,7 +472,14 @@ mod tests {
         assert!(job.contains("| `Provisioning` | Renting a machine"), "phase descriptions");
         assert!(job.contains("| `SoftDeadlineExceeded` |"), "condition types");
         let instance = &pages[1].1;
-        assert!(instance.contains("`spec.maxLifetimeSeconds` | integer | `16200` | 300 to 2678400 |"));
+        assert!(
+            instance.contains("`spec.maxLifetimeSeconds` | integer | `16200` | 300 to 2678400; immutable |")
+        );
+        assert!(
+            instance.contains(
+                "`spec.bootTimeoutSeconds` | integer | - | 60 to 7200; spec.bootTimeoutSeconds must"
+            )
+        );
         assert!(
             instance.contains("| `TerminationStuck` | Releasing the machine has taken more than 10 minutes")
         );

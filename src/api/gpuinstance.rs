@@ -6,7 +6,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
-use schemars::JsonSchema;
+use schemars::{JsonSchema, Schema};
 use serde::{Deserialize, Serialize};
 
 use super::{EnvVar, MachineRequirements, ProviderSpec, Reason, SecretRef, schema};
@@ -52,6 +52,7 @@ use super::{EnvVar, MachineRequirements, ProviderSpec, Reason, SecretRef, schema
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = spec_schema)]
 pub struct GpuInstanceSpec {
     /// Where the machine comes from. Defaults to the Vast.ai marketplace.
     #[serde(default)]
@@ -95,6 +96,34 @@ pub struct GpuInstanceSpec {
     #[serde(default = "default_max_lifetime")]
     #[schemars(range(min = 300, max = 2_678_400))]
     pub max_lifetime_seconds: i64,
+}
+
+/// What the API server checks across the spec's fields and between an instance and its previous
+/// version. Everything that decides what is rented and how it is reached is used once, when the
+/// machine is rented (the lifetime too: the timer on the machine is set then), so it cannot
+/// change afterwards; only the boot deadline (`bootTimeoutSeconds`, `imageSizeGb`), which the
+/// controller reads on every pass, stays editable.
+fn spec_schema(s: &mut Schema) {
+    schema::cel_rule(
+        s,
+        "!has(self.bootTimeoutSeconds) || !has(self.maxLifetimeSeconds) \
+         || self.bootTimeoutSeconds < self.maxLifetimeSeconds",
+        "bootTimeoutSeconds",
+        "spec.bootTimeoutSeconds must be below spec.maxLifetimeSeconds (the machine would stop \
+         before it is given up as not booted)",
+    );
+    for field in [
+        "provider",
+        "requirements",
+        "image",
+        "env",
+        "onstart",
+        "sshPublicKey",
+        "sshKeySecretRef",
+        "maxLifetimeSeconds",
+    ] {
+        schema::immutable(s, field, &format!("spec.{field}"), "GpuInstance");
+    }
 }
 
 fn default_max_lifetime() -> i64 {

@@ -138,6 +138,157 @@ mod tests {
         assert_eq!(default["verifiedOnly"], true, "{default}");
     }
 
+    /// The schema node at `path` (property names from the root of `spec`) of a CRD.
+    fn spec_node(crd: &CustomResourceDefinition, path: &[&str]) -> serde_json::Value {
+        let crd = serde_json::to_value(crd).unwrap();
+        let mut node = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"].clone();
+        for name in path {
+            node = node["properties"][name].clone();
+        }
+        node
+    }
+
+    /// `(rule, message, fieldPath, reason)` of each CEL rule on a schema node.
+    fn cel_rules(node: &serde_json::Value) -> Vec<(String, String, String, String)> {
+        node["x-kubernetes-validations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                let text = |k: &str| r[k].as_str().unwrap_or_default().to_string();
+                (text("rule"), text("message"), text("fieldPath"), text("reason"))
+            })
+            .collect()
+    }
+
+    /// Every CEL rule's message names the field it refuses by its full path, and `fieldPath`
+    /// points at that field, so `kubectl apply` says which field to fix.
+    fn assert_rules_name_their_field(crd: &CustomResourceDefinition, path: &[&str]) {
+        let node = spec_node(crd, path);
+        let prefix: String =
+            std::iter::once("spec").chain(path.iter().copied()).collect::<Vec<_>>().join(".");
+        for (rule, message, field_path, reason) in cel_rules(&node) {
+            let field =
+                field_path.strip_prefix('.').unwrap_or_else(|| panic!("{rule}: fieldPath {field_path}"));
+            assert!(
+                node["properties"].get(field).is_some(),
+                "{rule}: fieldPath {field_path} is not a property"
+            );
+            assert!(message.starts_with(&format!("{prefix}.{field} ")), "{rule}: message {message:?}");
+            assert!(!message.contains('\n'), "{rule}: a message must be one line");
+            assert!(
+                ["FieldValueInvalid", "FieldValueForbidden"].contains(&reason.as_str()),
+                "{rule}: {reason}"
+            );
+        }
+    }
+
+    /// Fields guarded by a transition rule (`oldSelf`) on `node`.
+    fn immutable_fields(node: &serde_json::Value) -> Vec<String> {
+        cel_rules(node)
+            .into_iter()
+            .filter(|(rule, ..)| rule.contains("oldSelf"))
+            .map(|(_, _, path, _)| path.trim_start_matches('.').to_string())
+            .collect()
+    }
+
+    #[test]
+    fn trainingjob_cel_rules_are_in_the_crd() {
+        let crd = TrainingJob::crd();
+        let spec = spec_node(&crd, &[]);
+        let rules = cel_rules(&spec);
+        let soft = rules.iter().find(|r| r.2 == ".softDeadlineSeconds").expect("soft deadline rule");
+        assert!(soft.0.contains("self.softDeadlineSeconds < self.activeDeadlineSeconds"), "{}", soft.0);
+        assert!(soft.1.contains("spec.softDeadlineSeconds must be below spec.activeDeadlineSeconds"));
+        assert_eq!(immutable_fields(&spec), ["tool", "params", "dataset", "resources", "provider"]);
+        for editable in
+            ["suspend", "activeDeadlineSeconds", "budget", "ttlSecondsAfterFinished", "monitoring"]
+        {
+            assert!(
+                !rules.iter().any(|r| r.0.contains(&format!("oldSelf.{editable}"))),
+                "{editable} stays editable"
+            );
+        }
+        let monitoring = spec_node(&crd, &["monitoring"]);
+        let poll = cel_rules(&monitoring);
+        assert_eq!(poll.len(), 1);
+        assert!(poll[0].0.contains("self.pollIntervalSeconds < self.noProgressTimeoutSeconds"));
+        assert_eq!(poll[0].2, ".pollIntervalSeconds");
+        assert_rules_name_their_field(&crd, &[]);
+        assert_rules_name_their_field(&crd, &["monitoring"]);
+        // An omitted `params` is stored as `{}`, so omitting it later is no change.
+        assert_eq!(spec_node(&crd, &["params"])["default"], serde_json::json!({}));
+    }
+
+    #[test]
+    fn gpuinstance_cel_rules_are_in_the_crd() {
+        let crd = GpuInstance::crd();
+        let spec = spec_node(&crd, &[]);
+        assert_eq!(
+            immutable_fields(&spec),
+            [
+                "provider",
+                "requirements",
+                "image",
+                "env",
+                "onstart",
+                "sshPublicKey",
+                "sshKeySecretRef",
+                "maxLifetimeSeconds"
+            ]
+        );
+        let boot = cel_rules(&spec).into_iter().find(|r| r.2 == ".bootTimeoutSeconds").expect("boot rule");
+        assert!(boot.0.contains("self.bootTimeoutSeconds < self.maxLifetimeSeconds"), "{}", boot.0);
+        assert_rules_name_their_field(&crd, &[]);
+    }
+
+    /// A transition rule on an optional field must also refuse adding and removing it, which a
+    /// rule on the field itself would not see (it runs only when old and new both have it).
+    #[test]
+    fn immutability_rules_cover_adding_and_removing_optional_fields() {
+        let spec = spec_node(&GpuInstance::crd(), &[]);
+        let onstart = cel_rules(&spec).into_iter().find(|r| r.2 == ".onstart").unwrap();
+        assert!(onstart.0.starts_with("has(self.onstart) == has(oldSelf.onstart)"), "{}", onstart.0);
+        assert_eq!(onstart.3, "FieldValueForbidden");
+    }
+
+    /// The API server estimates each rule's cost from the largest value the schema allows and
+    /// refuses a CRD whose rules could cost too much: without bounds, a list is as long as a
+    /// request can be. Every list a rule compares has `maxItems`, the strings in it `maxLength`,
+    /// and a free-form object `maxProperties`.
+    #[test]
+    fn fields_compared_by_rules_are_bounded() {
+        fn check(path: &str, node: &serde_json::Value, in_list: bool, unbounded: &mut Vec<String>) {
+            let missing = |key: &str| node.get(key).is_none();
+            let bounded = match node["type"].as_str() {
+                Some("array") => !missing("maxItems"),
+                Some("string") => !in_list || !missing("maxLength"),
+                Some("object") if node["x-kubernetes-preserve-unknown-fields"] == true => {
+                    !missing("maxProperties")
+                }
+                _ => true,
+            };
+            if !bounded {
+                unbounded.push(path.to_string());
+            }
+            if node["type"] == "array" {
+                check(&format!("{path}[]"), &node["items"], true, unbounded);
+            }
+            for (name, child) in node["properties"].as_object().into_iter().flatten() {
+                check(&format!("{path}.{name}"), child, in_list, unbounded);
+            }
+        }
+        let mut unbounded = Vec::new();
+        for crd in crds() {
+            let spec = spec_node(&crd, &[]);
+            for field in immutable_fields(&spec) {
+                let path = format!("{}.spec.{field}", crd.spec.names.kind);
+                check(&path, &spec["properties"][&field], false, &mut unbounded);
+            }
+        }
+        assert!(unbounded.is_empty(), "compared by a CEL rule but unbounded: {unbounded:?}");
+    }
+
     #[test]
     fn progress_percent_comes_from_counts() {
         let mut p = ProgressStatus::default();

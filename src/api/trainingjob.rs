@@ -61,6 +61,7 @@ use super::{
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = spec_schema)]
 pub struct TrainingJobSpec {
     /// Training tool as `name@version`, from the tool registry (`gpu-trainer tools list`),
     /// e.g. `flux-lora@1` or `demo@1`.
@@ -69,12 +70,13 @@ pub struct TrainingJobSpec {
     /// Tool parameters. Keys and types are checked against the tool's parameter list
     /// (`gpu-trainer tools show NAME@VERSION`); unknown keys are an error.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(schema_with = "schema::free_form_object")]
+    #[schemars(schema_with = "schema::tool_params")]
     pub params: BTreeMap<String, serde_json::Value>,
     /// The training data: exactly one of `s3`, `url` or `local`.
     pub dataset: DatasetSource,
-    /// Where the trained model goes: `s3` and/or `huggingFace`. Without it the model is lost when
-    /// the machine is released, so the controller refuses a job without output.
+    /// Where the trained model goes: `s3` and/or `huggingFace`. Without it nothing is uploaded:
+    /// the job lists its results in `status.artifacts` and they are lost when the machine is
+    /// released.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<OutputSpec>,
     /// The machine to rent.
@@ -118,6 +120,30 @@ pub struct TrainingJobSpec {
     /// Notifications besides Kubernetes events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify: Option<NotifySpec>,
+}
+
+/// What the API server checks across the spec's fields and between a job and its previous
+/// version. What a running job is built from (the tool and its parameters, the data, the machine
+/// and where it comes from) cannot change under it: a machine already rented, a dataset already
+/// staged and a trainer already started would no longer match the spec. `suspend`, the
+/// deadlines, the budget, the TTL, monitoring, output and notifications stay editable.
+fn spec_schema(s: &mut Schema) {
+    schema::cel_rule(
+        s,
+        "!has(self.softDeadlineSeconds) || !has(self.activeDeadlineSeconds) \
+         || self.softDeadlineSeconds < self.activeDeadlineSeconds",
+        "softDeadlineSeconds",
+        "spec.softDeadlineSeconds must be below spec.activeDeadlineSeconds (the soft deadline warns \
+         before the hard one stops the job)",
+    );
+    // A known gap in `params`: the API server compares the keys of a free-form object from one
+    // side only (k8s.io/apiserver, pkg/cel/common/valuesunstructured.go, as of 1.37), so renaming
+    // a key while keeping the number of keys and the value passes. Changed values, added and
+    // removed keys are refused; a renamed key that the tool does not know is still refused by the
+    // controller's parameter check.
+    for field in ["tool", "params", "dataset", "resources", "provider"] {
+        schema::immutable(s, field, &format!("spec.{field}"), "TrainingJob");
+    }
 }
 
 fn default_active_deadline() -> i64 {
@@ -278,6 +304,7 @@ pub struct Budget {
 /// How progress is followed.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = monitoring_schema)]
 pub struct MonitoringSpec {
     /// Seconds between reads of the trainer's log. Default 60.
     #[serde(default = "default_poll_interval")]
@@ -290,6 +317,18 @@ pub struct MonitoringSpec {
     /// Stall detection from the trend of the ETA and the step rate.
     #[serde(default)]
     pub stall_detection: StallDetectionSpec,
+}
+
+/// A poll interval as long as the no-progress timeout would flag a stall whenever one reading
+/// saw no new step (a checkpoint save is enough).
+fn monitoring_schema(s: &mut Schema) {
+    schema::cel_rule(
+        s,
+        "!has(self.pollIntervalSeconds) || !has(self.noProgressTimeoutSeconds) \
+         || self.pollIntervalSeconds < self.noProgressTimeoutSeconds",
+        "pollIntervalSeconds",
+        "spec.monitoring.pollIntervalSeconds must be below spec.monitoring.noProgressTimeoutSeconds",
+    );
 }
 
 fn default_poll_interval() -> u32 {
