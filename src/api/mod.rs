@@ -299,3 +299,158 @@ mod tests {
         assert_eq!(p.percent, None);
     }
 }
+
+/// The CRDs' CEL rules evaluated without an API server, by kube-cel (the evaluator behind
+/// kube-core's `validate_cel`), which applies the schema's defaults first as the API server does.
+/// Only the CEL rules run here, not the OpenAPI checks (patterns, ranges, `oneOf`); the real API
+/// server runs both in `tests/apiserver.rs`.
+#[cfg(test)]
+mod cel_tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn schema(crd: &CustomResourceDefinition) -> Value {
+        serde_json::to_value(
+            crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn crd_for(object: &Value) -> CustomResourceDefinition {
+        match object["kind"].as_str() {
+            Some("TrainingJob") => TrainingJob::crd(),
+            Some("GpuInstance") => GpuInstance::crd(),
+            other => panic!("unknown kind {other:?}"),
+        }
+    }
+
+    /// The failures of `object` (an update of `old` when given), as `field: message` lines.
+    fn failures(object: &Value, old: Option<&Value>) -> Vec<String> {
+        match kube_cel::Validator::new().validate(&schema(&crd_for(object)), object, old) {
+            Ok(()) => Vec::new(),
+            Err(errors) => errors.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    fn example(path: &std::path::Path) -> (String, Value) {
+        let text = std::fs::read_to_string(path).unwrap();
+        (text.clone(), serde_yaml::from_str(&text).unwrap())
+    }
+
+    fn examples_in(dir: &str) -> Vec<std::path::PathBuf> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .collect();
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn valid_examples_pass_the_rules() {
+        for path in examples_in("examples") {
+            let (_, object) = example(&path);
+            assert_eq!(failures(&object, None), Vec::<String>::new(), "{}", path.display());
+        }
+    }
+
+    /// The invalid examples marked `(CEL rule)` are refused by a rule naming their field.
+    #[test]
+    fn cross_field_examples_are_refused_naming_the_field() {
+        let mut checked = 0;
+        for path in examples_in("examples/invalid") {
+            let (text, object) = example(&path);
+            let expect = text.lines().next().and_then(|l| l.strip_prefix("# expect: ")).unwrap();
+            if !expect.ends_with("(CEL rule)") {
+                continue;
+            }
+            let field = expect.split(": ").next().unwrap();
+            let failures = failures(&object, None);
+            assert!(
+                failures.iter().any(|f| f.starts_with(&format!("{field}: {field} "))),
+                "{}: expected a failure naming {field}, got {failures:?}",
+                path.display()
+            );
+            checked += 1;
+        }
+        assert!(checked >= 4, "only {checked} CEL examples");
+    }
+
+    /// `edit` merged into a copy of `object` (objects merge, everything else replaces; null
+    /// removes), as a JSON merge patch does.
+    fn merged(object: &Value, edit: &Value) -> Value {
+        match (object, edit) {
+            (Value::Object(o), Value::Object(e)) => {
+                let mut out = o.clone();
+                for (k, v) in e {
+                    if v.is_null() {
+                        out.remove(k);
+                    } else {
+                        out.insert(k.clone(), merged(o.get(k).unwrap_or(&Value::Null), v));
+                    }
+                }
+                Value::Object(out)
+            }
+            _ => edit.clone(),
+        }
+    }
+
+    fn check_edits(example_file: &str, editable: &[Value], immutable: &[(&str, Value)]) {
+        let (_, old) =
+            example(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(example_file));
+        for edit in editable {
+            let new = merged(&old, &json!({ "spec": edit }));
+            assert_eq!(failures(&new, Some(&old)), Vec::<String>::new(), "editing {edit} must pass");
+        }
+        for (field, edit) in immutable {
+            let new = merged(&old, &json!({ "spec": edit }));
+            let failures = failures(&new, Some(&old));
+            let expected = format!("{field}: {field} is immutable");
+            assert!(failures.iter().any(|f| f.starts_with(&expected)), "editing {edit}: got {failures:?}");
+        }
+    }
+
+    #[test]
+    fn a_jobs_steering_is_editable_and_what_it_is_built_from_is_not() {
+        check_edits(
+            "trainingjob-full.yaml",
+            &[
+                json!({"suspend": true}),
+                json!({"activeDeadlineSeconds": 20000, "softDeadlineSeconds": 18000}),
+                json!({"budget": {"maxTotalCost": 9.5}}),
+                json!({"ttlSecondsAfterFinished": null}),
+                json!({"monitoring": {"pollIntervalSeconds": 30}}),
+                json!({"output": {"huggingFace": null}}),
+            ],
+            &[
+                ("spec.tool", json!({"tool": "demo@1"})),
+                ("spec.params", json!({"params": {"steps": 10}})),
+                ("spec.params", json!({"params": {"alpha": null}})),
+                ("spec.params", json!({"params": null})),
+                ("spec.dataset", json!({"dataset": {"s3": {"key": "portraits/v4.tar"}}})),
+                ("spec.resources", json!({"resources": {"gpu": {"count": 2}}})),
+                ("spec.resources", json!({"resources": {"regions": ["US"]}})),
+                ("spec.provider", json!({"provider": {"vastai": null, "ssh": {"host": "gpu.example.com"}}})),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_gpuinstance_keeps_what_it_was_rented_with() {
+        check_edits(
+            "gpuinstance-interactive.yaml",
+            &[json!({"bootTimeoutSeconds": 1200}), json!({"imageSizeGb": 12})],
+            &[
+                ("spec.image", json!({"image": "ubuntu:24.04"})),
+                ("spec.requirements", json!({"requirements": {"maxPricePerHour": 2.0}})),
+                ("spec.env", json!({"env": [{"name": "A", "value": "b"}]})),
+                ("spec.onstart", json!({"onstart": "echo hi"})),
+                ("spec.sshPublicKey", json!({"sshPublicKey": null})),
+                ("spec.sshKeySecretRef", json!({"sshKeySecretRef": {"name": "mine"}})),
+                ("spec.maxLifetimeSeconds", json!({"maxLifetimeSeconds": 36000})),
+            ],
+        );
+    }
+}
