@@ -1,7 +1,7 @@
 //! The operator's RBAC, end to end: `kubectl apply -k config/default` installs the operator into
 //! the real test API server; `gpu-trainer run` then runs as that ServiceAccount (a kubeconfig
-//! holding the ServiceAccount's token, signed by the API server's key and put in a Secret by the
-//! controller manager; not the admin token) and takes a TrainingJob to `Succeeded`, and a
+//! holding a token the API server issued for the ServiceAccount through the TokenRequest API; not
+//! the admin token) and takes a TrainingJob to `Succeeded`, and a
 //! stand-alone GpuInstance to `Running` and back. The API server's audit log shows that every
 //! permission of the installed roles was used by the ServiceAccount in that run.
 //!
@@ -27,6 +27,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use common::account::Account;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -247,63 +248,6 @@ fn audit_of(audit: &SharedAudit, user: &str, since: DateTime<Utc>) -> Vec<AuditE
 
 // ---------------------------------------------------------------------------------------------
 // ServiceAccount credentials
-
-struct Account {
-    namespace: String,
-    user: String,
-    kubeconfig: PathBuf,
-}
-
-/// Waits for the token Secret the controller manager makes for the ServiceAccount and writes a
-/// kubeconfig that authenticates with it.
-async fn account_kubeconfig(client: &Client, namespace: &str, dir: &Path) -> Account {
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let what = format!("the token Secret of ServiceAccount {namespace}/{ACCOUNT}");
-    let token = common::wait_until(Duration::from_secs(60), &what, || {
-        let (accounts, secrets) = (accounts.clone(), secrets.clone());
-        async move {
-            let account = accounts.get_opt(ACCOUNT).await.ok()??;
-            for reference in account.secrets.unwrap_or_default() {
-                let secret = secrets.get_opt(reference.name.as_deref()?).await.ok()??;
-                if secret.type_.as_deref() != Some("kubernetes.io/service-account-token") {
-                    continue;
-                }
-                let token = secret.data.as_ref()?.get("token")?.0.clone();
-                return String::from_utf8(token).ok();
-            }
-            None
-        }
-    })
-    .await;
-    let admin = std::fs::read_to_string(common::kubeconfig_path()).unwrap();
-    let admin: serde_yaml::Value = serde_yaml::from_str(&admin).unwrap();
-    let cluster = &admin["clusters"][0]["cluster"];
-    let kubeconfig = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "test", "cluster": {
-            "server": cluster["server"].as_str().unwrap(),
-            "certificate-authority-data": cluster["certificate-authority-data"].as_str().unwrap(),
-        }}],
-        "users": [{"name": ACCOUNT, "user": {"token": token}}],
-        "contexts": [{"name": "sa", "context": {"cluster": "test", "user": ACCOUNT, "namespace": namespace}}],
-        "current-context": "sa",
-    });
-    std::fs::create_dir_all(dir).unwrap();
-    let path = dir.join(format!("kubeconfig-{namespace}"));
-    std::fs::write(&path, serde_yaml::to_string(&kubeconfig).unwrap()).unwrap();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    Account {
-        namespace: namespace.to_string(),
-        user: format!("system:serviceaccount:{namespace}:{ACCOUNT}"),
-        kubeconfig: path,
-    }
-}
 
 async fn client_from(kubeconfig: &Path) -> Client {
     let config = kube::Config::from_custom_kubeconfig(
@@ -617,7 +561,7 @@ async fn run_mutant(
         RoleKind::Role => (cluster_rules.clone(), rules_without(lease_rules, Some(&removed))),
     };
     bind_account(&client, &namespace, cluster, lease).await;
-    let account = account_kubeconfig(&client, &namespace, &common::env_dir().join("rbac")).await;
+    let account = common::account::service_account_kubeconfig(&client, &namespace, ACCOUNT, &common::env_dir().join("rbac")).await;
     // The authorizer's cache follows the new bindings within moments; start only once it says
     // what the roles say, so that a refusal can only come from the removed permission.
     common::wait_until(Duration::from_secs(30), "RBAC to take effect for the mutant", || {
@@ -681,7 +625,7 @@ async fn the_installed_rbac_is_enough_and_every_permission_is_needed() {
     let dataset = serve_dataset(tmp.path()).await;
 
     // --- The operator as the installed ServiceAccount, not as admin.
-    let account = account_kubeconfig(&admin, INSTALL_NAMESPACE, &common::env_dir().join("rbac")).await;
+    let account = common::account::service_account_kubeconfig(&admin, INSTALL_NAMESPACE, ACCOUNT, &common::env_dir().join("rbac")).await;
     let leases: Api<Lease> = Api::namespaced(admin.clone(), INSTALL_NAMESPACE);
     let _ = leases.delete(LEASE, &DeleteParams::default()).await;
     let namespace = common::fresh_namespace(&admin, "rbac-ok").await;

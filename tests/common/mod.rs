@@ -2,6 +2,7 @@
 //! (through `tests/run.sh`). Such tests are `#[ignore = "needs tests/ environment"]`.
 #![allow(dead_code)]
 
+pub mod account;
 pub mod dataset;
 pub mod operator;
 
