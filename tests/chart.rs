@@ -516,7 +516,7 @@ fn kustomize_objects_live_in_its_namespace_and_refer_to_each_other() {
     let account = kustomize_object("ServiceAccount", "gpu-trainer");
     let deployment: Deployment =
         serde_yaml::from_value(kustomize_object("Deployment", "gpu-trainer")).unwrap();
-    let pod = deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let pod = deployment.spec.template.spec.as_ref().unwrap();
     assert_eq!(pod.service_account_name.as_deref(), account["metadata"]["name"].as_str());
     for (binding, role_kind) in [("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")] {
         for object in objects.iter().filter(|o| kind(o) == binding) {
@@ -530,8 +530,7 @@ fn kustomize_objects_live_in_its_namespace_and_refer_to_each_other() {
         }
     }
     let service = kustomize_object("Service", "gpu-trainer-metrics");
-    let pod_labels =
-        deployment.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().labels.clone().unwrap();
+    let pod_labels = deployment.spec.template.metadata.as_ref().unwrap().labels.clone().unwrap();
     for (k, v) in service["spec"]["selector"].as_mapping().unwrap() {
         assert_eq!(
             pod_labels.get(k.as_str().unwrap()).map(String::as_str),
@@ -816,7 +815,8 @@ fn credentials_come_only_from_secrets() {
 fn the_pod_is_locked_down_and_probed_on_the_metrics_port() {
     let deployment: Deployment =
         serde_yaml::from_value(kustomize_object("Deployment", "gpu-trainer")).unwrap();
-    let spec = deployment.spec.unwrap();
+    // Required since Kubernetes 1.37's types (k8s-openapi `v1_37`): no longer an Option.
+    let spec = deployment.spec;
     assert_eq!(spec.strategy.unwrap().type_.as_deref(), Some("Recreate"));
     let pod = spec.template.spec.unwrap();
     let values = values();

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
-use kube::api::{Api, PostParams};
 use kube::Client;
+use kube::api::{Api, PostParams};
 
 pub struct Account {
     pub namespace: String,
@@ -21,11 +21,13 @@ pub struct Account {
 pub async fn service_account_kubeconfig(client: &Client, namespace: &str, name: &str, dir: &Path) -> Account {
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
     let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: vec!["https://kubernetes.default.svc".into()],
+        // `spec`, `audiences` and `status.token` are optional in the types since Kubernetes 1.36
+        // (k8s-openapi `v1_36`); the server still needs the spec.
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec!["https://kubernetes.default.svc".into()]),
             expiration_seconds: Some(7200),
             ..Default::default()
-        },
+        }),
         ..Default::default()
     };
     let what = format!("a token for ServiceAccount {namespace}/{name}");
@@ -34,7 +36,7 @@ pub async fn service_account_kubeconfig(client: &Client, namespace: &str, name: 
         let (accounts, request) = (accounts.clone(), request.clone());
         async move {
             let issued = accounts.create_token_request(name, &PostParams::default(), &request).await.ok()?;
-            issued.status.map(|s| s.token)
+            issued.status.and_then(|s| s.token)
         }
     })
     .await;
