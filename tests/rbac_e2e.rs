@@ -1,7 +1,7 @@
 //! The operator's RBAC, end to end: `kubectl apply -k config/default` installs the operator into
 //! the real test API server; `gpu-trainer run` then runs as that ServiceAccount (a kubeconfig
-//! holding the ServiceAccount's token, signed by the API server's key and put in a Secret by the
-//! controller manager; not the admin token) and takes a TrainingJob to `Succeeded`, and a
+//! holding a token of the ServiceAccount from the TokenRequest API, signed by the API server's
+//! key; not the admin token) and takes a TrainingJob to `Succeeded`, and a
 //! stand-alone GpuInstance to `Running` and back. The API server's audit log shows that every
 //! permission of the installed roles was used by the ServiceAccount in that run.
 //!
@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use common::account::{Account, client_from};
 use common::dataset::serve_dataset;
 use common::operator::{OperatorOptions, OperatorProcess, start_fake};
 use futures::StreamExt;
@@ -38,7 +39,7 @@ use gpu_trainer::api::{GpuInstance, GpuInstancePhase, TrainingJob, TrainingJobPh
 use gpu_trainer::provider::fake::FakeServer;
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -248,71 +249,8 @@ fn audit_of(audit: &SharedAudit, user: &str, since: DateTime<Utc>) -> Vec<AuditE
 // ---------------------------------------------------------------------------------------------
 // ServiceAccount credentials
 
-struct Account {
-    namespace: String,
-    user: String,
-    kubeconfig: PathBuf,
-}
-
-/// Waits for the token Secret the controller manager makes for the ServiceAccount and writes a
-/// kubeconfig that authenticates with it.
 async fn account_kubeconfig(client: &Client, namespace: &str, dir: &Path) -> Account {
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let what = format!("the token Secret of ServiceAccount {namespace}/{ACCOUNT}");
-    let token = common::wait_until(Duration::from_secs(60), &what, || {
-        let (accounts, secrets) = (accounts.clone(), secrets.clone());
-        async move {
-            let account = accounts.get_opt(ACCOUNT).await.ok()??;
-            for reference in account.secrets.unwrap_or_default() {
-                let secret = secrets.get_opt(reference.name.as_deref()?).await.ok()??;
-                if secret.type_.as_deref() != Some("kubernetes.io/service-account-token") {
-                    continue;
-                }
-                let token = secret.data.as_ref()?.get("token")?.0.clone();
-                return String::from_utf8(token).ok();
-            }
-            None
-        }
-    })
-    .await;
-    let admin = std::fs::read_to_string(common::kubeconfig_path()).unwrap();
-    let admin: serde_yaml::Value = serde_yaml::from_str(&admin).unwrap();
-    let cluster = &admin["clusters"][0]["cluster"];
-    let kubeconfig = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "test", "cluster": {
-            "server": cluster["server"].as_str().unwrap(),
-            "certificate-authority-data": cluster["certificate-authority-data"].as_str().unwrap(),
-        }}],
-        "users": [{"name": ACCOUNT, "user": {"token": token}}],
-        "contexts": [{"name": "sa", "context": {"cluster": "test", "user": ACCOUNT, "namespace": namespace}}],
-        "current-context": "sa",
-    });
-    std::fs::create_dir_all(dir).unwrap();
-    let path = dir.join(format!("kubeconfig-{namespace}"));
-    std::fs::write(&path, serde_yaml::to_string(&kubeconfig).unwrap()).unwrap();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    Account {
-        namespace: namespace.to_string(),
-        user: format!("system:serviceaccount:{namespace}:{ACCOUNT}"),
-        kubeconfig: path,
-    }
-}
-
-async fn client_from(kubeconfig: &Path) -> Client {
-    let config = kube::Config::from_custom_kubeconfig(
-        kube::config::Kubeconfig::read_from(kubeconfig).unwrap(),
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await
-    .unwrap();
-    Client::try_from(config).unwrap()
+    common::account::service_account_kubeconfig(client, namespace, ACCOUNT, dir).await
 }
 
 /// Asks the API server (as admin) whether `user` may do `p`.
@@ -352,20 +290,9 @@ async fn allowed(client: &Client, user: &str, namespace: &str, p: &Permission) -
 // Running
 
 fn job(href: &str, sha256: &str) -> TrainingJob {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "gputrainer.dev/v1alpha1",
-        "kind": "TrainingJob",
-        "metadata": {"name": "lora"},
-        "spec": {
-            "tool": "demo@1",
-            "params": {"steps": 4, "secondsPerStep": 0.25, "saveEvery": 2},
-            "dataset": {"url": {"href": href, "sha256": sha256}},
-            "activeDeadlineSeconds": 600,
-            "ttlSecondsAfterFinished": 2,
-            "monitoring": {"pollIntervalSeconds": 5}
-        }
-    }))
-    .unwrap()
+    let mut job = common::demo_job("lora", href, sha256);
+    job.spec.ttl_seconds_after_finished = Some(2);
+    job
 }
 
 /// No `sshKeySecretRef`: the operator generates a key Secret owned by the GpuInstance.
