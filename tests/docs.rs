@@ -335,3 +335,33 @@ fn readme_keeps_its_first_two_commands_and_links_the_docs() {
         assert!(root().join(link).is_file(), "{link} does not exist");
     }
 }
+
+/// `NAME=value` from `tests/env/versions.env`, where every tested version is pinned.
+fn pinned_version(name: &str) -> String {
+    let text = std::fs::read_to_string(root().join("tests/env/versions.env")).unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("tests/env/versions.env does not pin {name}"))
+        .trim()
+        .to_string()
+}
+
+fn minor(version: &str) -> String {
+    version.split('.').take(2).collect::<Vec<_>>().join(".")
+}
+
+#[test]
+fn the_tested_kubernetes_range_is_stated_where_users_look() {
+    let range = format!(
+        "Kubernetes {} to {}",
+        minor(&pinned_version("KUBE_OLDEST_VERSION")),
+        minor(&pinned_version("KUBE_VERSION"))
+    );
+    for doc in ["README.md", "docs/operating.md", "charts/gpu-trainer/README.md"] {
+        let text = std::fs::read_to_string(root().join(doc)).unwrap();
+        assert!(text.contains(&range), "{doc} does not state the tested range ({range})");
+    }
+    let chart = std::fs::read_to_string(root().join("charts/gpu-trainer/Chart.yaml")).unwrap();
+    let wanted = format!("kubeVersion: \">={}.0-0\"", minor(&pinned_version("KUBE_OLDEST_VERSION")));
+    assert!(chart.contains(&wanted), "Chart.yaml's kubeVersion is not {wanted}");
+}

@@ -1,7 +1,7 @@
 //! The operator's RBAC, end to end: `kubectl apply -k config/default` installs the operator into
 //! the real test API server; `gpu-trainer run` then runs as that ServiceAccount (a kubeconfig
-//! holding a token of the ServiceAccount from the TokenRequest API, signed by the API server's
-//! key; not the admin token) and takes a TrainingJob to `Succeeded`, and a
+//! holding a token the API server issued for the ServiceAccount through the TokenRequest API; not
+//! the admin token) and takes a TrainingJob to `Succeeded`, and a
 //! stand-alone GpuInstance to `Running` and back. The API server's audit log shows that every
 //! permission of the installed roles was used by the ServiceAccount in that run.
 //!
@@ -27,11 +27,11 @@ mod common;
 use std::collections::BTreeSet;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use common::account::{Account, client_from};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use common::account::{Account, client_from};
 use common::dataset::serve_dataset;
 use common::operator::{OperatorOptions, OperatorProcess, start_fake};
 use futures::StreamExt;
@@ -248,10 +248,6 @@ fn audit_of(audit: &SharedAudit, user: &str, since: DateTime<Utc>) -> Vec<AuditE
 
 // ---------------------------------------------------------------------------------------------
 // ServiceAccount credentials
-
-async fn account_kubeconfig(client: &Client, namespace: &str, dir: &Path) -> Account {
-    common::account::service_account_kubeconfig(client, namespace, ACCOUNT, dir).await
-}
 
 /// Asks the API server (as admin) whether `user` may do `p`.
 async fn allowed(client: &Client, user: &str, namespace: &str, p: &Permission) -> bool {
@@ -544,7 +540,7 @@ async fn run_mutant(
         RoleKind::Role => (cluster_rules.clone(), rules_without(lease_rules, Some(&removed))),
     };
     bind_account(&client, &namespace, cluster, lease).await;
-    let account = account_kubeconfig(&client, &namespace, &common::env_dir().join("rbac")).await;
+    let account = common::account::service_account_kubeconfig(&client, &namespace, ACCOUNT, &common::env_dir().join("rbac")).await;
     // The authorizer's cache follows the new bindings within moments; start only once it says
     // what the roles say, so that a refusal can only come from the removed permission.
     common::wait_until(Duration::from_secs(30), "RBAC to take effect for the mutant", || {
@@ -608,7 +604,7 @@ async fn the_installed_rbac_is_enough_and_every_permission_is_needed() {
     let dataset = serve_dataset(tmp.path()).await;
 
     // --- The operator as the installed ServiceAccount, not as admin.
-    let account = account_kubeconfig(&admin, INSTALL_NAMESPACE, &common::env_dir().join("rbac")).await;
+    let account = common::account::service_account_kubeconfig(&admin, INSTALL_NAMESPACE, ACCOUNT, &common::env_dir().join("rbac")).await;
     let leases: Api<Lease> = Api::namespaced(admin.clone(), INSTALL_NAMESPACE);
     let _ = leases.delete(LEASE, &DeleteParams::default()).await;
     let namespace = common::fresh_namespace(&admin, "rbac-ok").await;

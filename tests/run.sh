@@ -28,7 +28,7 @@ cargo clippy --all-targets --locked -- -D warnings
 step "build"
 cargo build --all-targets --locked
 
-step "start etcd, kube-apiserver, kube-controller-manager, sshd, garage"
+step "start etcd, kube-apiserver, kube-controller-manager (newest Kubernetes), sshd, garage"
 trap 'bash tests/env/down.sh; rm -rf "$GPU_TRAINER_ENV_DIR"' EXIT
 bash tests/env/up.sh
 # shellcheck disable=SC1091
@@ -38,3 +38,15 @@ step "tests"
 # --show-output: the tables the end-to-end tests record (crash, fault, controller-kill, chaos
 # trials, RBAC mutants) appear in the log of a green run too, not only when a test fails.
 cargo test --all-targets --locked -- --include-ignored --show-output "${filter[@]}"
+
+# The CRDs and the operator's RBAC are proven on the whole supported range: the API-server and
+# RBAC tests run again on the oldest Kubernetes minor still in upstream support.
+if [ ${#filter[@]} -eq 0 ]; then
+  # shellcheck source=env/versions.env
+  source tests/env/versions.env
+  step "API-server and RBAC tests on Kubernetes $KUBE_OLDEST_VERSION (oldest supported minor)"
+  GPU_TRAINER_KUBE_VERSION=$KUBE_OLDEST_VERSION bash tests/env/up.sh
+  # shellcheck disable=SC1091
+  source "$GPU_TRAINER_ENV_DIR/env"
+  cargo test --locked --test apiserver --test rbac_e2e -- --include-ignored --show-output
+fi

@@ -1,46 +1,40 @@
-//! Credentials of a ServiceAccount for an operator that runs on the host instead of in a pod: a
-//! kubeconfig holding a token the API server signs for the account (TokenRequest API, as the
-//! kubelet asks for the token it mounts into a pod; token Secrets are no longer made for every
-//! ServiceAccount since Kubernetes 1.24).
+//! Credentials of a ServiceAccount for a process under test: a kubeconfig holding a token the API
+//! server issued for the account through the TokenRequest API (the way a pod's projected token is
+//! made since Kubernetes 1.24; no long-lived token Secret exists), never the admin token.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
-use kube::Client;
 use kube::api::{Api, PostParams};
+use kube::Client;
 
-/// A ServiceAccount's identity and a kubeconfig that authenticates as it.
 pub struct Account {
     pub namespace: String,
-    pub name: String,
-    /// `system:serviceaccount:<namespace>:<name>`, as the audit log and RBAC see it.
+    /// The user name the API server sees (`system:serviceaccount:NS:NAME`), as in its audit log.
     pub user: String,
     pub kubeconfig: PathBuf,
 }
 
-/// Lifetime of the tokens: longer than any test that uses one.
-const TOKEN_SECONDS: i64 = 2 * 3600;
-
-/// Asks the API server (as `client`, the admin) for a token of ServiceAccount `namespace/name`
-/// (waiting for the account to exist) and writes a kubeconfig for it under `dir`.
+/// Asks the API server for a token of ServiceAccount `namespace/name` (valid two hours: longer
+/// than any test) and writes a kubeconfig for it into `dir`, readable by the owner only.
 pub async fn service_account_kubeconfig(client: &Client, namespace: &str, name: &str, dir: &Path) -> Account {
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
     let request = TokenRequest {
         spec: TokenRequestSpec {
-            audiences: vec![],
-            expiration_seconds: Some(TOKEN_SECONDS),
+            audiences: vec!["https://kubernetes.default.svc".into()],
+            expiration_seconds: Some(7200),
             ..Default::default()
         },
         ..Default::default()
     };
-    let what = format!("a token of ServiceAccount {namespace}/{name}");
-    let token = super::wait_until(Duration::from_secs(60), &what, || {
+    let what = format!("a token for ServiceAccount {namespace}/{name}");
+    // The account may have been created a moment ago by `kubectl apply` or `helm install`.
+    let token = super::wait_until(std::time::Duration::from_secs(30), &what, || {
         let (accounts, request) = (accounts.clone(), request.clone());
         async move {
-            let answer = accounts.create_token_request(name, &PostParams::default(), &request).await.ok()?;
-            answer.status.map(|s| s.token).filter(|t| !t.is_empty())
+            let issued = accounts.create_token_request(name, &PostParams::default(), &request).await.ok()?;
+            issued.status.map(|s| s.token)
         }
     })
     .await;
@@ -68,13 +62,12 @@ pub async fn service_account_kubeconfig(client: &Client, namespace: &str, name: 
     }
     Account {
         namespace: namespace.to_string(),
-        name: name.to_string(),
         user: format!("system:serviceaccount:{namespace}:{name}"),
         kubeconfig: path,
     }
 }
 
-/// A client that authenticates with `kubeconfig`.
+/// A client that authenticates with `kubeconfig` (such as an [`Account`]'s).
 pub async fn client_from(kubeconfig: &Path) -> Client {
     let config = kube::Config::from_custom_kubeconfig(
         kube::config::Kubeconfig::read_from(kubeconfig).unwrap(),

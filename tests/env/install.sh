@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
 # Installs everything the real-component tests need. Idempotent: every step checks first.
-# Slow builds (kube-apiserver, garage) are cached outside the repository in $GPU_TRAINER_CACHE.
+# Slow builds (Kubernetes, Helm, garage) are cached outside the repository in $GPU_TRAINER_CACHE.
+# Versions are pinned in tests/env/versions.env. Prints how long each step took.
 set -euo pipefail
 
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${GPU_TRAINER_CACHE:-$HOME/.cache/gpu-trainer}"
-KUBE_BIN="$CACHE/kube-v1.20.2/bin"
 mkdir -p "$CACHE"
+# shellcheck source=versions.env
+source "$HERE/versions.env"
 
 log() { printf '[install] %s\n' "$*" >&2; }
+
+# timed NAME COMMAND...: runs one install step and says how long it took.
+timed() {
+  local name=$1 started=$SECONDS; shift
+  "$@"
+  log "step '$name' took $((SECONDS - started)) s"
+}
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -21,59 +31,11 @@ apt_install() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-ensure_deb_src() {
-  if ! grep -rqs '^Types:.*deb-src' /etc/apt/sources.list.d/ && ! grep -qs '^deb-src' /etc/apt/sources.list; then
-    log "adding deb-src entries for bookworm"
-    as_root tee /etc/apt/sources.list.d/gpu-trainer-src.sources >/dev/null <<'SRC'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm bookworm-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-    apt_updated=0
-  fi
-}
-
-build_kube() {
-  if [ -x "$KUBE_BIN/kube-apiserver" ] && [ -x "$KUBE_BIN/kube-controller-manager" ]; then
-    log "kube-apiserver v1.20.2 cached in $KUBE_BIN"
-    return 0
-  fi
-  ensure_deb_src
-  apt_install golang-go rsync jq dpkg-dev golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev
-  local work="$CACHE/kube-src"
-  rm -rf "$work"; mkdir -p "$work"
-  if [ $apt_updated = 0 ]; then as_root apt-get update -qq; apt_updated=1; fi
-  log "fetching Debian's kubernetes source package"
-  (cd "$work" && apt-get source -qq --download-only kubernetes >/dev/null && dpkg-source -x --skip-patches ./*.dsc src >/dev/null 2>&1 || dpkg-source -x ./*.dsc src >/dev/null)
-  local tree="$work/src"
-  # reflect2 1.0.1 segfaults under Go >= 1.18: the API server dies on its first custom-resource write.
-  log "replacing vendored reflect2 and json-iterator with Debian's fixed sources"
-  for pkg in github.com/modern-go/reflect2 github.com/json-iterator/go; do
-    rm -rf "$tree/vendor/$pkg"; mkdir -p "$tree/vendor/$pkg"
-    cp -r /usr/share/gocode/src/$pkg/. "$tree/vendor/$pkg/"
-    find "$tree/vendor/$pkg" -name '*_test.go' -delete
-  done
-  mkdir -p "$work/.go/src/k8s.io"
-  ln -sfn "$tree" "$work/.go/src/k8s.io/kubernetes"
-  log "building kube-apiserver and kube-controller-manager (about 6-10 minutes on 2 cores)"
-  # Kubernetes 1.20's vendored code builds with Debian's Go 1.19, not with the newer Go on PATH.
-  (cd "$work/.go/src/k8s.io/kubernetes" && PATH="/usr/lib/go-1.19/bin:$PATH" GOROOT=/usr/lib/go-1.19 \
-     GOPATH="$work/.go" GO111MODULE=off GOFLAGS=-mod=vendor CGO_ENABLED=0 GOTOOLCHAIN=local \
-     make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >"$work/build.log" 2>&1) || {
-       tail -40 "$work/build.log" >&2; exit 1; }
-  mkdir -p "$KUBE_BIN"
-  local out
-  out=$(find "$tree/_output" -type f -name kube-apiserver -path '*bin*' | head -1)
-  cp "$out" "$(dirname "$out")/kube-controller-manager" "$KUBE_BIN/"
-  rm -rf "$work"
-  log "kube binaries cached in $KUBE_BIN"
-}
+# shellcheck source=go-tools.sh
+source "$HERE/go-tools.sh"
 
 # The official Vast.ai CLI, pinned: the conformance test runs it against `gpu-trainer fake-vastai`.
 # The tests find it at $GPU_TRAINER_CACHE/vastai-venv/bin/vastai.
-VASTAI_VERSION=1.9.1
 install_vastai_cli() {
   local venv="$CACHE/vastai-venv"
   local installed=""
@@ -90,9 +52,8 @@ install_vastai_cli() {
 }
 
 # Garage, the S3 server the artifact tests talk to (it checks SigV4 signatures, so tampered and
-# expired presigned URLs are refused). Pinned, built once (12+ minutes on 2 cores) and cached; only
-# the sqlite engine is compiled in, which is all the single test node needs.
-GARAGE_VERSION=2.5.0
+# expired presigned URLs are refused). Built once (12+ minutes on 2 cores) and cached; only the
+# sqlite engine is compiled in, which is all the single test node needs.
 install_garage() {
   local root="$CACHE/garage-$GARAGE_VERSION"
   if [ -x "$root/bin/garage" ]; then
@@ -108,9 +69,9 @@ install_garage() {
   log "garage cached in $root"
 }
 
-# lua5.1: tests/argocd_health.rs runs the Argo CD health checks with it (Argo CD's gopher-lua is Lua 5.1).
-apt_install etcd-server openssh-server openssl curl jq rsync ca-certificates lua5.1
-build_kube
-install_vastai_cli
-install_garage
+timed "Debian packages" apt_install openssh-server openssl curl jq rsync ca-certificates
+timed "Kubernetes $KUBE_VERSION, etcd, Helm $HELM3_VERSION and $HELM4_VERSION" build_kube_release "$KUBE_VERSION" with-helm
+timed "Kubernetes $KUBE_OLDEST_VERSION (oldest supported minor)" build_kube_release "$KUBE_OLDEST_VERSION"
+timed "vastai CLI $VASTAI_VERSION" install_vastai_cli
+timed "garage $GARAGE_VERSION" install_garage
 "$@"

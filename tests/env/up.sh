@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # Starts the real components the tests use, all on loopback, in $GPU_TRAINER_ENV_DIR:
-#   etcd, kube-apiserver v1.20.2 (token auth, RBAC, ServiceAccount tokens, an audit log of
-#   ServiceAccount requests), kube-controller-manager (garbage collector, ServiceAccount token Secrets)
-#   an OpenSSH sshd with generated host and user keys, and a single-node Garage (S3, checks SigV4).
+#   etcd, kube-apiserver (token auth, RBAC, ServiceAccount tokens, an audit log of ServiceAccount
+#   requests), kube-controller-manager (garbage collector, namespace deletion), an OpenSSH sshd with
+#   generated host and user keys, and a single-node Garage (S3, checks SigV4).
+# Kubernetes is the newest release of tests/env/versions.env unless GPU_TRAINER_KUBE_VERSION names
+# another one install.sh built (the oldest supported minor: KUBE_OLDEST_VERSION).
 # Writes $GPU_TRAINER_ENV_DIR/env (shell exports) and $GPU_TRAINER_ENV_DIR/kubeconfig, and each
 # component's command line as cmd/NAME (tests/env/restart.sh starts it again from there).
 # Stop everything with tests/env/down.sh. Run tests/env/install.sh first.
 set -euo pipefail
 
 CACHE="${GPU_TRAINER_CACHE:-$HOME/.cache/gpu-trainer}"
-KUBE_BIN="$CACHE/kube-v1.20.2/bin"
-GARAGE_VERSION=2.5.0
-GARAGE="$CACHE/garage-$GARAGE_VERSION/bin/garage"
 ENV_DIR="${GPU_TRAINER_ENV_DIR:-/tmp/gpu-trainer-env}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=versions.env
+source "$HERE/versions.env"
+KUBE_RELEASE="${GPU_TRAINER_KUBE_VERSION:-$KUBE_VERSION}"
+KUBE_BIN="$CACHE/kube-$KUBE_RELEASE/bin"
+GARAGE="$CACHE/garage-$GARAGE_VERSION/bin/garage"
 
 log() { printf '[env] %s\n' "$*" >&2; }
 
@@ -76,7 +80,7 @@ AP
 
 # --- etcd ---
 ETCD_PORT=$(free_port); ETCD_PEER_PORT=$(free_port)
-start etcd etcd --name test --data-dir "$ENV_DIR/etcd" \
+start etcd "$KUBE_BIN/etcd" --name test --data-dir "$ENV_DIR/etcd" \
   --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
   --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
   --initial-cluster "test=http://127.0.0.1:$ETCD_PEER_PORT" --log-level warn
@@ -86,7 +90,7 @@ wait_for 30 etcd curl -sf "http://127.0.0.1:$ETCD_PORT/health"
 API_PORT=$(free_port)
 start kube-apiserver "$KUBE_BIN/kube-apiserver" \
   --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-  --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" --insecure-port 0 \
+  --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
   --tls-cert-file pki/apiserver.crt --tls-private-key-file pki/apiserver.key \
   --client-ca-file pki/ca.crt \
   --token-auth-file pki/tokens.csv --authorization-mode RBAC \
@@ -119,13 +123,12 @@ current-context: test
 KC
 chmod 600 kubeconfig
 
-# --- kube-controller-manager: garbage collector (owner references cascade), namespace deletion,
-# and a signed token Secret for every ServiceAccount (no `default` ServiceAccounts are made: the
-# serviceaccount controller is off) ---
+# --- kube-controller-manager: garbage collector (owner references cascade) and namespace deletion
+# (no `default` ServiceAccounts are made: the serviceaccount controller is off; tests get
+# ServiceAccount tokens from the TokenRequest API) ---
 start kube-controller-manager "$KUBE_BIN/kube-controller-manager" \
-  --kubeconfig "$ENV_DIR/kubeconfig" --controllers garbagecollector,namespace,serviceaccount-token \
-  --service-account-private-key-file pki/sa.key --root-ca-file pki/ca.crt \
-  --secure-port 0 --port 0 --leader-elect=false --v 1
+  --kubeconfig "$ENV_DIR/kubeconfig" --controllers garbage-collector-controller,namespace-controller \
+  --root-ca-file pki/ca.crt --secure-port 0 --leader-elect=false --v 1
 wait_for 30 kube-controller-manager pgrep -F pids/kube-controller-manager.pid
 
 # --- sshd on loopback with its own host key and a generated user key ---
@@ -204,6 +207,11 @@ wait_for 30 "garage S3 API" curl -s -o /dev/null "http://127.0.0.1:$S3_PORT/"
 
 cat > env <<EV
 export GPU_TRAINER_ENV_DIR=$ENV_DIR
+# The release's own kubectl comes first, whatever kubectl the machine has.
+export PATH=$KUBE_BIN:\$PATH
+export GPU_TRAINER_TEST_KUBE_VERSION=$KUBE_RELEASE
+export GPU_TRAINER_TEST_HELM3=$CACHE/helm-$HELM3_VERSION/bin/helm
+export GPU_TRAINER_TEST_HELM4=$CACHE/helm-$HELM4_VERSION/bin/helm
 export KUBECONFIG=$ENV_DIR/kubeconfig
 export GPU_TRAINER_TEST_AUDIT_LOG=$ENV_DIR/logs/audit.log
 export GPU_TRAINER_TEST_SSH_HOST=127.0.0.1
@@ -227,4 +235,4 @@ SSH_PORT=$SSH_PORT
 ETCD_PORT=$ETCD_PORT
 CE
 chmod 600 components.env
-log "up: kube-apiserver https://127.0.0.1:$API_PORT, sshd 127.0.0.1:$SSH_PORT, garage S3 http://127.0.0.1:$S3_PORT (source $ENV_DIR/env)"
+log "up: kube-apiserver v$KUBE_RELEASE https://127.0.0.1:$API_PORT, sshd 127.0.0.1:$SSH_PORT, garage S3 http://127.0.0.1:$S3_PORT (source $ENV_DIR/env)"
