@@ -205,7 +205,9 @@ fn check_references(objects: &[Value], namespace: &str, what: &str) {
         deployment.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().labels.clone().unwrap();
     let selector = deployment.spec.as_ref().unwrap().selector.match_labels.clone().unwrap();
     let selector = serde_yaml::to_value(&selector).unwrap();
-    for (k, v) in service["spec"]["selector"].as_mapping().unwrap().iter().chain(selector.as_mapping().unwrap()) {
+    for (k, v) in
+        service["spec"]["selector"].as_mapping().unwrap().iter().chain(selector.as_mapping().unwrap())
+    {
         assert_eq!(
             pod_labels.get(k.as_str().unwrap()).map(String::as_str),
             v.as_str(),
@@ -260,7 +262,8 @@ fn check_settings_are_read_by_the_binary(deployment: &Value, what: &str) {
         let flag = arg.split('=').next().unwrap();
         assert!(flags.contains_key(flag), "{what}: `gpu-trainer run` has no flag {flag}");
     }
-    if let Err(e) = gpu_trainer::cli::Cli::try_parse_from(std::iter::once("gpu-trainer".to_string()).chain(args))
+    if let Err(e) =
+        gpu_trainer::cli::Cli::try_parse_from(std::iter::once("gpu-trainer".to_string()).chain(args))
     {
         panic!("{what}: `gpu-trainer` refuses the container's arguments: {e}");
     }
@@ -293,7 +296,8 @@ fn kustomize_defaults_are_the_binarys_defaults() {
     let flags = run_flags();
     let deployment = kustomize_deployment();
     for arg in &args(&deployment)[1..] {
-        let (flag, value) = arg.split_once('=').unwrap_or_else(|| panic!("config/default: {arg} has no value"));
+        let (flag, value) =
+            arg.split_once('=').unwrap_or_else(|| panic!("config/default: {arg} has no value"));
         let (_, default) = &flags[flag];
         if flag == "--leader-elect" {
             // One replica: no election (the binary's default is on, for several replicas).
@@ -572,29 +576,45 @@ fn kustomize_reads_secrets_by_name_only() {
 // ---------------------------------------------------------------------------------------------
 // With Helm 3 and Helm 4
 
-/// `helm lint --strict` with the default values, every option on, and every optional object off.
+/// `helm lint --strict` with the default values, every option on, and every optional object off,
+/// for the Kubernetes release the tests run; a release older than the chart's `kubeVersion` is
+/// refused.
 fn lint_strict_passes(helm: &Helm) {
     let chart = chart_dir();
     let chart = chart.to_str().unwrap();
+    let kube = common::helm::kube_version();
     let all = all_options_values();
     let sets = minimal_sets();
-    let mut minimal = vec!["lint", "--strict", chart];
+    let mut minimal = vec!["lint", "--strict", chart, "--kube-version", &kube];
     minimal.extend(sets.iter().map(String::as_str));
     for args in [
-        vec!["lint", "--strict", chart],
-        vec!["lint", "--strict", chart, "--values", all.to_str().unwrap()],
+        vec!["lint", "--strict", chart, "--kube-version", &kube],
+        vec!["lint", "--strict", chart, "--kube-version", &kube, "--values", all.to_str().unwrap()],
         minimal,
     ] {
         helm.ok(&args);
     }
+    let chart_yaml: Value = serde_yaml::from_str(&read(&chart_dir().join("Chart.yaml"))).unwrap();
+    let wanted = chart_yaml["kubeVersion"].as_str().expect("Chart.yaml sets kubeVersion");
+    // The minor below the oldest the chart accepts (`>=1.M.0-0`).
+    let minor: u32 = wanted.trim_start_matches(">=1.").split('.').next().unwrap().parse().unwrap();
+    let too_old = format!("1.{}.0", minor - 1);
+    let error = helm.fails(&["template", "x", chart, "--kube-version", &too_old]);
+    assert!(
+        error.contains(wanted),
+        "helm {}: Kubernetes {too_old} should be refused ({wanted}): {error}",
+        helm.major
+    );
 }
 
 /// Every object of config/default but the Namespace and the CRDs (`helm template` leaves CRDs
 /// out; `--include-crds` adds them, and they are the same files).
 fn kustomize_objects_but_namespace_and_crds() -> (String, Vec<Value>) {
     let (namespace, objects) = kustomize_objects();
-    let objects =
-        objects.into_iter().filter(|o| !["Namespace", "CustomResourceDefinition"].contains(&kind(o))).collect();
+    let objects = objects
+        .into_iter()
+        .filter(|o| !["Namespace", "CustomResourceDefinition"].contains(&kind(o)))
+        .collect();
     (namespace, objects)
 }
 
@@ -620,7 +640,12 @@ fn default_rendering_is_the_kustomize_base(helm: &Helm) {
         let a_labels = a["metadata"].as_mapping_mut().unwrap().remove("labels").unwrap_or_default();
         let e_labels = e["metadata"].as_mapping_mut().unwrap().remove("labels").unwrap_or_default();
         for (k, v) in e_labels.as_mapping().into_iter().flatten() {
-            assert_eq!(a_labels.get(k), Some(v), "{what}: {:?} lacks config/default's label {k:?}", identity(actual));
+            assert_eq!(
+                a_labels.get(k),
+                Some(v),
+                "{what}: {:?} lacks config/default's label {k:?}",
+                identity(actual)
+            );
         }
         assert!(
             a == e,
@@ -700,7 +725,11 @@ fn all_options_reach_the_objects(helm: &Helm) {
     let env = env(deployment);
     let secret_ref = |name: &str| {
         let r = &env[name]["valueFrom"]["secretKeyRef"];
-        (r["name"].as_str().unwrap().to_string(), r["key"].as_str().unwrap().to_string(), r["optional"].as_bool())
+        (
+            r["name"].as_str().unwrap().to_string(),
+            r["key"].as_str().unwrap().to_string(),
+            r["optional"].as_bool(),
+        )
     };
     assert_eq!(secret_ref("VASTAI_API_KEY"), ("marketplace-key".into(), "token".into(), None), "{what}");
     for key in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"] {
@@ -754,8 +783,10 @@ fn all_options_reach_the_objects(helm: &Helm) {
     assert_eq!(account["metadata"]["annotations"], values["serviceAccount"]["annotations"], "{what}");
 
     // RBAC: config/default's, without reading kube-system (the installation id is given).
-    let kube_system = ("".to_string(), "namespaces".to_string(), "kube-system".to_string(), "get".to_string());
-    let mut expected = permissions(&kustomize_object("ClusterRole", "gpu-trainer")["rules"], "config/default");
+    let kube_system =
+        ("".to_string(), "namespaces".to_string(), "kube-system".to_string(), "get".to_string());
+    let mut expected =
+        permissions(&kustomize_object("ClusterRole", "gpu-trainer")["rules"], "config/default");
     assert!(expected.remove(&kube_system));
     let cluster_role = only(&rendered, "ClusterRole", &what);
     assert_eq!(permissions(&cluster_role["rules"], &what), expected, "{what}: ClusterRole");
@@ -775,11 +806,10 @@ fn all_options_reach_the_objects(helm: &Helm) {
     assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus", "{what}");
     assert_eq!(monitor["spec"]["selector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]);
     let endpoint = &monitor["spec"]["endpoints"][0];
-    assert_eq!((&endpoint["port"], &endpoint["path"], &endpoint["interval"]), (
-        &Value::from("metrics"),
-        &Value::from("/metrics"),
-        &Value::from("15s")
-    ));
+    assert_eq!(
+        (&endpoint["port"], &endpoint["path"], &endpoint["interval"]),
+        (&Value::from("metrics"), &Value::from("/metrics"), &Value::from("15s"))
+    );
     let rule = only(&rendered, "PrometheusRule", &what);
     assert_eq!(rule["metadata"]["labels"]["release"], "prometheus", "{what}");
     check_alerts(rule, &what);
@@ -828,13 +858,8 @@ fn optional_objects_can_be_left_out(helm: &Helm) {
     check_locked_down(deployment, &what);
     // Without a ServiceAccount to create, its name is required.
     let chart = chart_dir();
-    let error = helm.fails(&[
-        "template",
-        "ops",
-        chart.to_str().unwrap(),
-        "--set",
-        "serviceAccount.create=false",
-    ]);
+    let error =
+        helm.fails(&["template", "ops", chart.to_str().unwrap(), "--set", "serviceAccount.create=false"]);
     assert!(error.contains("serviceAccount.name is required"), "helm {}: {error}", helm.major);
 }
 
@@ -930,7 +955,10 @@ fn monitoring_crds() -> Vec<serde_json::Value> {
             }}},
         }
     });
-    vec![crd("servicemonitors", "ServiceMonitor", service_monitor), crd("prometheusrules", "PrometheusRule", prometheus_rule)]
+    vec![
+        crd("servicemonitors", "ServiceMonitor", service_monitor),
+        crd("prometheusrules", "PrometheusRule", prometheus_rule),
+    ]
 }
 
 async fn install_monitoring_crds(client: &kube::Client) {
@@ -982,8 +1010,9 @@ async fn renderings_pass_a_server_side_dry_run(helm: &Helm) {
         extra.push("--include-crds");
         let text = helm.template_text(&format!("dry-h{}", helm.major), &namespace, &extra);
         let objects = documents(&text, what);
-        let printed = server_dry_run(&text)
-            .unwrap_or_else(|e| panic!("helm {} ({what}): the API server refuses the rendering:\n{e}", helm.major));
+        let printed = server_dry_run(&text).unwrap_or_else(|e| {
+            panic!("helm {} ({what}): the API server refuses the rendering:\n{e}", helm.major)
+        });
         for object in &objects {
             // `kind[.group]/name created|configured (server dry run)`
             let (kind_, line) = (kind(object).to_lowercase(), format!("/{} ", name(object)));

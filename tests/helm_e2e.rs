@@ -85,7 +85,8 @@ fn upgrade_values(install: &serde_yaml::Value) -> serde_yaml::Value {
     values["replicaCount"] = 2.into();
     values["logFormat"] = "json".into();
     values["jobDefaults"] = serde_yaml::to_value(json!({"minVramGb": 16, "maxPricePerHour": 3.5})).unwrap();
-    values["serviceAccount"] = serde_yaml::to_value(json!({"annotations": {"example.com/upgraded": "yes"}})).unwrap();
+    values["serviceAccount"] =
+        serde_yaml::to_value(json!({"annotations": {"example.com/upgraded": "yes"}})).unwrap();
     values
 }
 
@@ -107,7 +108,13 @@ async fn start_operator_from_deployment(
         .clone()
         .unwrap()
         .into_iter()
-        .map(|a| if a.starts_with("--metrics-addr=") { format!("--metrics-addr=127.0.0.1:{metrics_port}") } else { a })
+        .map(|a| {
+            if a.starts_with("--metrics-addr=") {
+                format!("--metrics-addr=127.0.0.1:{metrics_port}")
+            } else {
+                a
+            }
+        })
         .collect();
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), namespace);
     let mut env = Vec::new();
@@ -121,7 +128,9 @@ async fn start_operator_from_deployment(
                     match value {
                         Some(bytes) => Some(String::from_utf8(bytes).unwrap()),
                         None if r.optional == Some(true) => None,
-                        None => panic!("{}: Secret {}/{} key {} is missing", var.name, namespace, r.name, r.key),
+                        None => {
+                            panic!("{}: Secret {}/{} key {} is missing", var.name, namespace, r.name, r.key)
+                        }
                     }
                 } else if let Some(field) = &from.field_ref {
                     match field.field_path.as_str() {
@@ -166,7 +175,13 @@ async fn wait_job_succeeded(admin: &Client, namespace: &str, name: &str, operato
         if status.phase == TrainingJobPhase::Succeeded {
             return;
         }
-        assert_ne!(status.phase, TrainingJobPhase::Failed, "job {name} failed: {:?}\n{}", status.message, operator.log_tail());
+        assert_ne!(
+            status.phase,
+            TrainingJobPhase::Failed,
+            "job {name} failed: {:?}\n{}",
+            status.message,
+            operator.log_tail()
+        );
         assert!(operator.is_running(), "the operator exited:\n{}", operator.log_tail());
         assert_not_forbidden(operator);
         assert!(
@@ -264,7 +279,8 @@ async fn install_job_upgrade_uninstall(helm: Helm) {
     operator.wait_exit(Duration::from_secs(30)).await;
     assert_not_forbidden(&operator);
     let pod_name = format!("{fullname}-1");
-    let (mut operator, account) = start_operator_from_deployment(&admin, &namespace, &fullname, &pod_name).await;
+    let (mut operator, account) =
+        start_operator_from_deployment(&admin, &namespace, &fullname, &pod_name).await;
     let leases: Api<Lease> = Api::namespaced(admin.clone(), &namespace);
     common::wait_until(Duration::from_secs(60), "the upgraded operator to lead", || async {
         let lease = leases.get_opt("gpu-trainer-leader").await.ok()??;

@@ -24,10 +24,10 @@
 
 mod common;
 
+use common::account::{Account, client_from};
 use std::collections::BTreeSet;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
-use common::account::{Account, client_from};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -540,7 +540,13 @@ async fn run_mutant(
         RoleKind::Role => (cluster_rules.clone(), rules_without(lease_rules, Some(&removed))),
     };
     bind_account(&client, &namespace, cluster, lease).await;
-    let account = common::account::service_account_kubeconfig(&client, &namespace, ACCOUNT, &common::env_dir().join("rbac")).await;
+    let account = common::account::service_account_kubeconfig(
+        &client,
+        &namespace,
+        ACCOUNT,
+        &common::env_dir().join("rbac"),
+    )
+    .await;
     // The authorizer's cache follows the new bindings within moments; start only once it says
     // what the roles say, so that a refusal can only come from the removed permission.
     common::wait_until(Duration::from_secs(30), "RBAC to take effect for the mutant", || {
@@ -604,7 +610,13 @@ async fn the_installed_rbac_is_enough_and_every_permission_is_needed() {
     let dataset = serve_dataset(tmp.path()).await;
 
     // --- The operator as the installed ServiceAccount, not as admin.
-    let account = common::account::service_account_kubeconfig(&admin, INSTALL_NAMESPACE, ACCOUNT, &common::env_dir().join("rbac")).await;
+    let account = common::account::service_account_kubeconfig(
+        &admin,
+        INSTALL_NAMESPACE,
+        ACCOUNT,
+        &common::env_dir().join("rbac"),
+    )
+    .await;
     let leases: Api<Lease> = Api::namespaced(admin.clone(), INSTALL_NAMESPACE);
     let _ = leases.delete(LEASE, &DeleteParams::default()).await;
     let namespace = common::fresh_namespace(&admin, "rbac-ok").await;

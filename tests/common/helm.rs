@@ -80,19 +80,31 @@ impl Helm {
     /// Runs `helm args...`, which must fail; returns stdout and stderr together.
     pub fn fails(&self, args: &[&str]) -> String {
         let output = self.run(args);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
+        let text =
+            format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(
+            !output.status.success(),
+            "helm {} {} should fail; it printed:\n{text}",
+            self.major,
+            args.join(" ")
         );
-        assert!(!output.status.success(), "helm {} {} should fail; it printed:\n{text}", self.major, args.join(" "));
         text
     }
 
-    /// `helm template RELEASE charts/gpu-trainer --namespace NAMESPACE extra...`, as text.
+    /// `helm template RELEASE charts/gpu-trainer --namespace NAMESPACE extra...` for the
+    /// Kubernetes release the tests run, as text.
     pub fn template_text(&self, release: &str, namespace: &str, extra: &[&str]) -> String {
         let chart = chart_dir();
-        let mut args = vec!["template", release, chart.to_str().unwrap(), "--namespace", namespace];
+        let kube = kube_version();
+        let mut args = vec![
+            "template",
+            release,
+            chart.to_str().unwrap(),
+            "--namespace",
+            namespace,
+            "--kube-version",
+            &kube,
+        ];
         args.extend_from_slice(extra);
         self.ok(&args)
     }
@@ -124,4 +136,17 @@ pub fn values_file(dir: &Path, name: &str, values: &Value) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, serde_yaml::to_string(values).unwrap()).unwrap();
     path
+}
+
+/// The Kubernetes release the test environment runs (`KUBE_VERSION` in `tests/env/versions.env`):
+/// `helm template` and `helm lint` render for it (`--kube-version`) rather than for the version of
+/// the Kubernetes libraries Helm was built with.
+pub fn kube_version() -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/env/versions.env");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines()
+        .find_map(|l| l.strip_prefix("KUBE_VERSION="))
+        .unwrap_or_else(|| panic!("{} pins no KUBE_VERSION", path.display()))
+        .trim()
+        .to_string()
 }
