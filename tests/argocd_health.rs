@@ -1,22 +1,28 @@
 //! The Argo CD health checks in `config/argocd/` (Argo CD's `resource_customizations` layout:
 //! `<group>/<Kind>/health.lua`, `testdata/*.yaml`, `health_test.yaml`).
 //!
-//! Every sample is run through its `health.lua` by a real Lua 5.1 interpreter (Argo CD embeds
-//! gopher-lua, which has Lua 5.1 semantics), with only the libraries Argo CD gives argocd-cm
-//! scripts, and the status and message are compared with `health_test.yaml`. That test needs
-//! `lua5.1` (installed by `tests/env/install.sh`). The plain tests check that the samples are
-//! real objects (they deserialize into the CRD types without losing a field, and their specs
-//! pass the tool's checks) and that the generated argocd-cm patch embeds the current scripts.
+//! Every sample is run through its `health.lua` in gopher-lua, the Lua VM Argo CD embeds, by
+//! `tests/env/argocd-lua`: a small Go program pinned to the gopher-lua version of Argo CD's
+//! go.mod that prepares the VM as Argo CD does for an argocd-cm script (only the base, table and
+//! package libraries and os.time/os.date, `obj` as a global, a 1 s deadline) and reads the
+//! returned table by Argo CD's rules. The status and message are compared with
+//! `health_test.yaml`. That test needs the harness binary: `bash tests/env/build-argocd-lua.sh`
+//! (run by `tests/env/install.sh`) builds it into `$GPU_TRAINER_CACHE`, or
+//! `GPU_TRAINER_TEST_ARGOCD_LUA` names one. The plain tests check that the samples are real
+//! objects (they deserialize into the CRD types without losing a field, and their specs pass the
+//! tool's checks) and that the generated argocd-cm patch embeds the current scripts.
 
 use std::collections::BTreeSet;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use gpu_trainer::api::{GpuInstance, Reason, TrainingJob, instance_condition, job_condition};
 use gpu_trainer::remote::tool::ToolRegistry;
 use kube::CustomResourceExt;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 const KINDS: [&str; 2] = ["GpuInstance", "TrainingJob"];
 const CM_PATCH: &str = "config/argocd/argocd-cm-patch.yaml";
@@ -37,10 +43,13 @@ struct HealthTest {
     input_path: String,
 }
 
+/// A health status as Argo CD's `health.HealthStatus` holds it: an empty field is left out.
 #[derive(Deserialize, Debug, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 struct HealthStatus {
+    #[serde(default)]
     status: String,
+    #[serde(default)]
     message: String,
 }
 
@@ -70,161 +79,289 @@ fn sample(kind: &str, input_path: &str) -> Value {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Running a health script under Lua 5.1
+// Running the health scripts in gopher-lua, as Argo CD does
 
-/// `value` as a Lua table constructor, the way Argo CD hands the object to the script: JSON
-/// objects become tables keyed by string, arrays become sequences, null becomes absent.
-fn lua_literal(value: &Value, out: &mut String) {
-    match value {
-        Value::Null => out.push_str("nil"),
-        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        // JSON's number syntax is a subset of Lua's.
-        Value::Number(n) => out.push_str(&n.to_string()),
-        Value::String(s) => lua_string(s, out),
-        Value::Array(items) => {
-            out.push('{');
-            for item in items {
-                lua_literal(item, out);
-                out.push_str(", ");
-            }
-            out.push('}');
-        }
-        Value::Object(map) => {
-            out.push('{');
-            for (key, item) in map.iter().filter(|(_, v)| !v.is_null()) {
-                out.push('[');
-                lua_string(key, out);
-                out.push_str("] = ");
-                lua_literal(item, out);
-                out.push_str(", ");
-            }
-            out.push('}');
-        }
-    }
+/// The harness binary to use instead of the one `tests/env/build-argocd-lua.sh` caches.
+const HARNESS_ENV: &str = "GPU_TRAINER_TEST_ARGOCD_LUA";
+const HARNESS_SRC: &str = "tests/env/argocd-lua";
+const GOPHER_LUA: &str = "github.com/yuin/gopher-lua";
+
+/// One script run, as `tests/env/argocd-lua` reads it.
+#[derive(Serialize, Clone)]
+#[serde(rename_all = "camelCase")]
+struct Case {
+    name: String,
+    script: PathBuf,
+    object: Value,
+    use_open_libs: bool,
 }
 
-/// A Lua 5.1 string literal: quotes, backslashes and control characters escaped (control
-/// characters as three-digit decimal escapes, so a following digit cannot join them).
-fn lua_string(s: &str, out: &mut String) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => out.push_str(&format!("\\{:03}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
+/// What Argo CD makes of a run: the script's result as Argo CD reads it, or why the run failed;
+/// and the health Argo CD shows for the object.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct Outcome {
+    name: String,
+    result: Option<HealthStatus>,
+    error: Option<String>,
+    shown: HealthStatus,
 }
 
-/// Runs `script` with `obj` set to `object`, as Argo CD does, and returns what it returned.
-fn run_health_script(script: &Path, object: &Value) -> Result<HealthStatus, String> {
-    let mut obj = String::new();
-    lua_literal(object, &mut obj);
-    let mut script_path = String::new();
-    lua_string(&script.to_string_lossy(), &mut script_path);
-    // Argo CD opens only the base, table and package libraries (and a reduced os) for scripts
-    // from argocd-cm: everything else is taken away, so a script that needs it fails here too.
-    let harness = format!(
-        r#"local write, exit = io.write, os.exit
-obj = {obj}
-for _, name in ipairs({{"string", "math", "io", "os", "debug", "coroutine"}}) do
-  _G[name] = nil
-  package.loaded[name] = nil
-end
-getmetatable("").__index = nil
-local ok, hs = pcall(dofile, {script_path})
-if not ok then write("script error: ", tostring(hs)) exit(3) end
-if type(hs) ~= "table" then write("the script returned a ", type(hs), ", not a table") exit(3) end
-if type(hs.status) ~= "string" then write("hs.status is a ", type(hs.status)) exit(3) end
-if hs.message ~= nil and type(hs.message) ~= "string" then write("hs.message is a ", type(hs.message)) exit(3) end
-write(hs.status, "\n", hs.message or "")
-"#
+/// The gopher-lua version `tests/env/argocd-lua/go.mod` pins (Argo CD's).
+fn gopher_lua_version() -> String {
+    let go_mod = read(&root().join(HARNESS_SRC).join("go.mod"));
+    go_mod
+        .lines()
+        .find_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some(GOPHER_LUA)).then(|| words.next()).flatten().map(str::to_string)
+        })
+        .unwrap_or_else(|| panic!("{HARNESS_SRC}/go.mod does not require {GOPHER_LUA}"))
+}
+
+/// Where `tests/env/build-argocd-lua.sh` puts the harness built from the current source: the
+/// directory name carries the first 12 hex digits of the SHA-256 of go.mod, go.sum and main.go.
+fn cached_harness() -> PathBuf {
+    let mut hasher = Sha256::new();
+    for file in ["go.mod", "go.sum", "main.go"] {
+        let path = root().join(HARNESS_SRC).join(file);
+        hasher.update(std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display())));
+    }
+    let hash = hex::encode(hasher.finalize());
+    let cache = std::env::var_os("GPU_TRAINER_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/gpu-trainer")
+    });
+    cache.join(format!("argocd-lua-{}-{}/bin/argocd-lua", gopher_lua_version(), &hash[..12]))
+}
+
+/// The harness: `$GPU_TRAINER_TEST_ARGOCD_LUA`, or the cached build of the current source.
+/// Missing, or built with another gopher-lua, fails the test.
+fn harness() -> PathBuf {
+    let path = std::env::var_os(HARNESS_ENV).map(PathBuf::from).unwrap_or_else(cached_harness);
+    assert!(
+        path.is_file(),
+        "the gopher-lua harness {} is missing: build it with `bash tests/env/build-argocd-lua.sh` \
+         (tests/env/install.sh runs it), or set {HARNESS_ENV} to a build of {HARNESS_SRC}",
+        path.display()
     );
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let file = dir.path().join("harness.lua");
-    std::fs::write(&file, harness).map_err(|e| e.to_string())?;
-    let output = Command::new("lua5.1").arg(&file).output().map_err(|e| {
-        format!(
-            "cannot run lua5.1 ({e}); install it with `bash tests/env/install.sh` (Debian package lua5.1)"
-        )
-    })?;
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    if !output.status.success() {
-        return Err(format!("{stdout}{}", String::from_utf8_lossy(&output.stderr)));
+    let output = Command::new(&path)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()));
+    let versions = String::from_utf8_lossy(&output.stdout);
+    let wanted = format!("{GOPHER_LUA} {}", gopher_lua_version());
+    assert!(
+        output.status.success() && versions.lines().any(|line| line == wanted),
+        "{} is not built with {wanted} (it reports {versions:?}); rebuild it with `bash tests/env/build-argocd-lua.sh`",
+        path.display()
+    );
+    path
+}
+
+/// Runs every case in one harness process; the outcomes come back in the cases' order.
+fn run_in_argo_cd_vm(cases: &[Case]) -> Vec<Outcome> {
+    let harness = harness();
+    let mut child = Command::new(&harness)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", harness.display()));
+    // The harness reads all its input before it writes anything.
+    child.stdin.take().unwrap().write_all(&serde_json::to_vec(cases).unwrap()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{} failed ({}): {}",
+        harness.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let outcomes: Vec<Outcome> = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!("unexpected harness output ({e}): {}", String::from_utf8_lossy(&output.stdout))
+    });
+    let names = |it: &mut dyn Iterator<Item = &String>| it.cloned().collect::<Vec<_>>();
+    assert_eq!(
+        names(&mut outcomes.iter().map(|o| &o.name)),
+        names(&mut cases.iter().map(|c| &c.name)),
+        "the harness answered other cases than asked"
+    );
+    outcomes
+}
+
+/// What Argo CD shows for an object whose script gave `result` (gitops-engine's
+/// GetResourceHealth): a deleted object is "Pending deletion" whatever its script says, unless
+/// it carries Argo CD's hook finalizer.
+fn expected_shown(object: &Value, result: &HealthStatus) -> HealthStatus {
+    let hook = object["metadata"]["finalizers"]
+        .as_array()
+        .is_some_and(|f| f.iter().any(|f| f == "argocd.argoproj.io/hook-finalizer"));
+    if object["metadata"]["deletionTimestamp"].is_null() || hook {
+        HealthStatus { status: result.status.clone(), message: result.message.clone() }
+    } else {
+        HealthStatus { status: "Progressing".into(), message: "Pending deletion".into() }
     }
-    let (status, message) = stdout.split_once('\n').ok_or_else(|| format!("unexpected output {stdout:?}"))?;
-    Ok(HealthStatus { status: status.to_string(), message: message.to_string() })
 }
 
 #[test]
 #[ignore = "needs tests/ environment"]
 fn health_scripts_give_the_expected_status_for_every_sample() {
-    let mut failures = Vec::new();
-    let mut checked = 0;
+    let mut cases = Vec::new();
+    let mut expected = Vec::new();
     for kind in KINDS {
         let script = kind_dir(kind).join("health.lua");
         for test in health_tests(kind) {
-            let object = sample(kind, &test.input_path);
-            match run_health_script(&script, &object) {
-                Ok(got) if got == test.health_status => checked += 1,
-                Ok(got) => failures.push(format!(
-                    "{kind}/{}: expected {:?}, got {got:?}",
-                    test.input_path, test.health_status
-                )),
-                Err(err) => failures.push(format!("{kind}/{}: {err}", test.input_path)),
+            cases.push(Case {
+                name: format!("{kind}/{}", test.input_path),
+                script: script.clone(),
+                object: sample(kind, &test.input_path),
+                // What argocd-cm-patch.yaml installs: no resource.customizations.useOpenLibs key.
+                use_open_libs: false,
+            });
+            expected.push(test.health_status);
+        }
+    }
+    let outcomes = run_in_argo_cd_vm(&cases);
+    let mut failures = Vec::new();
+    for ((case, outcome), want) in cases.iter().zip(&outcomes).zip(&expected) {
+        match (&outcome.result, &outcome.error) {
+            (Some(got), None) if got == want => {
+                let shown = expected_shown(&case.object, got);
+                if outcome.shown != shown {
+                    failures.push(format!(
+                        "{}: Argo CD would show {:?}, not {shown:?}",
+                        case.name, outcome.shown
+                    ));
+                }
             }
+            (Some(got), None) => failures.push(format!("{}: expected {want:?}, got {got:?}", case.name)),
+            _ => failures.push(format!("{}: the script failed: {:?}", case.name, outcome.error)),
         }
     }
     assert!(failures.is_empty(), "{} sample(s) failed:\n{}", failures.len(), failures.join("\n"));
-    assert!(checked >= 20, "only {checked} samples checked");
+    assert!(cases.len() >= 20, "only {} samples checked", cases.len());
 }
 
-/// The harness itself: what it reports for scripts that break Argo CD's rules.
+/// The harness itself: what Argo CD makes of scripts that break its rules, and of objects whose
+/// values Lua could misread.
 #[test]
 #[ignore = "needs tests/ environment"]
-fn harness_refuses_scripts_argo_cd_would_refuse() {
-    let dir = tempfile::tempdir().unwrap();
-    let object = serde_json::json!({"status": {"phase": "Running", "note": "a \"quoted\"\nline\\"}});
-    let cases = [
-        // The string library is not there for argocd-cm scripts, neither as a global nor as methods.
-        ("uses_string.lua", "return {status = string.upper(obj.status.phase)}", Err("script error")),
-        ("uses_method.lua", "return {status = obj.status.phase:upper()}", Err("script error")),
-        (
-            "uses_math.lua",
-            "return {status = 'Healthy', message = tostring(math.floor(1.5))}",
-            Err("script error"),
-        ),
-        ("not_a_table.lua", "return 'Healthy'", Err("not a table")),
-        // Strings arrive intact, escapes included.
-        (
-            "echo.lua",
-            "return {status = 'Healthy', message = obj.status.note}",
-            Ok(HealthStatus { status: "Healthy".into(), message: "a \"quoted\"\nline\\".into() }),
-        ),
-    ];
-    for (name, body, expected) in cases {
-        let script = dir.path().join(name);
-        std::fs::write(&script, body).unwrap();
-        let got = run_health_script(&script, &object);
-        match (&expected, &got) {
-            (Ok(want), Ok(got)) => assert_eq!(want, got, "{name}"),
-            (Err(want), Err(got)) => assert!(got.contains(want), "{name}: {got}"),
-            _ => panic!("{name}: expected {expected:?}, got {got:?}"),
-        }
+fn harness_runs_scripts_as_argo_cd_does() {
+    enum Want {
+        Result(&'static str, &'static str),
+        Error(&'static str),
     }
-}
-
-#[test]
-fn lua_literals_escape_what_lua_would_misread() {
-    let mut out = String::new();
-    lua_literal(
-        &serde_json::json!({"a\"b": ["x\\y", "line\nbreak", "tab\t1", 1.5, 7, true, null], "gone": null}),
-        &mut out,
-    );
-    assert_eq!(out, r#"{["a\"b"] = {"x\\y", "line\nbreak", "tab\0091", 1.5, 7, true, nil, }, }"#);
+    use Want::{Error, Result};
+    let dir = tempfile::tempdir().unwrap();
+    let phase = serde_json::json!({"status": {"phase": "Running"}});
+    let values = serde_json::json!({
+        "metadata": {"generation": 2, "gone": null},
+        "status": {"note": "a \"quoted\"\nline\\ é", "ratio": 0.5, "big": 12345678901234_i64, "list": [1, null, 3]},
+    });
+    let deleted = serde_json::json!({"metadata": {"deletionTimestamp": "2026-05-04T10:00:00Z"}});
+    let hook = serde_json::json!({"metadata": {
+        "deletionTimestamp": "2026-05-04T10:00:00Z",
+        "finalizers": ["argocd.argoproj.io/hook-finalizer"],
+    }});
+    let healthy = "return {status = 'Degraded', message = 'the script ran'}";
+    let cases = [
+        // argocd-cm scripts get no string, math, io or debug library, nor string methods.
+        (
+            "string",
+            "return {status = string.upper(obj.status.phase)}",
+            &phase,
+            false,
+            Error("attempt to index"),
+        ),
+        ("method", "return {status = obj.status.phase:upper()}", &phase, false, Error("attempt to index")),
+        (
+            "math",
+            "return {status = 'Healthy', message = tostring(math.floor(1.5))}",
+            &phase,
+            false,
+            Error("attempt to index"),
+        ),
+        (
+            "libraries",
+            "return {status = 'Healthy', message = type(io) .. type(debug) .. type(os.exit) .. type(os.time()) .. type(require('os').date) .. type(table.concat)}",
+            &phase,
+            false,
+            Result("Healthy", "nilnilnilnumberfunctionfunction"),
+        ),
+        // resource.customizations.useOpenLibs.<group_kind>: true opens them.
+        (
+            "open libs",
+            "return {status = 'Healthy', message = obj.status.phase:upper()}",
+            &phase,
+            true,
+            Result("Healthy", "RUNNING"),
+        ),
+        // How Argo CD reads what a script returns.
+        (
+            "not a table",
+            "return 'Healthy'",
+            &phase,
+            false,
+            Error("expect table output from Lua script, not string"),
+        ),
+        (
+            "invalid status",
+            "return {status = 'Fine'}",
+            &phase,
+            false,
+            Result("Unknown", "Lua returned an invalid health status"),
+        ),
+        ("nothing", "local x = 1", &phase, false, Result("", "")),
+        ("empty table", "return {}", &phase, false, Result("", "")),
+        ("runtime error", "error('boom')", &phase, false, Error("boom")),
+        ("syntax error", "return {status = ", &phase, false, Error("syntax error")),
+        ("endless", "while true do end", &phase, false, Error("context deadline exceeded")),
+        // Values arrive intact: strings with their escapes, integers print without a fraction,
+        // null is absent (also inside a list, which closes up).
+        (
+            "values",
+            "local s = obj.status return {status = 'Healthy', message = s.note .. '|' .. obj.metadata.generation .. '|' .. s.ratio .. '|' .. s.big .. '|' .. #s.list .. '|' .. tostring(obj.metadata.gone)}",
+            &values,
+            false,
+            Result("Healthy", "a \"quoted\"\nline\\ é|2|0.5|12345678901234|2|nil"),
+        ),
+        ("deleted", healthy, &deleted, false, Result("Degraded", "the script ran")),
+        ("deleted hook", healthy, &hook, false, Result("Degraded", "the script ran")),
+    ];
+    let cases: Vec<(Case, Want)> = cases
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, body, object, use_open_libs, want))| {
+            let script = dir.path().join(format!("{i}.lua"));
+            std::fs::write(&script, body).unwrap();
+            (Case { name: name.into(), script, object: object.clone(), use_open_libs }, want)
+        })
+        .collect();
+    let requests: Vec<Case> = cases.iter().map(|(case, _)| case.clone()).collect();
+    let outcomes = run_in_argo_cd_vm(&requests);
+    for ((case, want), outcome) in cases.iter().zip(&outcomes) {
+        let name = &case.name;
+        let shown = match (want, &outcome.result, &outcome.error) {
+            (Result(status, message), Some(got), None) => {
+                assert_eq!(
+                    got,
+                    &HealthStatus { status: status.to_string(), message: message.to_string() },
+                    "{name}"
+                );
+                expected_shown(&case.object, got)
+            }
+            (Error(part), None, Some(err)) => {
+                assert!(err.contains(part), "{name}: {err:?} does not contain {part:?}");
+                assert!(!err.contains("stack traceback"), "{name}: Argo CD drops the stack trace: {err:?}");
+                HealthStatus { status: "Unknown".into(), message: err.clone() }
+            }
+            _ => panic!("{name}: unexpected {outcome:?}"),
+        };
+        assert_eq!(outcome.shown, shown, "{name}");
+    }
+    let shown = |name: &str| &outcomes.iter().find(|o| o.name == name).unwrap().shown;
+    assert_eq!(shown("deleted").message, "Pending deletion");
+    assert_eq!(shown("deleted hook").message, "the script ran");
 }
 
 // ---------------------------------------------------------------------------------------------

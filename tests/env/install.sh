@@ -72,6 +72,7 @@ install_garage() {
 timed "Debian packages" apt_install openssh-server openssl curl jq rsync ca-certificates
 timed "Kubernetes $KUBE_VERSION, etcd, Helm $HELM3_VERSION and $HELM4_VERSION" build_kube_release "$KUBE_VERSION" with-helm
 timed "Kubernetes $KUBE_OLDEST_VERSION (oldest supported minor)" build_kube_release "$KUBE_OLDEST_VERSION"
+timed "Argo CD's Lua harness (gopher-lua)" bash "$HERE/build-argocd-lua.sh" >/dev/null
 timed "vastai CLI $VASTAI_VERSION" install_vastai_cli
 timed "garage $GARAGE_VERSION" install_garage
 "$@"
