@@ -9,7 +9,8 @@
 //! 1. `helm install`: the CRDs are there, the release is deployed, a `demo@1` TrainingJob reaches
 //!    `Succeeded` and its machine is released. The operator never hears 403, and its credential
 //!    cannot list pods (it is the ServiceAccount's, not the admin's).
-//! 2. `helm upgrade` to the same chart with changed values (two replicas, so leader election
+//! 2. The documented CRD step (`kubectl apply --server-side -f charts/gpu-trainer/crds/`), then
+//!    `helm upgrade` to the same chart with changed values (two replicas, so leader election
 //!    through the chart's Role; other log format and settings): revision 2 changes the
 //!    Deployment; the operator restarted with the new arguments leads and rents a stand-alone
 //!    GpuInstance.
@@ -262,6 +263,10 @@ async fn install_job_upgrade_uninstall(helm: Helm) {
     }
 
     // --- 2. helm upgrade with changed values; the operator restarted with the new Deployment.
+    // First the CRD step docs/operating.md gives (Helm never upgrades crds/): server-side apply
+    // of the chart's CRDs over what helm install made.
+    let crd_dir = chart_dir().join("crds");
+    common::kubectl(&["apply", "--server-side", "-f", crd_dir.to_str().unwrap()]);
     let upgraded = values_file(tmp.path(), "upgrade.yaml", &upgrade_values(&values));
     helm_in(&helm, &namespace, &["upgrade", &release, chart, "--values", upgraded.to_str().unwrap()]);
     assert_eq!(release_state(&helm, &namespace, &release), Some(("deployed".into(), 2)), "after upgrade");
