@@ -91,6 +91,7 @@ API_PORT=$(free_port)
 start kube-apiserver "$KUBE_BIN/kube-apiserver" \
   --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
   --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
+  --endpoint-reconciler-type none \
   --tls-cert-file pki/apiserver.crt --tls-private-key-file pki/apiserver.key \
   --client-ca-file pki/ca.crt \
   --token-auth-file pki/tokens.csv --authorization-mode RBAC \
