@@ -24,7 +24,6 @@
 
 mod common;
 
-use common::account::{Account, client_from};
 use std::collections::BTreeSet;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
@@ -32,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use common::account::{Account, client_from};
 use common::dataset::serve_dataset;
 use common::operator::{OperatorOptions, OperatorProcess, start_fake};
 use futures::StreamExt;
