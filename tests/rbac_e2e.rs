@@ -24,14 +24,14 @@
 
 mod common;
 
-use common::account::Account;
 use std::collections::BTreeSet;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use common::account::{Account, client_from};
 use common::dataset::serve_dataset;
 use common::operator::{OperatorOptions, OperatorProcess, start_fake};
 use futures::StreamExt;
@@ -249,16 +249,6 @@ fn audit_of(audit: &SharedAudit, user: &str, since: DateTime<Utc>) -> Vec<AuditE
 // ---------------------------------------------------------------------------------------------
 // ServiceAccount credentials
 
-async fn client_from(kubeconfig: &Path) -> Client {
-    let config = kube::Config::from_custom_kubeconfig(
-        kube::config::Kubeconfig::read_from(kubeconfig).unwrap(),
-        &kube::config::KubeConfigOptions::default(),
-    )
-    .await
-    .unwrap();
-    Client::try_from(config).unwrap()
-}
-
 /// Asks the API server (as admin) whether `user` may do `p`.
 async fn allowed(client: &Client, user: &str, namespace: &str, p: &Permission) -> bool {
     let (resource, subresource) = match p.resource.split_once('/') {
@@ -296,20 +286,9 @@ async fn allowed(client: &Client, user: &str, namespace: &str, p: &Permission) -
 // Running
 
 fn job(href: &str, sha256: &str) -> TrainingJob {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "gputrainer.dev/v1alpha1",
-        "kind": "TrainingJob",
-        "metadata": {"name": "lora"},
-        "spec": {
-            "tool": "demo@1",
-            "params": {"steps": 4, "secondsPerStep": 0.25, "saveEvery": 2},
-            "dataset": {"url": {"href": href, "sha256": sha256}},
-            "activeDeadlineSeconds": 600,
-            "ttlSecondsAfterFinished": 2,
-            "monitoring": {"pollIntervalSeconds": 5}
-        }
-    }))
-    .unwrap()
+    let mut job = common::demo_job("lora", href, sha256);
+    job.spec.ttl_seconds_after_finished = Some(2);
+    job
 }
 
 /// No `sshKeySecretRef`: the operator generates a key Secret owned by the GpuInstance.

@@ -68,3 +68,14 @@ pub async fn service_account_kubeconfig(client: &Client, namespace: &str, name: 
         kubeconfig: path,
     }
 }
+
+/// A client that authenticates with `kubeconfig` (such as an [`Account`]'s).
+pub async fn client_from(kubeconfig: &Path) -> Client {
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(kubeconfig).unwrap(),
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .unwrap();
+    Client::try_from(config).unwrap()
+}

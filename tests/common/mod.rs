@@ -4,6 +4,7 @@
 
 pub mod account;
 pub mod dataset;
+pub mod helm;
 pub mod operator;
 
 use std::path::PathBuf;
@@ -123,6 +124,26 @@ pub fn kubectl(args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Runs `kubectl args...` against the test API server with `input` on stdin; returns whether it
+/// succeeded and what it printed (stdout and stderr).
+pub fn kubectl_with_input(args: &[&str], input: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig_path())
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl is installed");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
+}
+
 /// Reasons of the events about object `name` in `ns`, oldest first.
 pub async fn event_reasons(client: &Client, ns: &str, name: &str) -> Vec<String> {
     let events: Api<Event> = Api::namespaced(client.clone(), ns);
@@ -162,6 +183,23 @@ pub fn gpu_instance(name: &str) -> gpu_trainer::api::GpuInstance {
         "kind": "GpuInstance",
         "metadata": {"name": name},
         "spec": {"image": "pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime", "maxLifetimeSeconds": 3600}
+    }))
+    .unwrap()
+}
+
+/// A `demo@1` TrainingJob (four quick steps) on the dataset at `href`.
+pub fn demo_job(name: &str, href: &str, sha256: &str) -> gpu_trainer::api::TrainingJob {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "gputrainer.dev/v1alpha1",
+        "kind": "TrainingJob",
+        "metadata": {"name": name},
+        "spec": {
+            "tool": "demo@1",
+            "params": {"steps": 4, "secondsPerStep": 0.25, "saveEvery": 2},
+            "dataset": {"url": {"href": href, "sha256": sha256}},
+            "activeDeadlineSeconds": 600,
+            "monitoring": {"pollIntervalSeconds": 5}
+        }
     }))
     .unwrap()
 }

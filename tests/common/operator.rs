@@ -125,7 +125,7 @@ impl<'a> OperatorOptions<'a> {
     }
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
@@ -176,6 +176,30 @@ impl OperatorProcess {
             command.env(k, v);
         }
         let child = command.spawn().expect("gpu-trainer run starts");
+        Self { child, log, metrics_port }
+    }
+
+    /// `gpu-trainer` with exactly `args` and `env`, as a container runs it, authenticated by
+    /// `kubeconfig`; `args` must listen on 127.0.0.1:`metrics_port`. Nothing of the test's own
+    /// environment reaches it but `PATH`, `HOME` and `TMPDIR`.
+    pub fn start_with(
+        args: &[String],
+        env: &[(String, String)],
+        kubeconfig: &std::path::Path,
+        metrics_port: u16,
+        name: &str,
+    ) -> Self {
+        let log = env_dir().join("logs").join(format!("operator-{name}-{}.log", rand::random::<u16>()));
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_gpu-trainer"));
+        command.args(args).env_clear();
+        for keep in ["PATH", "HOME", "TMPDIR"] {
+            if let Some(value) = std::env::var_os(keep) {
+                command.env(keep, value);
+            }
+        }
+        command.envs(env.iter().map(|(k, v)| (k, v))).env("KUBECONFIG", kubeconfig);
+        let child = command.stdout(Stdio::null()).stderr(log_file).spawn().expect("gpu-trainer starts");
         Self { child, log, metrics_port }
     }
 
