@@ -69,10 +69,21 @@ install_garage() {
   log "garage cached in $root"
 }
 
-timed "Debian packages" apt_install openssh-server openssl curl jq rsync ca-certificates
+timed "Debian packages" apt_install openssh-server openssl curl jq rsync ca-certificates pkg-config
+# Garage (cargo) builds beside the Go builds: the end of a Rust build compiles one large crate at a
+# time and leaves a core idle, which the Go builds fill. Its output goes to a log, shown on failure.
+garage_log="$CACHE/garage-install.log"
+timed "garage $GARAGE_VERSION (beside the Go builds)" install_garage >"$garage_log" 2>&1 &
+garage_pid=$!
+trap 'kill "$garage_pid" 2>/dev/null || true' EXIT
 timed "Kubernetes $KUBE_VERSION, etcd, Helm $HELM3_VERSION and $HELM4_VERSION" build_kube_release "$KUBE_VERSION" with-helm
 timed "Kubernetes $KUBE_OLDEST_VERSION (oldest supported minor)" build_kube_release "$KUBE_OLDEST_VERSION"
 timed "Argo CD's Lua harness (gopher-lua)" bash "$HERE/build-argocd-lua.sh" >/dev/null
 timed "vastai CLI $VASTAI_VERSION" install_vastai_cli
-timed "garage $GARAGE_VERSION" install_garage
+if ! wait "$garage_pid"; then
+  tail -40 "$garage_log" >&2
+  log "building garage failed; the whole log is $garage_log"
+  exit 1
+fi
+grep '^\[install\]' "$garage_log" >&2 || true
 "$@"
