@@ -974,25 +974,7 @@ fn monitoring_crds() -> Vec<serde_json::Value> {
 }
 
 async fn install_monitoring_crds(client: &kube::Client) {
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    use kube::api::{Api, Patch, PatchParams};
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in monitoring_crds() {
-        let name = crd["metadata"]["name"].as_str().unwrap().to_string();
-        crds.patch(&name, &PatchParams::apply("gpu-trainer-tests").force(), &Patch::Apply(&crd))
-            .await
-            .unwrap_or_else(|e| panic!("installing the minimal CRD {name}: {e}"));
-        common::wait_until(std::time::Duration::from_secs(30), &format!("CRD {name} established"), || {
-            let (crds, name) = (crds.clone(), name.clone());
-            async move {
-                let crd = crds.get(&name).await.ok()?;
-                let established =
-                    crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
-                established.then_some(())
-            }
-        })
-        .await;
-    }
+    common::apply_crds(client, &monitoring_crds()).await;
 }
 
 /// `kubectl apply --dry-run=server --validate=strict` of `objects`: Ok(what kubectl printed) or

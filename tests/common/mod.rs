@@ -45,17 +45,27 @@ pub async fn kube_client() -> Client {
 /// Installs (server-side apply) the CRDs checked in under `crds/` and waits until both are
 /// established. Safe to call from many tests at once.
 pub async fn install_crds(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("crds");
-    let mut names = Vec::new();
+    let mut crds = Vec::new();
     for entry in std::fs::read_dir(&dir).expect("crds/ exists") {
         let path = entry.expect("entry").path();
         let text = std::fs::read_to_string(&path).expect("readable CRD file");
-        let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("CRD file parses");
-        let name = crd.metadata.name.clone().expect("CRD has a name");
-        crds.patch(&name, &PatchParams::apply("gpu-trainer-tests").force(), &Patch::Apply(&crd))
+        let crd: serde_json::Value = serde_yaml::from_str(&text).expect("CRD file parses");
+        crds.push(crd);
+    }
+    apply_crds(client, &crds).await;
+}
+
+/// Server-side applies CRDs (as objects: a test may hand-write minimal ones) and waits until each
+/// is established.
+pub async fn apply_crds(client: &Client, objects: &[serde_json::Value]) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut names = Vec::new();
+    for crd in objects {
+        let name = crd["metadata"]["name"].as_str().expect("CRD has a name").to_string();
+        crds.patch(&name, &PatchParams::apply("gpu-trainer-tests").force(), &Patch::Apply(crd))
             .await
-            .unwrap_or_else(|e| panic!("applying {}: {e}", path.display()));
+            .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
         names.push(name);
     }
     for name in names {
