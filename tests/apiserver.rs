@@ -23,6 +23,18 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// The run's API server is the release `tests/env/up.sh` says it started (the newest pinned
+/// release, or the oldest supported minor in the second pass of `tests/run.sh`).
+#[tokio::test]
+#[ignore = "needs tests/ environment"]
+async fn the_api_server_is_the_release_under_test() {
+    let client = common::kube_client().await;
+    let expected = std::env::var("GPU_TRAINER_TEST_KUBE_VERSION")
+        .expect("GPU_TRAINER_TEST_KUBE_VERSION (written by tests/env/up.sh)");
+    let info = client.apiserver_version().await.unwrap();
+    assert_eq!(info.git_version, format!("v{expected}"), "the API server's /version");
+}
+
 #[tokio::test]
 #[ignore = "needs tests/ environment"]
 async fn examples_round_trip_with_status_patches() {

@@ -48,11 +48,16 @@ write_kube_module() {
   } > "$dir/go.mod"
 }
 
-# build_kube_release VERSION [with-helm]: kube-apiserver, kube-controller-manager, kubectl and
-# etcd into $CACHE/kube-VERSION/bin; with-helm adds Helm 3 and 4 into $CACHE/helm-*/bin.
+# build_kube_release VERSION full|apiserver-only [with-helm]: `full` builds kube-apiserver,
+# kube-controller-manager, kubectl and etcd into $CACHE/kube-VERSION/bin; `apiserver-only` just
+# kube-apiserver (the oldest minor: what is tested there is the API server's validation and RBAC;
+# etcd, the controller manager and kubectl come from the newest release). with-helm adds Helm 3
+# and 4 into $CACHE/helm-*/bin.
 build_kube_release() {
-  local version=$1 helm=${2:-} bin="$CACHE/kube-$1/bin" src="$CACHE/go-src/kube-$1"
-  local stamp="kube $version ${helm:+helm $HELM3_VERSION $HELM4_VERSION} go $(go env GOVERSION)"
+  local version=$1 what=$2 helm=${3:-} bin="$CACHE/kube-$1/bin" src="$CACHE/go-src/kube-$1"
+  local stamp="kube $version $what ${helm:+helm $HELM3_VERSION $HELM4_VERSION} go $(go env GOVERSION)"
+  local commands=(k8s.io/kubernetes/cmd/kube-apiserver)
+  [ "$what" = full ] && commands+=(k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl)
   if [ "$(cat "$bin/.built" 2>/dev/null)" = "$stamp" ] &&
     { [ -z "$helm" ] || { [ -x "$CACHE/helm-$HELM3_VERSION/bin/helm" ] && [ -x "$CACHE/helm-$HELM4_VERSION/bin/helm" ]; }; }; then
     log "Kubernetes v$version${helm:+ and Helm $HELM3_VERSION, $HELM4_VERSION} cached in $bin"
@@ -69,21 +74,23 @@ build_kube_release() {
     echo "//go:build tools"
     echo "package tools"
     echo "import ("
-    for pkg in k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-      k8s.io/kubernetes/cmd/kubectl go.etcd.io/etcd/server/v3; do echo "	_ \"$pkg\""; done
+    for pkg in "${commands[@]}"; do echo "	_ \"$pkg\""; done
+    [ "$what" = full ] && echo '	_ "go.etcd.io/etcd/server/v3"'
     if [ -n "$helm" ]; then echo '	_ "helm.sh/helm/v3/cmd/helm"'; echo '	_ "helm.sh/helm/v4/cmd/helm"'; fi
     echo ")"
   } > "$src/tools.go"
   (cd "$src" && go mod tidy >"$src/tidy.log" 2>&1) || { tail -20 "$src/tidy.log" >&2; return 1; }
-  local etcd_version
-  etcd_version=$(cd "$src" && go list -m -f '{{.Version}}' go.etcd.io/etcd/server/v3)
   rm -rf "$bin"; mkdir -p "$bin"
-  log "building kube-apiserver, kube-controller-manager, kubectl v$version and etcd $etcd_version (about 10-15 minutes on 2 cores from nothing)"
-  (cd "$src" && go build -trimpath -ldflags "$(kube_ldflags "$version")" -o "$bin/" \
-      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-      k8s.io/kubernetes/cmd/kubectl >"$src/build.log" 2>&1 &&
-    go build -trimpath -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3 >>"$src/build.log" 2>&1) || {
-    tail -40 "$src/build.log" >&2; return 1; }
+  log "building ${commands[*]##*/} v$version (about 10-15 minutes on 2 cores from nothing)"
+  (cd "$src" && go build -trimpath -ldflags "$(kube_ldflags "$version")" -o "$bin/" "${commands[@]}" \
+    >"$src/build.log" 2>&1) || { tail -40 "$src/build.log" >&2; return 1; }
+  if [ "$what" = full ]; then
+    local etcd_version
+    etcd_version=$(cd "$src" && go list -m -f '{{.Version}}' go.etcd.io/etcd/server/v3)
+    log "building etcd $etcd_version (the version Kubernetes v$version pins)"
+    (cd "$src" && go build -trimpath -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3 \
+      >>"$src/build.log" 2>&1) || { tail -40 "$src/build.log" >&2; return 1; }
+  fi
   if [ -n "$helm" ]; then
     log "building Helm $HELM3_VERSION and $HELM4_VERSION"
     local v

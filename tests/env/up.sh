@@ -16,7 +16,11 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=versions.env
 source "$HERE/versions.env"
 KUBE_RELEASE="${GPU_TRAINER_KUBE_VERSION:-$KUBE_VERSION}"
-KUBE_BIN="$CACHE/kube-$KUBE_RELEASE/bin"
+# The API server is the selected release's; etcd, the controller manager (garbage collector and
+# namespace deletion only) and kubectl are always the newest release's: install.sh builds just
+# kube-apiserver for the oldest minor, whose validation and RBAC are what the tests there prove.
+APISERVER_BIN="$CACHE/kube-$KUBE_RELEASE/bin"
+KUBE_BIN="$CACHE/kube-$KUBE_VERSION/bin"
 GARAGE="$CACHE/garage-$GARAGE_VERSION/bin/garage"
 
 log() { printf '[env] %s\n' "$*" >&2; }
@@ -88,7 +92,7 @@ wait_for 30 etcd curl -sf "http://127.0.0.1:$ETCD_PORT/health"
 
 # --- kube-apiserver ---
 API_PORT=$(free_port)
-start kube-apiserver "$KUBE_BIN/kube-apiserver" \
+start kube-apiserver "$APISERVER_BIN/kube-apiserver" \
   --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
   --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$API_PORT" \
   --endpoint-reconciler-type none \
@@ -208,7 +212,7 @@ wait_for 30 "garage S3 API" curl -s -o /dev/null "http://127.0.0.1:$S3_PORT/"
 
 cat > env <<EV
 export GPU_TRAINER_ENV_DIR=$ENV_DIR
-# The release's own kubectl comes first, whatever kubectl the machine has.
+# The test environment's kubectl comes first, whatever kubectl the machine has.
 export PATH=$KUBE_BIN:\$PATH
 export GPU_TRAINER_TEST_KUBE_VERSION=$KUBE_RELEASE
 export GPU_TRAINER_TEST_HELM3=$CACHE/helm-$HELM3_VERSION/bin/helm
