@@ -180,11 +180,13 @@ fn vastai_command(job: &Path, fake: &FakeServer, remote_base: &Path, extra: &[&s
         .arg("launch")
         .arg(job)
         .args(["--provider", "vastai", "--remote-base", remote_base.to_str().unwrap()])
-        .args(["--tools-dir", repo().join("config/tools").to_str().unwrap()])
         .args(extra)
         .env("VASTAI_API_KEY", API_KEY)
         .env("VASTAI_API_BASE_URL", fake.url())
         .env_remove("GPU_TRAINER_CRASH_AT");
+    if !extra.contains(&"--tools-dir") {
+        command.args(["--tools-dir", repo().join("config/tools").to_str().unwrap()]);
+    }
     command
 }
 
@@ -399,4 +401,76 @@ async fn cancel_stops_the_trainer_and_destroys_the_instance() {
     assert!(!alive(pid), "the trainer was stopped");
     assert_eq!(state(dir.path())["status"]["phase"], "Failed");
     assert_eq!(creates(&fake), 1);
+}
+
+/// A job whose `HF_TOKEN` comes from `valueFrom.secretKeyRef` (Secret `hf`, key `token`), run
+/// with a copy of the demo tool that writes what it was given to `token.seen` in its work dir.
+fn secret_env_job(dir: &Path) -> (PathBuf, PathBuf) {
+    let tools = dir.join("tools");
+    std::fs::create_dir_all(tools.join("demo")).unwrap();
+    for entry in std::fs::read_dir(repo().join("config/tools/demo")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tools.join("demo").join(entry.file_name())).unwrap();
+    }
+    let definition = tools.join("demo/tool.yaml");
+    let yaml = std::fs::read_to_string(&definition).unwrap();
+    let yaml =
+        yaml.replacen("run: >-\n  python3", "run: >-\n  printenv HF_TOKEN > token.seen &&\n  python3", 1);
+    std::fs::write(&definition, yaml).unwrap();
+    let job = job_in(dir, "{steps: 3, secondsPerStep: 0}");
+    let mut text = std::fs::read_to_string(&job).unwrap();
+    text.push_str("  env:\n  - name: HF_TOKEN\n    valueFrom: {secretKeyRef: {name: hf, key: token}}\n");
+    std::fs::write(&job, text).unwrap();
+    (job, tools)
+}
+
+#[test]
+fn value_from_env_is_read_from_a_secret_file_and_never_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (job, tools) = secret_env_job(dir.path());
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_gpu-trainer"))
+            .arg("launch")
+            .arg(&job)
+            .args(["--tools-dir", tools.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // Without the Secret the job is refused before anything starts, naming the variable.
+    let out = run(&[]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("spec.env: HF_TOKEN: Secret hf is not given: pass --secret hf=FILE"),
+        "{}",
+        text(&out)
+    );
+    assert!(!dir.path().join(".gpu-trainer/work").exists(), "nothing was staged or started");
+
+    let secret = dir.path().join("hf.env");
+    std::fs::write(&secret, "# the Hugging Face token\ntoken=hf_not_a_real_token_123\n").unwrap();
+    let out = run(&["--secret", &format!("hf={}", secret.display())]);
+    assert!(out.status.success(), "{}", text(&out));
+    let uid = state(dir.path())["uid"].as_str().unwrap().to_string();
+    let seen =
+        std::fs::read_to_string(dir.path().join(".gpu-trainer/work").join(&uid).join("token.seen")).unwrap();
+    assert_eq!(seen.trim(), "hf_not_a_real_token_123", "the trainer got the Secret's value");
+    let kept = std::fs::read_to_string(dir.path().join(".gpu-trainer/t.json")).unwrap();
+    assert!(!kept.contains("hf_not_a_real_token_123"), "the state file never holds a Secret value");
+    assert!(!text(&out).contains("hf_not_a_real_token_123"), "nor does the output");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unresolvable_value_from_env_rents_nothing() {
+    let fake =
+        fake::spawn(FakeConfig { api_key: Some(API_KEY.into()), ..FakeConfig::default() }).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (job, tools) = secret_env_job(dir.path());
+    let out =
+        launch_vastai(&job, &fake, &dir.path().join("remote"), &["--tools-dir", tools.to_str().unwrap()])
+            .await;
+    assert!(!out.status.success());
+    assert!(text(&out).contains("spec.env: HF_TOKEN"), "{}", text(&out));
+    assert_eq!(creates(&fake), 0, "nothing is rented for a job that cannot run");
+    assert!(fake.instances().is_empty());
 }

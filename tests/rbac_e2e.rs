@@ -320,7 +320,8 @@ async fn publish_repeated_event(
     fake: &FakeServer,
     job: &TrainingJob,
 ) -> Result<(), String> {
-    use gpu_trainer::controller::{Context, OperatorConfig, probe::RusshProbe};
+    use gpu_trainer::controller::{Context, OperatorConfig};
+    use gpu_trainer::machine::probe::RusshProbe;
     use kube::Resource;
     use kube::runtime::events::{Event, EventType};
     let client = client_from(&account.kubeconfig).await;

@@ -292,10 +292,10 @@ mod tests {
     async fn the_s3_resolver_refuses_what_the_policy_refuses() {
         let resolver = GuardedResolver::new(PublicOnly);
         let err = resolver.resolve_dns("localhost").await.unwrap_err();
-        let chain = crate::controller::gpuinstance::error_chain(&err);
+        let chain = crate::error::error_chain(&err);
         assert!(chain.contains("single-label") && chain.contains("--allow-private-endpoints"), "{chain}");
         let err = resolver.resolve_dns("bucket.minio.storage.svc").await.unwrap_err();
-        assert!(crate::controller::gpuinstance::error_chain(&err).contains("`.svc`"));
+        assert!(crate::error::error_chain(&err).contains("`.svc`"));
         // Allowed, it resolves as usual.
         let addresses = GuardedResolver::new(AllowPrivate).resolve_dns("localhost").await.unwrap();
         assert!(addresses.iter().all(|a| a.is_loopback()) && !addresses.is_empty(), "{addresses:?}");

@@ -523,7 +523,7 @@ mod tests {
         let outcome = tokio::time::timeout(Duration::from_secs(60), store.head(&ObjectRef::new("b", "k")))
             .await
             .expect("the S3 call must end by its own timeout");
-        crate::controller::gpuinstance::error_chain(&outcome.expect_err("a silent server is an error"))
+        crate::error::error_chain(&outcome.expect_err("a silent server is an error"))
     }
 
     #[tokio::test]
@@ -603,7 +603,7 @@ mod tests {
             S3Timeouts { operation: Duration::from_secs(20), ..S3Timeouts::default() },
         );
         let err = store.head(&ObjectRef::new("b", "k")).await.unwrap_err();
-        let chain = crate::controller::gpuinstance::error_chain(&err);
+        let chain = crate::error::error_chain(&err);
         assert!(chain.contains("--allow-private-endpoints"), "{chain}");
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
@@ -632,7 +632,7 @@ mod tests {
         let store = S3Store::new(&local(&endpoint));
         let listed = tokio::time::timeout(Duration::from_secs(60), store.list("b", "p/"));
         let err = listed.await.expect("the listing must stop by itself").unwrap_err();
-        let chain = crate::controller::gpuinstance::error_chain(&err);
+        let chain = crate::error::error_chain(&err);
         assert!(chain.contains(&format!("past {LIST_PAGE_LIMIT} pages")), "{chain}");
         assert_eq!(served.load(Ordering::SeqCst), LIST_PAGE_LIMIT);
     }

@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::api::{TrainingJob, TrainingJobPhase, TrainingJobStatus};
+use crate::engine::env::{FileSecrets, Secrets};
 use crate::engine::local::{LocalRun, MachineSpec, Update};
 use crate::engine::rent::{self, RentSpec};
 use crate::monitor::poller::TrainingStatus;
@@ -65,6 +66,11 @@ pub struct LaunchArgs {
     /// File holding the Vast.ai API key for `--provider vastai` [default: $VASTAI_API_KEY].
     #[arg(long, value_name = "FILE")]
     api_key_file: Option<PathBuf>,
+    /// A Secret for `spec.env[].valueFrom.secretKeyRef`: NAME is the Secret's name, FILE holds
+    /// its keys as KEY=VALUE lines (as `kubectl create secret generic NAME --from-env-file=FILE`
+    /// reads them). Repeatable. Values stay in memory; they are never written to the state file.
+    #[arg(long = "secret", value_name = "NAME=FILE")]
+    secrets: Vec<String>,
     /// Folder of the tool registry [default: config/tools].
     #[arg(long, env = "GPU_TRAINER_TOOLS_DIR", value_name = "DIR")]
     tools_dir: Option<PathBuf>,
@@ -133,15 +139,26 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
             )))
         }
     };
+    let secrets: std::sync::Arc<dyn Secrets> = std::sync::Arc::new(FileSecrets::load(&args.secrets)?);
     let name = job.metadata.name.clone().unwrap_or_default();
     let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
+    let prepare = |job: TrainingJob| {
+        runtime
+            .block_on(LocalRun::prepare(
+                job,
+                &args.file,
+                &state_dir,
+                &tools_dir,
+                machine.clone(),
+                secrets.clone(),
+            ))
+            .with_context(|| format!("job {} cannot run", args.file.display()))
+    };
     if args.restart {
         let state = state_dir.join(format!("{name}.json"));
         if state.exists() {
             // Forgetting a run must not forget a machine it still rents.
-            let mut earlier =
-                LocalRun::prepare(job.clone(), &args.file, &state_dir, &tools_dir, machine.clone())
-                    .with_context(|| format!("job {} cannot run", args.file.display()))?;
+            let mut earlier = prepare(job.clone())?;
             if let Some(id) =
                 runtime.block_on(earlier.release()).context("failed to release the earlier run's machine")?
             {
@@ -150,9 +167,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
             std::fs::remove_file(&state).with_context(|| format!("failed to remove {}", state.display()))?;
         }
     }
-    let mut run = LocalRun::prepare(job, &args.file, &state_dir, &tools_dir, machine.clone())
-        .with_context(|| format!("job {} cannot run", args.file.display()))?
-        .with_max_download_bytes(args.max_download_gb.map(gb_to_bytes));
+    let mut run = prepare(job)?.with_max_download_bytes(args.max_download_gb.map(gb_to_bytes));
 
     if args.dry_run {
         let tool = run.tool();
@@ -174,7 +189,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
                     spec.active_deadline_seconds,
                     spec.budget.as_ref().map(|b| b.max_total_cost),
                 );
-                println!("machine:   {}", rent::describe_offer(offer));
+                println!("machine:   {}", crate::machine::offer::describe_offer(offer));
                 println!(
                     "           chosen from {} matching offers ({})",
                     selection.candidates,
@@ -354,9 +369,8 @@ fn job_key(state_dir: &Path, name: &str) -> anyhow::Result<SshKey> {
     if !path.exists() {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        let (private, _public) =
-            crate::controller::gpuinstance::sshkey::generate_key(&format!("gpu-trainer:{name}"))
-                .context("failed to make the job's SSH key")?;
+        let (private, _public) = crate::machine::key::generate_key(&format!("gpu-trainer:{name}"))
+            .context("failed to make the job's SSH key")?;
         let tmp = path.with_extension("ssh-key.tmp");
         let mut file = std::fs::OpenOptions::new()
             .write(true)

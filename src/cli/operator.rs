@@ -12,8 +12,8 @@ use kube::{Api, Client};
 
 use crate::controller::kube_requests::CountRequestsLayer;
 use crate::controller::metered::MeteredProvider;
-use crate::controller::probe::RusshProbe;
 use crate::controller::{Context, OperatorConfig};
+use crate::machine::probe::RusshProbe;
 use crate::metrics::Metrics;
 use crate::provider::GpuProvider;
 use crate::provider::config::ProviderConfig;

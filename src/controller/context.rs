@@ -4,16 +4,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use kube::Client;
 use kube::Resource;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use tracing::warn;
 
+use crate::machine::SshProbe;
 use crate::metrics::Metrics;
 use crate::provider::GpuProvider;
 use crate::provider::config::ProviderConfig;
-use crate::remote::ssh::SshTarget;
 
 /// Operator-wide settings (flags and environment of `gpu-trainer run`).
 #[derive(Clone, Debug)]
@@ -60,25 +59,6 @@ impl OperatorConfig {
             job_pass_timeout: Duration::from_secs(5400),
         }
     }
-}
-
-/// The provider label of a GpuInstance: `gputrainer:<installation id>:<uid>` (at most 60
-/// characters: 11 + 8 + 1 + 36 = 56).
-pub fn instance_label(installation_id: &str, uid: &str) -> String {
-    format!("gputrainer:{installation_id}:{uid}")
-}
-
-/// Parses a label made by [`instance_label`] into (installation id, uid).
-pub fn parse_instance_label(label: &str) -> Option<(&str, &str)> {
-    let rest = label.strip_prefix("gputrainer:")?;
-    let (installation, uid) = rest.split_once(':')?;
-    (installation.len() == 8 && !uid.is_empty()).then_some((installation, uid))
-}
-
-/// Checks that a machine answers SSH with a key; returns the host key's SHA-256 fingerprint.
-#[async_trait]
-pub trait SshProbe: Send + Sync {
-    async fn probe(&self, target: &SshTarget, private_key_openssh: &str) -> Result<String, String>;
 }
 
 /// Shared by all reconcilers.
@@ -180,29 +160,5 @@ impl Context {
         if let Err(err) = self.recorder.publish(&event, &obj.object_ref(&())).await {
             warn!(reason = reason.as_str(), error = %err, "Could not publish event");
         }
-    }
-}
-
-/// Crash points for the crash-safety tests: when `GPU_TRAINER_CRASH_AT` names this point, the
-/// process aborts here, as a killed controller would. Unset in normal operation.
-pub fn crash_point(name: &str) {
-    if std::env::var("GPU_TRAINER_CRASH_AT").is_ok_and(|at| at == name) {
-        eprintln!("GPU_TRAINER_CRASH_AT={name}: aborting");
-        std::process::abort();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn label_fits_vast_limit_and_parses_back() {
-        let uid = "0f8fad5b-d9cb-469f-a165-70867728950e";
-        let label = instance_label("1a2b3c4d", uid);
-        assert!(label.len() <= 60, "{label}");
-        assert_eq!(parse_instance_label(&label), Some(("1a2b3c4d", uid)));
-        assert_eq!(parse_instance_label("someone-else:1a2b3c4d:x"), None);
-        assert_eq!(parse_instance_label("gputrainer:short:x"), None);
     }
 }

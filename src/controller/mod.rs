@@ -9,9 +9,8 @@ pub mod listing;
 pub mod metered;
 pub mod pass_limit;
 pub mod patch;
-pub mod probe;
 pub mod sweeper;
 pub mod trainingjob;
 pub mod watch_backoff;
 
-pub use context::{Context, OperatorConfig, SshProbe, instance_label, parse_instance_label};
+pub use context::{Context, OperatorConfig};

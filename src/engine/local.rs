@@ -17,27 +17,29 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::decide::{MachineObservation, Observations, Step, TrainingObservation, next_step};
+use super::env::{EnvError, Secrets, resolve_env};
 use super::model::ModelError;
+use super::outcome::{Failure, StepError};
+use super::progress::{earlier_monitoring, observation, record_progress, record_stall};
 use super::rent::{self, RentSpec, RentedMachine};
+use super::stage::{LocalFolders, StageInput, s3_dataset_settings, stage};
+use super::validate::{FrontEnd, validate};
 use crate::api::{
-    ArtifactStatus, CheckpointStatus, ConditionStatus, CostStatus, JobInstanceStatus, ProgressStatus, Reason,
-    TrainingJob, TrainingJobPhase, TrainingJobStatus, describe_gpu, find_condition, job_condition,
-    set_condition, to_k8s_time,
+    ArtifactStatus, CheckpointStatus, ConditionStatus, CostStatus, JobInstanceStatus, Reason, TrainingJob,
+    TrainingJobPhase, TrainingJobStatus, describe_gpu, find_condition, job_condition, set_condition,
+    to_k8s_time,
 };
-use crate::artifacts::S3Settings;
-use crate::artifacts::dataset as s3_dataset;
-use crate::controller::context::crash_point;
-use crate::controller::gpuinstance::decide::{Verdict, boot_deadline_passed, choose_survivor, classify};
-use crate::controller::gpuinstance::error_chain;
-use crate::controller::gpuinstance::onstart::render_onstart;
-use crate::monitor::poller::{Outcome, TrainingFiles, TrainingMonitor, TrainingStatus};
-use crate::monitor::{ParserKind, stall::Recommendation};
+use crate::crash::crash_point;
+use crate::error::error_chain;
+use crate::machine::decide::{Verdict, boot_deadline_passed, choose_survivor, classify};
+use crate::machine::onstart::render_onstart;
+use crate::monitor::ParserKind;
+use crate::monitor::poller::{TrainingFiles, TrainingMonitor, TrainingStatus};
 use crate::provider::{Instance, InstanceId, InstanceState, LaunchRequest};
-use crate::remote::dataset;
 use crate::remote::launch::{self, RemoteLayout};
 use crate::remote::local::LocalExec;
 use crate::remote::ssh::{SshExec, SshKey, SshOptions, SshTarget};
-use crate::remote::tool::{JobContext, Parser, RenderedTool, ToolRegistry};
+use crate::remote::tool::{JobContext, RenderedTool, ToolRegistry};
 use crate::remote::{RemoteExec, sha256_file};
 
 /// Errors of a local run, each naming what failed.
@@ -45,6 +47,11 @@ use crate::remote::{RemoteExec, sha256_file};
 pub enum LocalError {
     #[error("{field}: {message}")]
     InvalidJob { field: &'static str, message: String },
+    #[error(transparent)]
+    Secret(#[from] super::env::SecretReadError),
+    /// A step failed for good.
+    #[error(transparent)]
+    Failed(#[from] Failure),
     #[error("failed to read or write the state file {path}")]
     State {
         path: PathBuf,
@@ -74,12 +81,26 @@ pub enum LocalError {
     StillRented { id: InstanceId },
 }
 
+impl From<StepError> for LocalError {
+    fn from(err: StepError) -> Self {
+        match err {
+            StepError::Failed(failure) => LocalError::Failed(failure),
+            StepError::Remote(err) => LocalError::Remote(err),
+            StepError::Tool(err) => LocalError::Tool(err),
+            StepError::Dataset(err) => LocalError::Dataset(err),
+            StepError::Secret(err) => LocalError::Secret(err),
+        }
+    }
+}
+
 impl LocalError {
     /// The status reason of a run this error ended.
     pub fn reason(&self) -> Reason {
         match self {
             LocalError::InvalidJob { .. } | LocalError::Tool(_) => Reason::InvalidSpec,
             LocalError::Dataset(_) => Reason::StagingFailed,
+            LocalError::Secret(_) => Reason::SecretNotFound,
+            LocalError::Failed(failure) => failure.reason,
             LocalError::Remote(crate::remote::RemoteError::HostKeyChanged { .. }) => Reason::HostKeyChanged,
             LocalError::Remote(crate::remote::RemoteError::Connect { .. }) => Reason::SshUnreachable,
             LocalError::Provider { source, .. } => source.reason(),
@@ -139,14 +160,17 @@ pub struct LocalRun {
     parser: ParserKind,
     monitor: Option<TrainingMonitor>,
     last_training: TrainingObservation,
-    /// Storage settings that read `spec.dataset.s3`.
-    dataset_s3: Option<S3Settings>,
+    /// Where `valueFrom` values and storage credentials come from (`--secret` files).
+    secrets: Arc<dyn Secrets>,
     /// The last word from the provider about the rented machine, and when it came.
     last_machine: Option<(tokio::time::Instant, MachineObservation)>,
     /// Rent calls refused in this process (offer taken, contract left behind).
     create_failures: u32,
     /// Notes for the observer, not yet reported.
     notes: Vec<String>,
+    /// The trainer's environment, resolved by [`LocalRun::prepare`]; in memory only (it may
+    /// hold Secret values, which never go to the state file).
+    env: Vec<(String, String)>,
     /// Limit for downloading the final model (`--max-download-gb`); `None`: a few times the size
     /// the machine reports (see [`super::model::download_limit`]).
     max_download_bytes: Option<u64>,
@@ -169,27 +193,31 @@ pub enum Update<'a> {
 impl LocalRun {
     /// Prepares a run: validates the tool and parameters (nothing runs for an invalid job) and
     /// loads earlier state. `state_dir` holds the state file and the work dirs.
-    pub fn prepare(
+    /// Checks the job and resolves its environment (`valueFrom` through `secrets`) before
+    /// anything is rented; reads the state file of an earlier run.
+    pub async fn prepare(
         job: TrainingJob,
         job_file: &Path,
         state_dir: &Path,
         tools_dir: &Path,
         machine: MachineSpec,
+        secrets: Arc<dyn Secrets>,
     ) -> Result<Self, LocalError> {
         let name = job.metadata.name.clone().ok_or(LocalError::InvalidJob {
             field: "metadata.name",
             message: "the job needs a name".into(),
         })?;
         let job_dir = job_file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let registry = ToolRegistry::load(tools_dir)?;
+        let tool = validate(&job.spec, &registry, FrontEnd::Launch)
+            .map_err(|e| LocalError::InvalidJob { field: e.field, message: e.message })?;
+        let env = resolve_env(secrets.as_ref(), &job.spec.env).await.map_err(|e| match e {
+            EnvError::Unresolvable { var, message } => {
+                LocalError::InvalidJob { field: "spec.env", message: format!("{var}: {message}") }
+            }
+            EnvError::Read(e) => LocalError::Secret(e),
+        })?;
         let dataset = &job.spec.dataset;
-        let sources = [dataset.local.is_some(), dataset.url.is_some(), dataset.s3.is_some()];
-        if sources.iter().filter(|s| **s).count() != 1 {
-            return Err(LocalError::InvalidJob {
-                field: "spec.dataset",
-                message: "set exactly one of `local.path` (a folder next to the job file), `url` and `s3`"
-                    .into(),
-            });
-        }
         if let Some(local) = &dataset.local
             && !job_dir.join(&local.path).is_dir()
         {
@@ -198,18 +226,11 @@ impl LocalRun {
                 message: format!("{} is not a folder", job_dir.join(&local.path).display()),
             });
         }
-        // Nothing is rented for a dataset no connection can read. Without a cluster there is no
-        // Secret to read: `output.s3`'s other settings apply, with this process's credentials.
-        let dataset_s3 = match &dataset.s3 {
-            Some(s3) => {
-                let output = job.spec.output.as_ref().and_then(|o| o.s3.as_ref());
-                let operator = S3Settings::from_env().ok();
-                Some(s3_dataset::dataset_settings(s3, output, None, operator.as_ref()).map_err(|e| {
-                    LocalError::InvalidJob { field: "spec.dataset.s3", message: e.to_string() }
-                })?)
-            }
-            None => None,
-        };
+        // Nothing is rented for a dataset no connection can read. Without a cluster the Secrets
+        // are the `--secret` files, and the operator's default storage is this process's.
+        if let Some(s3) = &dataset.s3 {
+            s3_dataset_settings(&job.spec, s3, secrets.as_ref()).await?;
+        }
         let state_path = state_dir.join(format!("{name}.json"));
         let state = match std::fs::read(&state_path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
@@ -222,8 +243,6 @@ impl LocalRun {
             },
             Err(e) => return Err(LocalError::State { path: state_path.clone(), source: Box::new(e) }),
         };
-        let registry = ToolRegistry::load(tools_dir)?;
-        let tool = registry.get(&job.spec.tool)?;
         let base = match &machine {
             MachineSpec::Local => state_dir.join("work").to_string_lossy().into_owned(),
             MachineSpec::Ssh { remote_base, .. } => remote_base.clone(),
@@ -234,12 +253,7 @@ impl LocalRun {
             &job.spec.params,
             &JobContext { name: name.clone(), uid: state.uid.clone(), layout: layout.clone() },
         )?;
-        let parser = match rendered.parser {
-            Parser::Tqdm => ParserKind::Tqdm,
-            Parser::AiToolkit => ParserKind::AiToolkit,
-            Parser::Kohya => ParserKind::Kohya,
-            Parser::Diffusers => ParserKind::Diffusers,
-        };
+        let parser = ParserKind::from(rendered.parser);
         Ok(Self {
             job,
             job_dir,
@@ -253,10 +267,11 @@ impl LocalRun {
             parser,
             monitor: None,
             last_training: TrainingObservation::Unknown,
-            dataset_s3,
+            secrets,
             last_machine: None,
             create_failures: 0,
             notes: Vec::new(),
+            env,
             max_download_bytes: None,
         })
     }
@@ -726,7 +741,7 @@ impl LocalRun {
                 }
                 Step::StopAndFail { reason, message } => {
                     let exec = self.connection().await?;
-                    launch::stop(&*exec, &self.layout, Duration::from_secs(30)).await?;
+                    launch::stop(&*exec, &self.layout, launch::STOP_GRACE).await?;
                     self.finish(TrainingJobPhase::Failed, reason, &message, Utc::now());
                 }
                 Step::Upload => self.collect(now).await?,
@@ -751,7 +766,7 @@ impl LocalRun {
             if self.state.rented.as_ref().is_some_and(|r| r.ready && !r.released) {
                 let stopped = tokio::time::timeout(Duration::from_secs(90), async {
                     let exec = self.connection().await?;
-                    launch::stop(&*exec, &self.layout, Duration::from_secs(30)).await?;
+                    launch::stop(&*exec, &self.layout, launch::STOP_GRACE).await?;
                     Ok::<_, LocalError>(())
                 })
                 .await;
@@ -763,7 +778,7 @@ impl LocalRun {
             }
         } else {
             let exec = self.connection().await?;
-            launch::stop(&*exec, &self.layout, Duration::from_secs(30)).await?;
+            launch::stop(&*exec, &self.layout, launch::STOP_GRACE).await?;
         }
         if !self.state.status.phase.is_finished() {
             self.finish(
@@ -827,16 +842,16 @@ impl LocalRun {
         .await?;
         let offer = selection.offer.clone();
         let installation_id = if previous.installation_id.is_empty() {
-            rent::random_installation_id()
+            crate::machine::label::random_installation_id()
         } else {
             previous.installation_id.clone()
         };
-        let label = rent::launch_label(&installation_id, &self.state.uid, attempt);
+        let label = crate::machine::label::launch_label(&installation_id, &self.state.uid, attempt);
         self.state.rented = Some(RentedMachine {
             installation_id,
             label: label.clone(),
             create_pending_since: Some(now),
-            offer: Some(crate::controller::gpuinstance::launch::offer_status(&offer)),
+            offer: Some(crate::machine::offer::offer_status(&offer)),
             excluded_machine_ids: previous.excluded_machine_ids.clone(),
             prior_cost: previous.prior_cost,
             ..RentedMachine::default()
@@ -866,11 +881,12 @@ impl LocalRun {
             }
         }
         status.reason = Some(Reason::Launching);
-        status.message = Some(format!("renting {}", rent::describe_offer(&offer)));
+        status.message = Some(format!("renting {}", crate::machine::offer::describe_offer(&offer)));
         self.save()?;
         crash_point("launch-before-rent");
 
-        let lifetime = self.job.spec.active_deadline_seconds + rent::LIFETIME_MARGIN_SECONDS;
+        let lifetime =
+            crate::machine::onstart::job_machine_lifetime_seconds(self.job.spec.active_deadline_seconds);
         let request = LaunchRequest {
             offer_id: offer.id,
             image: self.image(),
@@ -894,7 +910,7 @@ impl LocalRun {
                     i.provider_id = Some(id.to_string());
                 }
                 self.state.status.message =
-                    Some(format!("rented instance {id}: {}", rent::describe_offer(&offer)));
+                    Some(format!("rented instance {id}: {}", crate::machine::offer::describe_offer(&offer)));
                 self.save()
             }
             Err(err) => {
@@ -944,53 +960,23 @@ impl LocalRun {
         self.state.status.reason = Some(Reason::Staging);
         self.state.status.message = Some("staging dataset and recipe".into());
         let exec = self.connection().await?;
-        let message = if let Some(local) = self.job.spec.dataset.local.clone() {
-            let folder = self.job_dir.join(&local.path);
-            if !folder.is_dir() {
-                return Err(LocalError::InvalidJob {
-                    field: "spec.dataset.local.path",
-                    message: format!("{} is not a folder", folder.display()),
-                });
-            }
-            let archive = self.state_path.with_extension("dataset.tar");
-            let packed = dataset::pack(&folder, &archive)?;
-            let staged = dataset::stage_archive(&*exec, &self.layout, &archive, &packed.sha256).await?;
-            format!("dataset {} ({} files, sha256 {})", folder.display(), packed.files, &staged.sha256[..12])
-        } else {
-            let (url, sha256, field, shown) = if let Some(url) = &self.job.spec.dataset.url {
-                let shown = url.href.split(['?', '#']).next().unwrap_or_default().to_string();
-                (url.href.clone(), url.sha256.clone(), "spec.dataset.url.sha256", shown)
-            } else if let (Some(s3), Some(settings)) = (&self.job.spec.dataset.s3, &self.dataset_s3) {
-                let store = crate::artifacts::s3::S3Store::new(settings);
-                let presigned = s3_dataset::presign(&store, s3).await.map_err(|e| {
-                    LocalError::InvalidJob { field: "spec.dataset.s3", message: error_chain(&e) }
-                })?;
-                (presigned.url, s3.sha256.clone(), "spec.dataset.s3.sha256", s3_dataset::dataset_uri(s3))
-            } else {
-                return Err(LocalError::InvalidJob {
-                    field: "spec.dataset",
-                    message: "no dataset source".into(),
-                });
-            };
-            match dataset::stage_url(&*exec, &self.layout, &url, sha256.as_deref()).await {
-                Ok(staged) => {
-                    format!("dataset {shown} (sha256 {})", &staged.sha256[..12.min(staged.sha256.len())])
-                }
-                Err(dataset::DatasetError::ChecksumMismatch { expected, actual }) => {
-                    let message = format!("{field} is {expected} but the archive's is {actual}");
-                    self.finish(TrainingJobPhase::Failed, Reason::ChecksumMismatch, &message, now);
-                    return Ok(());
-                }
-                Err(dataset::DatasetError::Stage(detail)) => {
-                    let message = format!("downloading the dataset {shown} failed: {detail}");
-                    self.finish(TrainingJobPhase::Failed, Reason::StagingFailed, &message, now);
-                    return Ok(());
-                }
-                Err(err) => return Err(err.into()),
-            }
+        let archive = self.state_path.with_extension("dataset.tar");
+        let input = StageInput {
+            exec: &*exec,
+            layout: &self.layout,
+            spec: &self.job.spec,
+            tool: &self.tool,
+            secrets: self.secrets.as_ref(),
+            local: Some(LocalFolders { job_dir: &self.job_dir, archive: &archive }),
         };
-        self.tool.install_files(&*exec, &self.layout).await?;
-        self.tool.bootstrap(&*exec, &self.layout, &[], Duration::from_secs(1800)).await?;
+        let message = match stage(&input).await {
+            Ok(message) => message,
+            Err(StepError::Failed(failure)) => {
+                self.finish(TrainingJobPhase::Failed, failure.reason, &failure.message, now);
+                return Ok(());
+            }
+            Err(err) => return Err(err.into()),
+        };
         set_condition(
             &mut self.state.status.conditions,
             job_condition::DATA_STAGED,
@@ -1005,10 +991,8 @@ impl LocalRun {
     }
 
     async fn launch(&mut self, resume: bool, now: DateTime<Utc>) -> Result<(), LocalError> {
-        let env: Vec<(String, String)> =
-            self.job.spec.env.iter().filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v))).collect();
         let exec = self.connection().await?;
-        launch::launch(&*exec, &self.layout, &self.tool.launch_spec(resume, env)).await?;
+        launch::launch(&*exec, &self.layout, &self.tool.launch_spec(resume, self.env.clone())).await?;
         let status = &mut self.state.status;
         status.phase = TrainingJobPhase::Training;
         status.reason = Some(Reason::Training);
@@ -1028,36 +1012,21 @@ impl LocalRun {
     async fn poll(&mut self, now: DateTime<Utc>, observer: &mut Observer<'_>) -> Result<(), LocalError> {
         let exec = self.connection().await?;
         if self.monitor.is_none() {
-            self.monitor = Some(TrainingMonitor::new(
-                TrainingFiles::in_work_dir(self.layout.work_dir()),
-                self.parser,
-                &self.job.spec.monitoring,
-            ));
+            self.monitor = Some(
+                TrainingMonitor::new(
+                    TrainingFiles::in_work_dir(self.layout.work_dir()),
+                    self.parser,
+                    &self.job.spec.monitoring,
+                )
+                // A resumed launch continues the no-progress clock and a flagged stall's grace.
+                .resume_from(&earlier_monitoring(&self.state.status)),
+            );
         }
         let Some(monitor) = self.monitor.as_mut() else { return Ok(()) };
         let polled = monitor.poll(&*exec, now).await?;
-        let snapshot = &polled.progress;
-        let mut progress = self.state.status.progress.clone().unwrap_or_default();
-        if let Some(step) = snapshot.step {
-            if progress.step != step || progress.last_update_time.is_none() {
-                progress.last_update_time = Some(to_k8s_time(now));
-            }
-            progress.set_step(step, snapshot.total_steps);
-        }
-        progress.loss = snapshot.loss.or(progress.loss);
-        progress.steps_per_second = snapshot.steps_per_second;
-        progress.eta_seconds = snapshot.eta_seconds.map(|e| e.round() as i64);
-        self.state.status.progress = Some(ProgressStatus { ..progress });
-        self.last_training = match (&polled.outcome, polled.stall.recommendation) {
-            (Some(Outcome::Succeeded), _) => TrainingObservation::Finished,
-            (Some(Outcome::Failed { reason, message }), _) => {
-                TrainingObservation::Crashed { reason: *reason, message: message.clone() }
-            }
-            (None, Recommendation::StopJob) => {
-                TrainingObservation::Stalled { message: polled.stall.reason.clone() }
-            }
-            (None, _) => TrainingObservation::Running,
-        };
+        record_progress(&mut self.state.status, &polled, now);
+        record_stall(&mut self.state.status, &polled, now);
+        self.last_training = observation(&polled);
         observer(Update::Polled(&self.state.status, &polled));
         Ok(())
     }

@@ -4,9 +4,15 @@
 //! taking `now`. Drivers execute the step it returns and record the result in status, so every
 //! step is resumable from status alone.
 
+pub mod cost;
 pub mod decide;
+pub mod env;
 pub mod local;
 pub mod model;
+pub mod outcome;
+pub mod progress;
 pub mod rent;
+pub mod stage;
+pub mod validate;
 
 pub use decide::{MachineObservation, Observations, Step, TrainingObservation, next_step};

@@ -11,11 +11,12 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::cost::{job_cost, machine_cost};
 use super::local::LocalError;
-use crate::api::{CostStatus, MachineRequirements, OfferStatus, describe_gpu};
+use crate::api::{CostStatus, MachineRequirements, OfferStatus};
 use crate::provider::config::ProviderConfig;
 use crate::provider::select::{Criteria, Rejection, Rejections, Selection, select_offer};
-use crate::provider::{GpuProvider, InstanceId, Offer, OfferQuery, SshEndpoint};
+use crate::provider::{GpuProvider, InstanceId, OfferQuery, SshEndpoint};
 use crate::remote::ssh::SshKey;
 
 /// How long the launcher waits for a lost rent call's instance to show up in the listing before
@@ -23,9 +24,6 @@ use crate::remote::ssh::SshKey;
 pub const CREATE_PENDING_GRACE: Duration = Duration::from_secs(60);
 /// From rent to SSH answering, at most.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
-/// Seconds the machine may outlive `activeDeadlineSeconds` before its dead-man timer stops it,
-/// even when the launcher is gone (as for the operator's machines).
-pub const LIFETIME_MARGIN_SECONDS: i64 = 1800;
 /// Rent calls refused for a reason worth another offer (taken, contract left behind) before
 /// the launcher gives up.
 pub const MAX_CREATE_FAILURES: u32 = 5;
@@ -126,57 +124,26 @@ impl RentedMachine {
         if self.released || self.instance_id.is_none() {
             return 0.0;
         }
-        let hours = self
-            .launched_at
-            .map(|t| (now - t).num_milliseconds().max(0) as f64 / 3_600_000.0)
-            .unwrap_or_default();
-        self.price_per_hour() * hours
+        machine_cost(self.price_per_hour(), self.launched_at, now)
     }
 
     pub fn exclude_machine(&mut self, machine_id: Option<i64>) {
-        if let Some(id) = machine_id.filter(|id| *id != 0)
-            && !self.excluded_machine_ids.contains(&id)
-        {
-            self.excluded_machine_ids.push(id);
-        }
+        crate::machine::decide::exclude_machine(&mut self.excluded_machine_ids, machine_id.unwrap_or(0));
     }
 }
 
-/// The job's cost: earlier machines plus the current one since it was rented, and the expected
-/// total at the current ETA. Never less than reported before. Pure.
+/// The job's cost ([`crate::engine::cost::job_cost`]) with what the state file knows: nothing
+/// more is expected once the machine is released. Pure.
 pub fn cost(
     rented: &RentedMachine,
     eta_seconds: Option<i64>,
     previous: Option<&CostStatus>,
     now: DateTime<Utc>,
 ) -> CostStatus {
-    let accrued = round4(
-        (rented.prior_cost + rented.current_cost(now)).max(previous.map(|c| c.accrued).unwrap_or(0.0)),
-    );
-    let running = rented.holds_machine();
-    let price = rented.price_per_hour();
-    let estimated_total = eta_seconds
-        .map(|eta| round4(accrued + if running { price * eta.max(0) as f64 / 3600.0 } else { 0.0 }));
-    CostStatus { price_per_hour: Some(price), accrued, estimated_total }
-}
-
-fn round4(v: f64) -> f64 {
-    (v * 10_000.0).round() / 10_000.0
-}
-
-/// The instance label: `gputrainer:<installation id>:<uid>-<attempt>`, at most 60 characters
-/// (the end of a long uid, its random part, is kept).
-pub fn launch_label(installation_id: &str, uid: &str, attempt: i32) -> String {
-    let suffix = format!("-{attempt}");
-    let room = 60usize.saturating_sub("gputrainer:".len() + installation_id.len() + 1 + suffix.len());
-    let chars: Vec<char> = uid.chars().collect();
-    let kept: String = chars[chars.len().saturating_sub(room)..].iter().collect();
-    format!("gputrainer:{installation_id}:{}{suffix}", kept.trim_start_matches('-'))
-}
-
-/// A fresh random installation id (8 hex characters).
-pub fn random_installation_id() -> String {
-    format!("{:08x}", rand::random::<u32>())
+    let billing = rented.instance_id.is_some() && !rented.released;
+    let eta = if rented.holds_machine() { eta_seconds } else { eta_seconds.map(|_| 0) };
+    let since = if billing { rented.launched_at } else { None };
+    job_cost(rented.price_per_hour(), since, eta, rented.prior_cost, previous, now)
 }
 
 /// The offer `spec.resources` (with the operator's defaults) rents now. When the filtered search
@@ -267,20 +234,6 @@ fn rule_text(rule: Rejection, c: &Criteria) -> String {
     }
 }
 
-/// The offer in one line: GPU, memory, price, reliability, location.
-pub fn describe_offer(o: &Offer) -> String {
-    format!(
-        "{}, {:.0} GB, ${:.3}/h, reliability {:.3}, {} (offer {}, machine {})",
-        describe_gpu(o.num_gpus, &o.gpu_name),
-        o.vram_gb,
-        o.price_per_hour,
-        o.reliability,
-        o.geolocation.as_deref().unwrap_or("unknown location"),
-        o.id,
-        o.machine_id
-    )
-}
-
 /// The most a run can cost at `price_per_hour`: the whole `activeDeadlineSeconds`, or the budget
 /// when that is lower. Returns (dollars, explanation). Pure.
 pub fn cost_ceiling(price_per_hour: f64, active_deadline_seconds: i64, budget: Option<f64>) -> (f64, String) {
@@ -299,46 +252,11 @@ pub fn cost_ceiling(price_per_hour: f64, active_deadline_seconds: i64, budget: O
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::sample_offer;
     use chrono::TimeZone;
 
     fn at(secs: i64) -> DateTime<Utc> {
         Utc.timestamp_opt(1_800_000_000 + secs, 0).unwrap()
-    }
-
-    fn offer(id: i64, gpu: &str, price: f64, vram: f64) -> Offer {
-        Offer {
-            id,
-            machine_id: id + 1,
-            host_id: None,
-            gpu_name: gpu.into(),
-            num_gpus: 1,
-            vram_gb: vram,
-            price_per_hour: price,
-            reliability: 0.99,
-            geolocation: Some("Texas, US".into()),
-            country_code: Some("US".into()),
-            verified: true,
-            disk_gb: 200.0,
-            cuda_max_good: None,
-            inet_down_mbps: None,
-            direct_port_count: None,
-            score: None,
-        }
-    }
-
-    #[test]
-    fn labels_fit_the_provider_limit_and_keep_the_random_part() {
-        let label = launch_label("1a2b3c4d", "lora-0badcafe", 1);
-        assert_eq!(label, "gputrainer:1a2b3c4d:lora-0badcafe-1");
-        let long = format!("{}-0badcafe", "x".repeat(200));
-        let label = launch_label("1a2b3c4d", &long, 12);
-        assert_eq!(label.len(), 60, "{label}");
-        assert!(label.ends_with("-0badcafe-12"), "{label}");
-        assert!(label.starts_with("gputrainer:1a2b3c4d:"), "{label}");
-        assert_eq!(
-            crate::controller::context::parse_instance_label(&label).map(|(i, _)| i),
-            Some("1a2b3c4d")
-        );
     }
 
     #[test]
@@ -390,9 +308,9 @@ mod tests {
             ..Criteria::default()
         };
         let offers = [
-            offer(1, "RTX 4090", 0.4, 24.0),
-            offer(2, "H100 SXM", 2.5, 80.0),
-            offer(3, "H100 PCIE", 1.9, 80.0),
+            sample_offer(1, "RTX 4090", 0.4, 24.0),
+            sample_offer(2, "H100 SXM", 2.5, 80.0),
+            sample_offer(3, "H100 PCIE", 1.9, 80.0),
         ];
         let no_match = select_offer(&offers, &criteria).unwrap_err();
         let text = explain_no_offers(&criteria, offers.len(), &no_match.rejected);
@@ -413,14 +331,5 @@ mod tests {
         assert_eq!(dollars, 1.25);
         assert!(why.starts_with("budget.maxTotalCost") && why.contains("$2.00"), "{why}");
         assert_eq!(cost_ceiling(0.5, 4 * 3600, Some(5.0)).0, 2.0);
-    }
-
-    #[test]
-    fn offers_are_described_with_price_reliability_and_place() {
-        let text = describe_offer(&offer(4000017, "RTX 4090", 0.4123, 24.4));
-        assert_eq!(
-            text,
-            "RTX 4090, 24 GB, $0.412/h, reliability 0.990, Texas, US (offer 4000017, machine 4000018)"
-        );
     }
 }

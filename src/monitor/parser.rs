@@ -47,6 +47,19 @@ impl ParserKind {
     }
 }
 
+/// The parser for the log format a tool's definition names.
+impl From<crate::remote::tool::Parser> for ParserKind {
+    fn from(parser: crate::remote::tool::Parser) -> Self {
+        use crate::remote::tool::Parser;
+        match parser {
+            Parser::Tqdm => ParserKind::Tqdm,
+            Parser::AiToolkit => ParserKind::AiToolkit,
+            Parser::Kohya => ParserKind::Kohya,
+            Parser::Diffusers => ParserKind::Diffusers,
+        }
+    }
+}
+
 impl fmt::Display for ParserKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())

@@ -433,6 +433,29 @@ pub trait GpuProvider: Send + Sync {
     async fn attach_ssh_key(&self, id: InstanceId, public_key: &str) -> Result<()>;
 }
 
+/// An offer for unit tests: one GPU in Texas, reliability 0.99, machine id = offer id + 1.
+#[cfg(test)]
+pub(crate) fn sample_offer(id: i64, gpu: &str, price: f64, vram: f64) -> Offer {
+    Offer {
+        id,
+        machine_id: id + 1,
+        host_id: None,
+        gpu_name: gpu.into(),
+        num_gpus: 1,
+        vram_gb: vram,
+        price_per_hour: price,
+        reliability: 0.99,
+        geolocation: Some("Texas, US".into()),
+        country_code: Some("US".into()),
+        verified: true,
+        disk_gb: 200.0,
+        cuda_max_good: None,
+        inet_down_mbps: None,
+        direct_port_count: None,
+        score: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,16 +9,16 @@ use std::time::Duration;
 use super::hostile::{Authorized, HostileConfig, HostileServer, Mode};
 use super::ssh::{SshExec, SshKey, SshOptions, SshTarget};
 use super::{OutputChunk, Phase, RemoteError, RemoteExec, RunOptions};
-use crate::controller::SshProbe;
-use crate::controller::probe::RusshProbe;
+use crate::machine::SshProbe;
+use crate::machine::probe::RusshProbe;
 
 fn key() -> SshKey {
-    let (private, _) = crate::controller::gpuinstance::sshkey::generate_key("hostile-test").unwrap();
+    let (private, _) = crate::machine::key::generate_key("hostile-test").unwrap();
     SshKey::from_bytes(private.as_bytes()).unwrap()
 }
 
 fn private_key() -> String {
-    crate::controller::gpuinstance::sshkey::generate_key("hostile-test").unwrap().0
+    crate::machine::key::generate_key("hostile-test").unwrap().0
 }
 
 /// Short limits everywhere, so each case ends in seconds.
@@ -165,7 +165,7 @@ async fn a_line_without_end_is_refused_at_the_line_limit() {
 async fn a_stalled_key_exchange_fails_the_connect_naming_the_handshake() {
     let server = server(Mode::StallKeyExchange).await;
     let err = ends(SshExec::connect(target(server.port()), key(), None, options())).await.err().unwrap();
-    let chain = crate::controller::gpuinstance::error_chain(&err);
+    let chain = crate::error::error_chain(&err);
     assert!(matches!(err, RemoteError::Connect { .. }), "{err:?}");
     assert!(chain.contains("did not finish the SSH handshake"), "{chain}");
 }

@@ -239,6 +239,10 @@ pub async fn reset(exec: &dyn RemoteExec, layout: &RemoteLayout) -> Result<(), R
     check(&out, "reset the training state")
 }
 
+/// How long a job's trainer gets after TERM to save and exit before it is killed (a stall,
+/// deadline, budget stop, suspend or Ctrl-C).
+pub const STOP_GRACE: Duration = Duration::from_secs(30);
+
 /// Stops training: TERM to the process group, up to `grace` for it to end, then KILL. Records
 /// exit code 137 when the wrapper could not (it was killed too).
 pub async fn stop(

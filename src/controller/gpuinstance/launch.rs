@@ -15,15 +15,20 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use tracing::{info, warn};
 
-use super::decide::{PendingCreate, annotation_time, choose_survivor, pending_create};
-use super::{Error, kube_err, onstart, provider_err, sshkey};
+use super::{Error, kube_err, provider_err, sshkey};
 use crate::api::{
     CREATE_PENDING_ANNOTATION, CREATE_SUCCEEDED_ANNOTATION, ConditionStatus, GpuInstance, GpuInstancePhase,
     GpuInstanceStatus, OfferStatus, Reason, instance_condition, set_condition, to_k8s_time,
 };
-use crate::controller::context::crash_point;
+use crate::controller::Context;
 use crate::controller::patch::{is_conflict, set_annotations_locked};
-use crate::controller::{Context, instance_label};
+use crate::crash::crash_point;
+use crate::machine::decide::{
+    PendingCreate, annotation_time, avoided_machines, choose_survivor, exclude_machine, pending_create,
+};
+use crate::machine::instance_label;
+use crate::machine::offer::{describe_offer, offer_status};
+use crate::machine::onstart;
 use crate::metrics::OutcomeLabels;
 use crate::provider::select::{Criteria, select_offer};
 use crate::provider::{Instance, InstanceId, InstanceState, LaunchRequest, Offer, OfferOrder, OfferQuery};
@@ -62,7 +67,7 @@ pub async fn ensure_launched(
     };
 
     let mut excluded = status.excluded_machine_ids.clone();
-    excluded.extend(super::decide::avoided_machines(instance));
+    excluded.extend(avoided_machines(instance));
     let criteria = Criteria::from_requirements(&instance.spec.requirements, &ctx.provider_config, &excluded);
     let offers =
         ctx.provider.search_offers(&query_for(&criteria)).await.map_err(provider_err("search offers"))?;
@@ -157,7 +162,7 @@ pub async fn ensure_launched(
                     .destroy_instance(contract)
                     .await
                     .map_err(provider_err("destroy a contract left by a failed rent"))?;
-                exclude_machine(status, offer.machine_id);
+                exclude_machine(&mut status.excluded_machine_ids, offer.machine_id);
                 ctx.event(instance, EventType::Warning, Reason::BootFailed, "Launch",
                     format!("Renting {} failed and left contract {contract}, which was destroyed; trying another offer", describe_offer(&offer))).await;
                 clear_pending(api, &marked).await?;
@@ -342,35 +347,6 @@ fn adopt(status: &mut GpuInstanceStatus, instance: &Instance, now: DateTime<Utc>
         None,
         now,
     );
-}
-
-pub(crate) fn offer_status(offer: &Offer) -> OfferStatus {
-    OfferStatus {
-        id: offer.id,
-        machine_id: offer.machine_id,
-        gpu_name: offer.gpu_name.clone(),
-        num_gpus: offer.num_gpus,
-        vram_gb: offer.vram_gb,
-        price_per_hour: offer.price_per_hour,
-        reliability: offer.reliability,
-        geolocation: offer.geolocation.clone(),
-    }
-}
-
-fn describe_offer(offer: &Offer) -> String {
-    format!(
-        "offer {} ({}, ${:.3}/h, machine {})",
-        offer.id,
-        crate::api::describe_gpu(offer.num_gpus, &offer.gpu_name),
-        offer.price_per_hour,
-        offer.machine_id
-    )
-}
-
-pub(crate) fn exclude_machine(status: &mut GpuInstanceStatus, machine_id: i64) {
-    if machine_id != 0 && !status.excluded_machine_ids.contains(&machine_id) {
-        status.excluded_machine_ids.push(machine_id);
-    }
 }
 
 pub(crate) fn set_reason(status: &mut GpuInstanceStatus, reason: Reason, message: &str) {

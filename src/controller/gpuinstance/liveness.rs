@@ -8,8 +8,7 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 
-use super::decide::{Verdict, boot_deadline_passed, boot_time_left, boot_timeout, classify};
-use super::launch::{exclude_machine, set_reason};
+use super::launch::set_reason;
 use super::{Error, provider_err, sshkey};
 use crate::api::{
     ConditionStatus, GpuInstance, GpuInstancePhase, GpuInstanceStatus, ProviderStatus, Reason,
@@ -17,6 +16,9 @@ use crate::api::{
 };
 use crate::controller::Context;
 use crate::controller::pass_limit::StepTracker;
+use crate::machine::decide::{
+    Verdict, boot_deadline_passed, boot_time_left, boot_timeout, classify, exclude_machine,
+};
 use crate::provider::{Instance, InstanceId};
 use crate::remote::ssh::SshTarget;
 
@@ -82,7 +84,7 @@ pub async fn observe(
         Verdict::Release { reason, lost, exclude_machine: exclude, message } => {
             ctx.provider.destroy_instance(id).await.map_err(provider_err("destroy a failed instance"))?;
             if let (true, Some(machine)) = (exclude, observed.machine_id) {
-                exclude_machine(status, machine);
+                exclude_machine(&mut status.excluded_machine_ids, machine);
             }
             let phase = if lost { GpuInstancePhase::Lost } else { GpuInstancePhase::Failed };
             mark_released(status, phase, reason, &message, now);
@@ -219,7 +221,7 @@ async fn check_boot_deadline(
         .await
         .map_err(provider_err("destroy an instance that did not boot"))?;
     if let Some(machine) = observed.machine_id {
-        exclude_machine(status, machine);
+        exclude_machine(&mut status.excluded_machine_ids, machine);
     }
     // What the machine last did when asked (the probe's failure) says why it never became ready.
     let last_check = status

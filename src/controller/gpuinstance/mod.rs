@@ -8,10 +8,8 @@
 //! [`decide`]. Every reconcile reads the object, decides, acts, and writes status once, only when
 //! it changed.
 
-pub mod decide;
 pub mod launch;
 pub mod liveness;
-pub mod onstart;
 pub mod sshkey;
 pub mod terminate;
 pub mod verdict;
@@ -31,6 +29,7 @@ use super::Context;
 use super::pass_limit::{StepTracker, within};
 use super::patch::{GPUINSTANCE_MANAGER, apply_status, set_finalizers_locked};
 use crate::api::{GPUINSTANCE_FINALIZER, GpuInstance, GpuInstancePhase, GpuInstanceStatus};
+use crate::error::error_chain;
 use crate::provider;
 
 /// Name of this controller in metrics and logs.
@@ -178,18 +177,6 @@ pub fn error_policy(instance: Arc<GpuInstance>, error: &Error, ctx: Arc<Context>
         _ => None,
     };
     Action::requeue(retry_after.unwrap_or(Duration::from_secs(5)))
-}
-
-/// `error: cause: cause` on one line, for logs.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        out.push_str(": ");
-        out.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    out
 }
 
 /// Runs the controller until `shutdown` resolves.

@@ -6,10 +6,11 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::{Resource, ResourceExt};
-use russh::keys::ssh_key::private::Ed25519Keypair;
-use russh::keys::ssh_key::{LineEnding, PrivateKey};
+
+use russh::keys::ssh_key::PrivateKey;
 
 use crate::api::GpuInstance;
+use crate::machine::key::{GenerateKeyError, generate_key};
 
 /// Secret key holding the OpenSSH private key.
 pub const PRIVATE_KEY: &str = "ssh-privatekey";
@@ -32,8 +33,8 @@ pub enum KeyError {
     },
     #[error("Secret {name} has no usable {PRIVATE_KEY} (an OpenSSH ed25519 private key)")]
     Unusable { name: String },
-    #[error("failed to generate an SSH key")]
-    Generate,
+    #[error(transparent)]
+    Generate(#[from] GenerateKeyError),
 }
 
 /// The key pair to use for a machine.
@@ -53,16 +54,6 @@ impl std::fmt::Debug for KeyPair {
 /// The name of the generated key's Secret.
 pub fn generated_secret_name(instance: &GpuInstance) -> String {
     format!("{}-ssh-key", instance.name_any())
-}
-
-/// A fresh ed25519 key pair in OpenSSH format: (private, public).
-pub fn generate_key(comment: &str) -> Result<(String, String), KeyError> {
-    let seed: [u8; 32] = rand::random();
-    let mut key = PrivateKey::from(Ed25519Keypair::from_seed(&seed));
-    key.set_comment(comment);
-    let private = key.to_openssh(LineEnding::LF).map_err(|_| KeyError::Generate)?.to_string();
-    let public = key.public_key().to_openssh().map_err(|_| KeyError::Generate)?;
-    Ok((private, public))
 }
 
 /// Returns the instance's key pair, creating the generated Secret when needed.
@@ -124,19 +115,4 @@ fn key_from_secret(secret: &Secret, name: &str) -> Result<KeyPair, KeyError> {
     let key = PrivateKey::from_openssh(&private).map_err(|_| unusable())?;
     let public = key.public_key().to_openssh().map_err(|_| unusable())?;
     Ok(KeyPair { private_openssh: private, public_openssh: public, secret_name: name.to_string() })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn generated_keys_are_distinct_ed25519_pairs() {
-        let (private_a, public_a) = generate_key("a").unwrap();
-        let (_, public_b) = generate_key("b").unwrap();
-        assert_ne!(public_a, public_b);
-        assert!(public_a.starts_with("ssh-ed25519 "));
-        let parsed = PrivateKey::from_openssh(&private_a).unwrap();
-        assert_eq!(parsed.public_key().to_openssh().unwrap(), public_a);
-    }
 }

@@ -11,7 +11,6 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use tracing::info;
 
-use super::decide::is_gone;
 use super::launch::set_reason;
 use super::liveness::provider_id;
 use super::{Error, kube_err, provider_err, write_status};
@@ -19,8 +18,10 @@ use crate::api::{
     ConditionStatus, GPUINSTANCE_FINALIZER, GpuInstance, GpuInstancePhase, GpuInstanceStatus, Reason,
     find_condition, from_k8s_time, instance_condition, is_condition_true, set_condition,
 };
+use crate::controller::Context;
 use crate::controller::patch::{is_conflict, set_finalizers_locked};
-use crate::controller::{Context, instance_label};
+use crate::machine::decide::is_gone;
+use crate::machine::instance_label;
 use crate::metrics::OutcomeLabels;
 use crate::provider::{InstanceId, InstanceState};
 
@@ -63,8 +64,10 @@ pub async fn cleanup(api: &Api<GpuInstance>, instance: &GpuInstance, ctx: &Conte
     let gone = match destroy_everything(instance, &status, ctx).await {
         Ok(gone) => gone,
         Err(err) => {
-            let message =
-                format!("releasing the machine; the last attempt failed: {}", super::error_chain(&err));
+            let message = format!(
+                "releasing the machine; the last attempt failed: {}",
+                crate::error::error_chain(&err)
+            );
             tracing::warn!(gpuinstance = %instance.name_any(), error = %message, "Destroy attempt failed");
             ctx.metrics.reconcile_failed(super::CONTROLLER, err.category());
             set_reason(&mut status, Reason::Terminating, &message);

@@ -11,11 +11,11 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use tracing::info;
 
-use super::launch::exclude_machine;
 use super::liveness::{mark_released, provider_id};
 use super::{Error, provider_err};
 use crate::api::{GpuInstance, GpuInstancePhase, GpuInstanceStatus, RELEASE_REQUESTED_ANNOTATION, Reason};
 use crate::controller::Context;
+use crate::machine::decide::exclude_machine;
 
 /// Reasons a release may be requested for; anything else in the annotation reads as
 /// `InstanceLost`, so the annotation cannot make up a reason.
@@ -86,7 +86,7 @@ pub async fn release(
         .await
         .map_err(provider_err("destroy a machine released for what it did"))?;
     if let Some(machine) = status.offer.as_ref().map(|o| o.machine_id) {
-        exclude_machine(status, machine);
+        exclude_machine(&mut status.excluded_machine_ids, machine);
     }
     let message = format!("instance {id}: {}; released it", request.message);
     mark_released(status, GpuInstancePhase::Lost, request.reason, &message, now);

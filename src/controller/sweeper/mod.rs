@@ -84,7 +84,7 @@ pub async fn run(ctx: Arc<Context>, config: SweeperConfig, mut shutdown: watch::
         }
         match sweep_once(&ctx, &rules, &config, &suspects).await {
             Ok(report) => suspects = report.plan.suspects,
-            Err(err) => warn!(error = %super::gpuinstance::error_chain(&err), "Sweep pass failed"),
+            Err(err) => warn!(error = %crate::error::error_chain(&err), "Sweep pass failed"),
         }
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::controller::parse_instance_label;
+use crate::machine::parse_instance_label;
 use crate::provider::{Instance, InstanceId, InstanceState};
 
 /// What the sweeper knows of one GpuInstance.

@@ -22,12 +22,9 @@ use crate::remote::launch::{self, RemoteLayout, StopOutcome};
 use crate::remote::tool::RenderedTool;
 use crate::remote::{RemoteExec, RunOptions, shell_quote};
 
-/// How long the trainer gets after TERM to save and exit.
-pub const STOP_GRACE: Duration = Duration::from_secs(30);
-
 /// Stops the trainer if it runs (TERM, grace, KILL).
 pub async fn stop(exec: &dyn RemoteExec, layout: &RemoteLayout) -> Result<StopOutcome, Error> {
-    Ok(launch::stop(exec, layout, STOP_GRACE).await?)
+    Ok(launch::stop(exec, layout, launch::STOP_GRACE).await?)
 }
 
 /// The final model the trainer left on the machine, with size and SHA-256 (computed on the
@@ -186,7 +183,7 @@ impl Pass<'_> {
         self.persist().await?;
         if let Some(instance) = &self.status.instance {
             provision::ensure_instance_deleted(&self.instances, &instance.name).await?;
-            crate::controller::context::crash_point("after-job-release");
+            crate::crash::crash_point("after-job-release");
         }
         Ok(())
     }

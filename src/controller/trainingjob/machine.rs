@@ -11,7 +11,7 @@ use kube::runtime::events::EventType;
 use tracing::info;
 
 use super::pass::Pass;
-use super::{Error, provision, train};
+use super::{Error, provision};
 use crate::api::{
     ConditionStatus, GpuInstance, Reason, TrainingJobPhase, from_k8s_time, is_condition_true, job_condition,
     set_condition, to_k8s_time,
@@ -37,15 +37,15 @@ impl Pass<'_> {
             self.status.message = Some(message);
         }
         let eta = self.status.progress.as_ref().and_then(|p| p.eta_seconds);
-        if let Some(cost) = train::cost(
-            gi_status.offer.as_ref().map(|o| o.price_per_hour),
-            gi_status.launched_at.as_ref().map(from_k8s_time),
-            eta,
-            provision::prior_cost(instance),
-            self.status.cost.as_ref(),
-            now,
-        ) {
-            self.status.cost = Some(cost);
+        if let Some(offer) = &gi_status.offer {
+            self.status.cost = Some(crate::engine::cost::job_cost(
+                offer.price_per_hour,
+                gi_status.launched_at.as_ref().map(from_k8s_time),
+                eta,
+                provision::prior_cost(instance),
+                self.status.cost.as_ref(),
+                now,
+            ));
         }
         if let MachineObservation::Ready { .. } = machine
             && !is_condition_true(&self.status.conditions, job_condition::INSTANCE_READY)

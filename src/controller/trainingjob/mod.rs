@@ -21,7 +21,6 @@ pub mod stage;
 pub mod suspend;
 pub mod train;
 mod upload;
-pub mod validate;
 pub mod verdict;
 
 use std::collections::HashSet;
@@ -38,11 +37,13 @@ use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
 use super::Context;
-use super::gpuinstance::error_chain;
 use super::pass_limit;
 use super::patch::{TRAININGJOB_MANAGER, apply_status};
 use crate::api::{GpuInstance, Reason, TrainingJob, TrainingJobPhase, TrainingJobStatus, from_k8s_time};
 use crate::artifacts::address::EndpointPolicy;
+use crate::engine::cost::only_cost_accrued;
+use crate::engine::validate::{FrontEnd, validate};
+use crate::error::error_chain;
 use crate::remote::launch::RemoteLayout;
 use crate::remote::tool::{JobContext, ToolRegistry};
 use pass::Pass;
@@ -59,6 +60,8 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error(transparent)]
+    Secret(#[from] crate::engine::env::SecretReadError),
     #[error("remote operation failed")]
     Remote(#[from] crate::remote::RemoteError),
     #[error("tool failed")]
@@ -76,16 +79,33 @@ pub enum Error {
     Missing(&'static str),
     #[error("the pass was abandoned after {} s in the {} step", .0.after.as_secs(), .0.step)]
     Abandoned(crate::controller::pass_limit::Abandoned),
+    /// A step failed for good where its caller did not expect it (a bug): retried like any error.
+    #[error("{0}")]
+    Failed(crate::engine::outcome::Failure),
     /// The machine's host key was never recorded: connecting would trust whatever key it shows.
     #[error("{0}")]
     UnpinnedHostKey(String),
+}
+
+/// A shared step's retryable error (its `Failed` outcome is handled where the step is run).
+impl From<crate::engine::outcome::StepError> for Error {
+    fn from(err: crate::engine::outcome::StepError) -> Self {
+        use crate::engine::outcome::StepError;
+        match err {
+            StepError::Remote(err) => Error::Remote(err),
+            StepError::Tool(err) => Error::Tool(err),
+            StepError::Dataset(err) => Error::Dataset(err),
+            StepError::Secret(err) => Error::Secret(err),
+            StepError::Failed(failure) => Error::Failed(failure),
+        }
+    }
 }
 
 impl Error {
     /// A bounded label for metrics.
     pub fn category(&self) -> &'static str {
         match self {
-            Error::Kube { .. } => "Kube",
+            Error::Kube { .. } | Error::Secret(_) => "Kube",
             Error::Remote(_) => "Remote",
             Error::Tool(_) => "Tool",
             Error::Dataset(_) => "Dataset",
@@ -93,6 +113,7 @@ impl Error {
             Error::Key(_) | Error::SshKey(_) => "SshKey",
             Error::Missing(_) => "InvalidObject",
             Error::Abandoned(_) => "Abandoned",
+            Error::Failed(_) => "Failed",
             Error::UnpinnedHostKey(_) => "SshKey",
         }
     }
@@ -167,7 +188,7 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctrl: Arc<JobController>) -> Resul
         };
     }
 
-    let tool = match validate::validate(&job.spec, &ctrl.tools) {
+    let tool = match validate(&job.spec, &ctrl.tools, FrontEnd::Cluster) {
         Ok(tool) => tool,
         Err(invalid) => {
             let mut status = before.clone();
@@ -251,7 +272,7 @@ fn deadline_left(
 }
 
 /// Writes `status` when it differs from `before` (what the API server holds); a cost that only
-/// accrued waits until it is worth a write ([`train::only_cost_accrued`]). Returns what the API
+/// accrued waits until it is worth a write ([`only_cost_accrued`]). Returns what the API
 /// server holds afterwards.
 pub(super) async fn write_status(
     api: &Api<TrainingJob>,
@@ -260,7 +281,7 @@ pub(super) async fn write_status(
     mut status: TrainingJobStatus,
 ) -> Result<TrainingJobStatus, Error> {
     status.observed_generation = job.metadata.generation;
-    if &status == before || train::only_cost_accrued(before, &status) {
+    if &status == before || only_cost_accrued(before, &status) {
         return Ok(before.clone());
     }
     apply_status(api, &job.name_any(), TRAININGJOB_MANAGER, &status)

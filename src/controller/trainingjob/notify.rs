@@ -14,7 +14,7 @@ use crate::api::{Reason, TrainingJobStatus};
 use crate::artifacts::notify::{
     CheckpointFacts, EventKind, JobRef, Notification, ProgressFacts, WebhookNotifier, WebhookUrl,
 };
-use crate::controller::gpuinstance::error_chain;
+use crate::error::error_chain;
 
 /// What a finished job's message is about: stopped by the operator, succeeded, or failed. Pure.
 pub fn finish_kind(reason: Reason) -> EventKind {

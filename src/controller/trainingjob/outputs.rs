@@ -16,7 +16,7 @@ use crate::artifacts::s3::S3Store;
 use crate::artifacts::settings::{output_endpoint_field, secret_bytes};
 use crate::artifacts::upload::{JobUploadLimits, UploadLimits};
 use crate::artifacts::{S3Settings, UploadSettings};
-use crate::controller::gpuinstance::error_chain;
+use crate::error::error_chain;
 use crate::monitor::checkpoints::Checkpoint;
 use crate::monitor::remote_names::check_relative_path;
 

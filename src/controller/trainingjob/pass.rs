@@ -19,6 +19,9 @@ use crate::api::{
     is_condition_true, job_condition, set_condition,
 };
 use crate::controller::pass_limit::StepTracker;
+use crate::engine::env::{EnvError, resolve_env};
+use crate::engine::outcome::StepError;
+use crate::engine::stage::StageInput;
 use crate::engine::{MachineObservation, Observations, Step, TrainingObservation, next_step};
 use crate::remote::launch::{self, LaunchOutcome, RemoteLayout};
 use crate::remote::tool::RenderedTool;
@@ -92,8 +95,11 @@ impl Pass<'_> {
                     return Ok(Action::await_change());
                 }
             }
-            if train::soft_deadline_passed(&self.job.spec, &self.status, now)
-                && !is_condition_true(&self.status.conditions, train::SOFT_DEADLINE_CONDITION)
+            if crate::engine::progress::soft_deadline_passed(&self.job.spec, &self.status, now)
+                && !is_condition_true(
+                    &self.status.conditions,
+                    crate::engine::progress::SOFT_DEADLINE_CONDITION,
+                )
             {
                 let message = format!(
                     "softDeadlineSeconds ({} s) passed; the job keeps running",
@@ -101,7 +107,7 @@ impl Pass<'_> {
                 );
                 set_condition(
                     &mut self.status.conditions,
-                    train::SOFT_DEADLINE_CONDITION,
+                    crate::engine::progress::SOFT_DEADLINE_CONDITION,
                     ConditionStatus::True,
                     Reason::SoftDeadlineExceeded,
                     &message,
@@ -209,7 +215,15 @@ impl Pass<'_> {
         if let Some(instance) = instance {
             stage::claim_work_dir(exec.as_ref(), &self.layout, &instance.name_any()).await?;
         }
-        match stage::stage(exec.as_ref(), &self.layout, &self.job.spec, &self.tool, &self.secrets).await? {
+        let input = StageInput {
+            exec: exec.as_ref(),
+            layout: &self.layout,
+            spec: &self.job.spec,
+            tool: &self.tool,
+            secrets: &train::NamespaceSecrets(&self.secrets),
+            local: None,
+        };
+        match crate::engine::stage::stage(&input).await {
             Ok(message) => {
                 // A replacement machine gets its checkpoint before it counts as staged.
                 self.restore(runtime, exec.as_ref()).await?;
@@ -225,7 +239,10 @@ impl Pass<'_> {
                 self.event(EventType::Normal, Reason::Staged, "Stage", &message).await;
                 Ok(())
             }
-            Err((reason, message)) => self.finish(runtime, TrainingJobPhase::Failed, reason, &message).await,
+            Err(StepError::Failed(failure)) => {
+                self.finish(runtime, TrainingJobPhase::Failed, failure.reason, &failure.message).await
+            }
+            Err(err) => Err(err.into()),
         }
     }
 
@@ -237,9 +254,11 @@ impl Pass<'_> {
         resume: bool,
     ) -> Result<(), Error> {
         let exec = self.session(runtime, instance).await?;
-        let env = match train::resolve_env(&self.secrets, &self.job.spec).await? {
+        let env = match resolve_env(&train::NamespaceSecrets(&self.secrets), &self.job.spec.env).await {
             Ok(env) => env,
-            Err(message) => {
+            Err(EnvError::Read(err)) => return Err(err.into()),
+            Err(unresolvable @ EnvError::Unresolvable { .. }) => {
+                let message = unresolvable.to_string();
                 return self
                     .finish(runtime, TrainingJobPhase::Failed, Reason::SecretNotFound, &message)
                     .await;

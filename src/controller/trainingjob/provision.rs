@@ -13,12 +13,10 @@ use crate::api::{
     GpuInstance, GpuInstancePhase, GpuInstanceSpec, GpuInstanceStatus, JobInstanceStatus, Reason, SecretRef,
     TrainingJob, describe_gpu, instance_condition, is_condition_true,
 };
-use crate::controller::gpuinstance::sshkey::{PRIVATE_KEY, PUBLIC_KEY, generate_key};
+use crate::controller::gpuinstance::sshkey::{PRIVATE_KEY, PUBLIC_KEY};
 use crate::engine::MachineObservation;
-
-/// Seconds the machine may outlive the job's deadline: time to stop, collect and release. The
-/// dead-man timer on the machine fires after this even if the operator is gone.
-pub const LIFETIME_MARGIN_SECONDS: i64 = 1800;
+use crate::machine::key::generate_key;
+use crate::machine::onstart::job_machine_lifetime_seconds;
 
 /// Annotation on a job's GpuInstance: US dollars spent on the job's earlier machines, so the
 /// job's cost is that plus this machine's, from status alone after a restart.
@@ -55,7 +53,7 @@ pub fn desired_instance(
         onstart: None,
         ssh_public_key: None,
         ssh_key_secret_ref: Some(SecretRef { name: key_secret_name(&name) }),
-        max_lifetime_seconds: (job.spec.active_deadline_seconds + LIFETIME_MARGIN_SECONDS).max(300),
+        max_lifetime_seconds: job_machine_lifetime_seconds(job.spec.active_deadline_seconds),
     };
     let mut instance = GpuInstance::new(&instance_name(&name, attempt), spec);
     instance.metadata.namespace = job.namespace();
@@ -119,7 +117,7 @@ pub fn provisioning_message(name: &str, attempt: i32, status: &GpuInstanceStatus
 /// it was told to avoid, and its own machine when that was lost or failed. Pure.
 pub fn machines_to_avoid(previous: &GpuInstance) -> Vec<i64> {
     let status = previous.status.clone().unwrap_or_default();
-    let mut ids = crate::controller::gpuinstance::decide::avoided_machines(previous);
+    let mut ids = crate::machine::decide::avoided_machines(previous);
     ids.extend(status.excluded_machine_ids.iter().copied());
     if matches!(status.phase, GpuInstancePhase::Lost | GpuInstancePhase::Failed)
         && let Some(machine) = status.offer.as_ref().map(|o| o.machine_id).filter(|m| *m != 0)
@@ -155,7 +153,8 @@ pub async fn ensure_key_secret(secrets: &Api<Secret>, job: &TrainingJob) -> Resu
     if found.is_some() {
         return Ok(());
     }
-    let (private, public) = generate_key(&format!("gpu-trainer:{job_name}"))?;
+    let (private, public) = generate_key(&format!("gpu-trainer:{job_name}"))
+        .map_err(crate::controller::gpuinstance::sshkey::KeyError::from)?;
     let owner = job.controller_owner_ref(&()).map(|mut o| {
         // The GpuInstance, not the Secret, is the job's controlled child.
         o.controller = Some(false);
@@ -239,7 +238,7 @@ mod tests {
         assert_eq!(gi.spec.image, "python:3.12-slim");
         assert_eq!(gi.spec.requirements.gpu.names, ["RTX 4090"]);
         assert_eq!(gi.spec.ssh_key_secret_ref.as_ref().unwrap().name, "lora-ssh-key");
-        assert_eq!(gi.spec.max_lifetime_seconds, 3600 + LIFETIME_MARGIN_SECONDS);
+        assert_eq!(gi.spec.max_lifetime_seconds, 3600 + crate::machine::onstart::LIFETIME_MARGIN_SECONDS);
         assert_eq!(prior_cost(&gi), 0.25);
     }
 
@@ -304,7 +303,7 @@ mod tests {
         assert_eq!(machines_to_avoid(&lost), [3, 7, 9, 42]);
         // The replacement carries them, and the GpuInstance controller reads them back.
         let next = desired_instance(&job(), 2, "img", 0.0, &machines_to_avoid(&lost)).unwrap();
-        assert_eq!(crate::controller::gpuinstance::decide::avoided_machines(&next), [3, 7, 9, 42]);
+        assert_eq!(crate::machine::decide::avoided_machines(&next), [3, 7, 9, 42]);
         // A machine that merely finished (the job was suspended) is fine to rent again.
         status.phase = GpuInstancePhase::Terminated;
         assert_eq!(machines_to_avoid(&with_status(status)), [3, 7]);

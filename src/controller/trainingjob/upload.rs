@@ -26,7 +26,7 @@ use tracing::{info, warn};
 use super::outputs::{self, Outputs};
 use super::pass::Pass;
 use super::session::JobRuntime;
-use super::{Error, finish, train};
+use super::{Error, finish};
 use crate::api::{
     ArtifactStatus, CheckpointStatus, ConditionStatus, Reason, TrainingJobPhase, job_condition, set_condition,
 };
@@ -35,7 +35,7 @@ use crate::artifacts::download::download;
 use crate::artifacts::huggingface::{HfUpload, upload_to_hub};
 use crate::artifacts::model_card::write_to_machine;
 use crate::artifacts::{ArtifactError, UploadItem, UploadSettings, Uploader};
-use crate::controller::gpuinstance::error_chain;
+use crate::error::error_chain;
 use crate::monitor::checkpoints::{Checkpoint, CheckpointInventory};
 use crate::monitor::remote_names::RefusedNames;
 use crate::remote::{MachineFault, RemoteError, RemoteExec};
@@ -142,7 +142,7 @@ impl Pass<'_> {
         runtime: &mut JobRuntime,
         exec: &dyn RemoteExec,
     ) -> Result<CheckpointInventory, Error> {
-        let kind = train::parser_kind(self.tool.parser);
+        let kind = crate::monitor::ParserKind::from(self.tool.parser);
         match crate::monitor::poller::checkpoint_inventory(exec, &self.layout.output_dir(), kind).await {
             Ok(inventory) => {
                 self.report_refused_names(runtime, "its output folder", &inventory.refused).await;

@@ -11,8 +11,8 @@ use tracing::warn;
 
 use super::Error;
 use crate::api::{GpuInstance, Reason};
-use crate::controller::gpuinstance::error_chain;
 use crate::controller::gpuinstance::verdict::request_release;
+use crate::error::error_chain;
 use crate::remote::{MachineFault, RemoteError};
 
 /// Passes in a row that end with the machine not answering before it is given up.

@@ -1,4 +1,4 @@
-//! The SSH reachability check of the GpuInstance controller, over the same russh transport the
+//! The SSH reachability check of a rented machine (the GpuInstance controller's), over the same russh transport the
 //! job engine uses: connect with the instance's key, have the machine echo a random token, report
 //! the host key.
 //!
@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::SshProbe;
 use crate::remote::ssh::{SshExec, SshKey, SshOptions, SshTarget};
 use crate::remote::{ExecOutput, OutputChunk, RemoteExec, RunOptions};
 
@@ -21,6 +20,12 @@ const OUTPUT_LIMIT: usize = 256;
 /// Left for the command's own timeout to fire (naming the step the machine stopped at) before
 /// the probe's deadline does.
 const MARGIN: Duration = Duration::from_millis(500);
+
+/// Checks that a machine answers SSH with a key; returns the host key's SHA-256 fingerprint.
+#[async_trait]
+pub trait SshProbe: Send + Sync {
+    async fn probe(&self, target: &SshTarget, private_key_openssh: &str) -> Result<String, String>;
+}
 
 /// Probes within one deadline: the controller asks again on its next pass rather than waiting.
 pub struct RusshProbe {
@@ -58,7 +63,7 @@ impl RusshProbe {
         };
         let exec = SshExec::connect(target.clone(), key, None, options)
             .await
-            .map_err(|e| crate::controller::gpuinstance::error_chain(&e))?;
+            .map_err(|e| crate::error::error_chain(&e))?;
         let token = format!("gpu-trainer-probe-{}", hex::encode(rand::random::<[u8; 8]>()));
         let left = self.deadline.saturating_sub(started.elapsed()).saturating_sub(MARGIN).max(MARGIN);
         let opts = RunOptions { timeout: left, output_limit: OUTPUT_LIMIT, ..Default::default() };
@@ -79,7 +84,7 @@ async fn echo(exec: &SshExec, command: &str, opts: RunOptions) -> Result<ExecOut
     let mut seen = 0;
     loop {
         tokio::select! {
-            out = &mut run => return out.map_err(|e| crate::controller::gpuinstance::error_chain(&e)),
+            out = &mut run => return out.map_err(|e| crate::error::error_chain(&e)),
             Some(chunk) = rx.recv() => {
                 let (OutputChunk::Stdout(bytes) | OutputChunk::Stderr(bytes)) = chunk;
                 seen += bytes.len();
@@ -178,7 +183,7 @@ mod tests {
         });
         let probe = RusshProbe { deadline: Duration::from_secs(2) };
         let target = SshTarget { host: "127.0.0.1".into(), port, user: "root".into() };
-        let (key, _) = crate::controller::gpuinstance::sshkey::generate_key("probe-test").unwrap();
+        let (key, _) = crate::machine::key::generate_key("probe-test").unwrap();
         let result = tokio::time::timeout(Duration::from_secs(30), probe.probe(&target, &key)).await;
         let err = result.expect("the probe outlived its deadline").unwrap_err();
         assert!(err.contains("handshake") || err.contains("did not finish"), "{err}");

@@ -131,6 +131,14 @@ pub fn is_gone(instance: Option<&Instance>) -> bool {
     instance.is_none_or(|i| i.state == InstanceState::Released)
 }
 
+/// Adds a machine that failed a job (or an instance) to its exclusion list, so it is never
+/// rented for it again. Id 0 (unknown) and repeats are left out.
+pub fn exclude_machine(excluded: &mut Vec<i64>, machine_id: i64) {
+    if machine_id != 0 && !excluded.contains(&machine_id) {
+        excluded.push(machine_id);
+    }
+}
+
 /// The timestamp format of the create-pending and create-succeeded annotations.
 pub fn annotation_time(now: DateTime<Utc>) -> String {
     now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)

@@ -19,6 +19,19 @@ const TIMER_DIR: &str = "/workspace/gputrainer";
 /// The shortest lifetime the timer accepts: a machine needs longer than this to boot anyway.
 const MIN_LIFETIME_SECONDS: i64 = 60;
 
+/// Seconds a job's machine may outlive the job's `activeDeadlineSeconds`: time to stop the
+/// trainer, collect and release. The dead-man timer fires after this even when nobody is left
+/// to release the machine (operator or launcher gone).
+pub const LIFETIME_MARGIN_SECONDS: i64 = 1800;
+
+/// The shortest `maxLifetimeSeconds` a GpuInstance accepts (its schema's minimum).
+const MIN_GPUINSTANCE_LIFETIME_SECONDS: i64 = 300;
+
+/// The dead-man lifetime of a machine rented for a job with this `activeDeadlineSeconds`.
+pub fn job_machine_lifetime_seconds(active_deadline_seconds: i64) -> i64 {
+    (active_deadline_seconds + LIFETIME_MARGIN_SECONDS).max(MIN_GPUINSTANCE_LIFETIME_SECONDS)
+}
+
 /// Renders the onstart script: dead-man timer first, then the user's own commands.
 pub fn render_onstart(max_lifetime_seconds: i64, user_onstart: Option<&str>) -> String {
     render(&DeadMan::PRODUCTION, TIMER_DIR, max_lifetime_seconds.max(MIN_LIFETIME_SECONDS), user_onstart)
