@@ -139,17 +139,17 @@ impl Suite {
         let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(serde_json::json!({
             "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "garage"},
             "stringData": {
-                "AWS_ACCESS_KEY_ID": test_env("GPU_TRAINER_TEST_S3_ACCESS_KEY_ID"),
-                "AWS_SECRET_ACCESS_KEY": test_env("GPU_TRAINER_TEST_S3_SECRET_ACCESS_KEY"),
+                "AWS_ACCESS_KEY_ID": common::test_env("GPU_TRAINER_TEST_S3_ACCESS_KEY_ID"),
+                "AWS_SECRET_ACCESS_KEY": common::test_env("GPU_TRAINER_TEST_S3_SECRET_ACCESS_KEY"),
             }
         }))
         .unwrap();
         Api::namespaced(self.client.clone(), &self.ns).create(&PostParams::default(), &secret).await.unwrap();
         serde_json::json!({
-            "bucket": test_env("GPU_TRAINER_TEST_S3_BUCKET"),
+            "bucket": common::test_env("GPU_TRAINER_TEST_S3_BUCKET"),
             "prefix": format!("chaos/{}", self.ns),
-            "endpoint": test_env("GPU_TRAINER_TEST_S3_ENDPOINT"),
-            "region": test_env("GPU_TRAINER_TEST_S3_REGION"),
+            "endpoint": common::test_env("GPU_TRAINER_TEST_S3_ENDPOINT"),
+            "region": common::test_env("GPU_TRAINER_TEST_S3_REGION"),
             "forcePathStyle": true,
             "credentialsSecretRef": {"name": "garage"}
         })
@@ -167,13 +167,7 @@ impl Suite {
         if plan.s3_output {
             spec["output"] = serde_json::json!({"s3": self.s3});
         }
-        serde_json::from_value(serde_json::json!({
-            "apiVersion": "gputrainer.dev/v1alpha1",
-            "kind": "TrainingJob",
-            "metadata": {"name": plan.name},
-            "spec": spec
-        }))
-        .unwrap()
+        common::training_job(&plan.name, spec)
     }
 }
 
@@ -219,10 +213,6 @@ async fn limit_memory(pid: u32) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-fn test_env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: source the tests/env env file"))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::operator::{OperatorOptions, OperatorProcess, installation_id, live_instances, start_fake};
+use common::operator::{
+    OperatorOptions, OperatorProcess, installation_id, live_instances, start_fake, work_base,
+};
 use gpu_trainer::api::{Reason, TrainingJob, TrainingJobPhase};
 use gpu_trainer::artifacts::s3::S3Store;
 use gpu_trainer::artifacts::store::Validity;
@@ -21,10 +23,6 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, ListParams, PostParams};
 
 const TIMEOUT: Duration = Duration::from_secs(180);
-
-fn test_env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run through tests/run.sh"))
-}
 
 /// Garage from `tests/env/up.sh`.
 struct Garage {
@@ -38,11 +36,11 @@ struct Garage {
 impl Garage {
     fn from_env() -> Self {
         Self {
-            endpoint: test_env("GPU_TRAINER_TEST_S3_ENDPOINT"),
-            region: test_env("GPU_TRAINER_TEST_S3_REGION"),
-            bucket: test_env("GPU_TRAINER_TEST_S3_BUCKET"),
-            access_key_id: test_env("GPU_TRAINER_TEST_S3_ACCESS_KEY_ID"),
-            secret_access_key: test_env("GPU_TRAINER_TEST_S3_SECRET_ACCESS_KEY"),
+            endpoint: common::test_env("GPU_TRAINER_TEST_S3_ENDPOINT"),
+            region: common::test_env("GPU_TRAINER_TEST_S3_REGION"),
+            bucket: common::test_env("GPU_TRAINER_TEST_S3_BUCKET"),
+            access_key_id: common::test_env("GPU_TRAINER_TEST_S3_ACCESS_KEY_ID"),
+            secret_access_key: common::test_env("GPU_TRAINER_TEST_S3_SECRET_ACCESS_KEY"),
         }
     }
 
@@ -107,13 +105,7 @@ fn job(name: &str, dataset: serde_json::Value, output: Option<serde_json::Value>
     if let Some(output) = output {
         spec["output"] = output;
     }
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "gputrainer.dev/v1alpha1",
-        "kind": "TrainingJob",
-        "metadata": {"name": name},
-        "spec": spec
-    }))
-    .unwrap()
+    common::training_job(name, spec)
 }
 
 fn start_operator(
@@ -122,26 +114,9 @@ fn start_operator(
     installation: &str,
     env: Vec<(&'static str, String)>,
 ) -> OperatorProcess {
-    let base = common::env_dir().join("work").join(ns);
-    std::fs::create_dir_all(&base).unwrap();
-    let mut options = OperatorOptions::new(ns, fake, installation);
-    options.args = vec!["--remote-base".into(), base.display().to_string()];
+    let mut options = OperatorOptions::new(ns, fake, installation).remote_base(&work_base(ns));
     options.env = env;
     OperatorProcess::start(&options)
-}
-
-async fn wait_finished(api: &Api<TrainingJob>, name: &str, operator: &OperatorProcess) -> TrainingJob {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let job = api.get(name).await.unwrap();
-        if job.status.as_ref().is_some_and(|s| s.phase.is_finished()) {
-            return job;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            panic!("{name} did not finish: {:#?}\noperator log:\n{}", job.status, operator.log_tail());
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 /// Nothing the operator wrote down carries the presigned URL's signature.
@@ -199,7 +174,7 @@ async fn an_s3_dataset_is_downloaded_by_the_machine_and_the_job_succeeds() {
         }})),
     );
     jobs.create(&PostParams::default(), &tj).await.unwrap();
-    let done = wait_finished(&jobs, "from-s3", &operator).await;
+    let done = common::wait_job(&jobs, "from-s3", &operator, TIMEOUT, TrainingJobPhase::is_finished).await;
     let status = done.status.clone().unwrap();
     assert_eq!(status.phase, TrainingJobPhase::Succeeded, "{status:#?}\n{}", operator.log_tail());
     let staged = status.conditions.iter().find(|c| c.type_ == "DataStaged").expect("DataStaged");
@@ -234,7 +209,7 @@ async fn a_wrong_s3_dataset_checksum_fails_the_job_naming_the_field() {
     let jobs: Api<TrainingJob> = Api::namespaced(client.clone(), &ns);
     let tj = job("bad-sha", serde_json::json!({"bucket": garage.bucket, "key": key, "sha256": wrong}), None);
     jobs.create(&PostParams::default(), &tj).await.unwrap();
-    let done = wait_finished(&jobs, "bad-sha", &operator).await;
+    let done = common::wait_job(&jobs, "bad-sha", &operator, TIMEOUT, TrainingJobPhase::is_finished).await;
     let status = done.status.clone().unwrap();
     assert_eq!(status.phase, TrainingJobPhase::Failed, "{status:#?}");
     assert_eq!(status.reason, Some(Reason::ChecksumMismatch), "{status:#?}");

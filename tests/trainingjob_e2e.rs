@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::dataset::serve_dataset;
-use common::operator::{OperatorOptions, OperatorProcess, installation_id, live_instances, start_fake};
+use common::operator::{
+    OperatorOptions, OperatorProcess, installation_id, live_instances, start_fake, work_base,
+};
 use gpu_trainer::api::{GpuInstance, Reason, TrainingJob, TrainingJobPhase};
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
@@ -16,19 +18,16 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 const TIMEOUT: Duration = Duration::from_secs(180);
 
 fn job(name: &str, params: serde_json::Value, href: &str, sha256: &str) -> TrainingJob {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "gputrainer.dev/v1alpha1",
-        "kind": "TrainingJob",
-        "metadata": {"name": name},
-        "spec": {
+    common::training_job(
+        name,
+        serde_json::json!({
             "tool": "demo@1",
             "params": params,
             "dataset": {"url": {"href": href, "sha256": sha256}},
             "activeDeadlineSeconds": 900,
             "monitoring": {"pollIntervalSeconds": 5}
-        }
-    }))
-    .unwrap()
+        }),
+    )
 }
 
 /// A temporary remote base under the environment folder and the operator using it.
@@ -37,34 +36,8 @@ fn start_operator(
     fake: &gpu_trainer::provider::fake::FakeServer,
     installation: &str,
 ) -> (OperatorProcess, PathBuf) {
-    let base = common::env_dir().join("work").join(ns);
-    std::fs::create_dir_all(&base).unwrap();
-    let mut options = OperatorOptions::new(ns, fake, installation);
-    options.args = vec!["--remote-base".into(), base.display().to_string()];
-    (OperatorProcess::start(&options), base)
-}
-
-async fn wait_phase(
-    api: &Api<TrainingJob>,
-    name: &str,
-    operator: &OperatorProcess,
-    done: impl Fn(TrainingJobPhase) -> bool,
-) -> TrainingJob {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let job = api.get(name).await.unwrap();
-        let status = job.status.clone().unwrap_or_default();
-        if done(status.phase) {
-            return job;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            panic!(
-                "{name} did not reach the expected phase: {status:#?}\noperator log:\n{}",
-                operator.log_tail()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let base = work_base(ns);
+    (OperatorProcess::start(&OperatorOptions::new(ns, fake, installation).remote_base(&base)), base)
 }
 
 async fn wait_gone(api: &Api<GpuInstance>, name: &str, operator: &OperatorProcess) {
@@ -102,7 +75,7 @@ async fn a_demo_job_trains_lists_its_model_and_releases_the_machine() {
 
     let params = serde_json::json!({"steps": 12, "secondsPerStep": 0.25, "saveEvery": 5});
     jobs.create(&PostParams::default(), &job("lora", params, &href, &sha256)).await.unwrap();
-    let done = wait_phase(&jobs, "lora", &operator, TrainingJobPhase::is_finished).await;
+    let done = common::wait_job(&jobs, "lora", &operator, TIMEOUT, TrainingJobPhase::is_finished).await;
     let status = done.status.clone().unwrap();
     assert_eq!(status.phase, TrainingJobPhase::Succeeded, "{status:#?}\n{}", operator.log_tail());
     assert_eq!(status.reason, Some(Reason::Succeeded));
@@ -182,8 +155,10 @@ async fn deleting_a_running_job_releases_the_gpu() {
 
     let params = serde_json::json!({"steps": 2000, "secondsPerStep": 0.5});
     jobs.create(&PostParams::default(), &job("long", params, &href, &sha256)).await.unwrap();
-    let running =
-        wait_phase(&jobs, "long", &operator, |p| p == TrainingJobPhase::Training || p.is_finished()).await;
+    let running = common::wait_job(&jobs, "long", &operator, TIMEOUT, |p| {
+        p == TrainingJobPhase::Training || p.is_finished()
+    })
+    .await;
     let uid = running.uid().unwrap();
     assert_eq!(running.status.clone().unwrap().phase, TrainingJobPhase::Training, "{}", operator.log_tail());
     let prefix = format!("gputrainer:{installation}:");
@@ -215,7 +190,7 @@ async fn an_invalid_job_fails_with_invalid_spec_without_renting() {
     jobs.create(&PostParams::default(), &job("typo", params, "http://127.0.0.1:9/d.tar", &sha))
         .await
         .unwrap();
-    let failed = wait_phase(&jobs, "typo", &operator, TrainingJobPhase::is_finished).await;
+    let failed = common::wait_job(&jobs, "typo", &operator, TIMEOUT, TrainingJobPhase::is_finished).await;
     let status = failed.status.unwrap();
     assert_eq!((status.phase, status.reason), (TrainingJobPhase::Failed, Some(Reason::InvalidSpec)));
     let message = status.message.unwrap_or_default();
@@ -246,13 +221,15 @@ async fn a_controller_killed_mid_training_resumes_without_starting_training_twic
 
     let params = serde_json::json!({"steps": 40, "secondsPerStep": 0.25});
     jobs.create(&PostParams::default(), &job("again", params, &href, &sha256)).await.unwrap();
-    let running =
-        wait_phase(&jobs, "again", &first, |p| p == TrainingJobPhase::Training || p.is_finished()).await;
+    let running = common::wait_job(&jobs, "again", &first, TIMEOUT, |p| {
+        p == TrainingJobPhase::Training || p.is_finished()
+    })
+    .await;
     first.kill();
     let uid = running.uid().unwrap();
 
     let (second, _) = start_operator(&ns, &fake, &installation);
-    let done = wait_phase(&jobs, "again", &second, TrainingJobPhase::is_finished).await;
+    let done = common::wait_job(&jobs, "again", &second, TIMEOUT, TrainingJobPhase::is_finished).await;
     let status = done.status.clone().unwrap();
     assert_eq!(status.phase, TrainingJobPhase::Succeeded, "{status:#?}\n{}", second.log_tail());
     assert_eq!(launches(&base, &uid), 1, "training started once");
@@ -286,7 +263,7 @@ async fn a_job_past_its_active_deadline_is_stopped_and_fails() {
     // The shortest deadline the schema allows.
     late.spec.active_deadline_seconds = 60;
     jobs.create(&PostParams::default(), &late).await.unwrap();
-    let done = wait_phase(&jobs, "late", &operator, TrainingJobPhase::is_finished).await;
+    let done = common::wait_job(&jobs, "late", &operator, TIMEOUT, TrainingJobPhase::is_finished).await;
     let uid = done.uid().unwrap();
     let status = done.status.clone().unwrap();
     assert_eq!(
@@ -342,10 +319,6 @@ fn operator_log_lines(namespace: &str, job: &str) -> Vec<String> {
     }
     let skip = lines.len().saturating_sub(200);
     lines.split_off(skip)
-}
-
-fn test_env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: source the tests/env env file"))
 }
 
 /// Everything one job test needs: a namespace, a fake Vast.ai, the operator, a served dataset.
@@ -425,23 +398,23 @@ impl JobTest {
         self.secret(
             "garage",
             serde_json::json!({
-                "AWS_ACCESS_KEY_ID": test_env("GPU_TRAINER_TEST_S3_ACCESS_KEY_ID"),
-                "AWS_SECRET_ACCESS_KEY": test_env("GPU_TRAINER_TEST_S3_SECRET_ACCESS_KEY"),
+                "AWS_ACCESS_KEY_ID": common::test_env("GPU_TRAINER_TEST_S3_ACCESS_KEY_ID"),
+                "AWS_SECRET_ACCESS_KEY": common::test_env("GPU_TRAINER_TEST_S3_SECRET_ACCESS_KEY"),
             }),
         )
         .await;
         serde_json::json!({
-            "bucket": test_env("GPU_TRAINER_TEST_S3_BUCKET"),
+            "bucket": common::test_env("GPU_TRAINER_TEST_S3_BUCKET"),
             "prefix": format!("e2e/{}", self.ns),
-            "endpoint": test_env("GPU_TRAINER_TEST_S3_ENDPOINT"),
-            "region": test_env("GPU_TRAINER_TEST_S3_REGION"),
+            "endpoint": common::test_env("GPU_TRAINER_TEST_S3_ENDPOINT"),
+            "region": common::test_env("GPU_TRAINER_TEST_S3_REGION"),
             "forcePathStyle": true,
             "credentialsSecretRef": {"name": "garage"}
         })
     }
 
     async fn wait(&self, name: &str, done: impl Fn(TrainingJobPhase) -> bool) -> TrainingJob {
-        wait_phase(&self.jobs, name, &self.operator, done).await
+        common::wait_job(&self.jobs, name, &self.operator, TIMEOUT, done).await
     }
 
     /// The GpuInstance is deleted and the provider lists no machine of this test.
@@ -471,12 +444,12 @@ impl JobTest {
 fn garage() -> gpu_trainer::artifacts::s3::S3Store {
     use gpu_trainer::artifacts::{S3Credentials, S3Settings};
     gpu_trainer::artifacts::s3::S3Store::new(&S3Settings {
-        endpoint: Some(test_env("GPU_TRAINER_TEST_S3_ENDPOINT")),
-        region: test_env("GPU_TRAINER_TEST_S3_REGION"),
+        endpoint: Some(common::test_env("GPU_TRAINER_TEST_S3_ENDPOINT")),
+        region: common::test_env("GPU_TRAINER_TEST_S3_REGION"),
         force_path_style: true,
         credentials: S3Credentials {
-            access_key_id: test_env("GPU_TRAINER_TEST_S3_ACCESS_KEY_ID"),
-            secret_access_key: test_env("GPU_TRAINER_TEST_S3_SECRET_ACCESS_KEY"),
+            access_key_id: common::test_env("GPU_TRAINER_TEST_S3_ACCESS_KEY_ID"),
+            secret_access_key: common::test_env("GPU_TRAINER_TEST_S3_SECRET_ACCESS_KEY"),
             session_token: None,
         },
     })
@@ -588,7 +561,7 @@ async fn a_job_with_outputs_uploads_model_card_and_checkpoints_verified() {
     assert_eq!(status.phase, TrainingJobPhase::Succeeded, "{status:#?}\n{}", t.operator.log_tail());
 
     // S3: the model and its card, verified, with what the machine computed.
-    let bucket = test_env("GPU_TRAINER_TEST_S3_BUCKET");
+    let bucket = common::test_env("GPU_TRAINER_TEST_S3_BUCKET");
     let in_s3 = |name: &str| {
         status
             .artifacts
@@ -632,9 +605,12 @@ async fn a_job_with_outputs_uploads_model_card_and_checkpoints_verified() {
 
     // No credential anywhere the operator writes.
     let log = t.operator_log();
-    for secret in
-        [HF_TOKEN, "t0k3n-in-path", "X-Amz-Signature", &test_env("GPU_TRAINER_TEST_S3_SECRET_ACCESS_KEY")]
-    {
+    for secret in [
+        HF_TOKEN,
+        "t0k3n-in-path",
+        "X-Amz-Signature",
+        &common::test_env("GPU_TRAINER_TEST_S3_SECRET_ACCESS_KEY"),
+    ] {
         assert!(!log.contains(secret), "{secret} in the operator log");
     }
     t.wait_released("upload-1").await;

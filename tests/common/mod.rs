@@ -197,19 +197,58 @@ pub fn gpu_instance(name: &str) -> gpu_trainer::api::GpuInstance {
     .unwrap()
 }
 
-/// A `demo@1` TrainingJob (four quick steps) on the dataset at `href`.
-pub fn demo_job(name: &str, href: &str, sha256: &str) -> gpu_trainer::api::TrainingJob {
+/// A TrainingJob named `name` with this `spec`.
+pub fn training_job(name: &str, spec: serde_json::Value) -> gpu_trainer::api::TrainingJob {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "gputrainer.dev/v1alpha1",
         "kind": "TrainingJob",
         "metadata": {"name": name},
-        "spec": {
+        "spec": spec
+    }))
+    .unwrap()
+}
+
+/// A `demo@1` TrainingJob (four quick steps) on the dataset at `href`.
+pub fn demo_job(name: &str, href: &str, sha256: &str) -> gpu_trainer::api::TrainingJob {
+    training_job(
+        name,
+        serde_json::json!({
             "tool": "demo@1",
             "params": {"steps": 4, "secondsPerStep": 0.25, "saveEvery": 2},
             "dataset": {"url": {"href": href, "sha256": sha256}},
             "activeDeadlineSeconds": 600,
             "monitoring": {"pollIntervalSeconds": 5}
+        }),
+    )
+}
+
+/// A variable `tests/env/up.sh` wrote to its env file (the run sources it).
+pub fn test_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run through tests/run.sh"))
+}
+
+/// Waits until the job's phase satisfies `done`; panics after `timeout` with its status and the
+/// operator's log.
+pub async fn wait_job(
+    api: &Api<gpu_trainer::api::TrainingJob>,
+    name: &str,
+    operator: &operator::OperatorProcess,
+    timeout: Duration,
+    done: impl Fn(gpu_trainer::api::TrainingJobPhase) -> bool,
+) -> gpu_trainer::api::TrainingJob {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let job = api.get(name).await.unwrap();
+        let status = job.status.clone().unwrap_or_default();
+        if done(status.phase) {
+            return job;
         }
-    }))
-    .unwrap()
+        if tokio::time::Instant::now() >= deadline {
+            panic!(
+                "{name} did not reach the expected phase: {status:#?}\noperator log:\n{}",
+                operator.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }

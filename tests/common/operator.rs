@@ -125,6 +125,22 @@ impl<'a> OperatorOptions<'a> {
     }
 }
 
+impl OperatorOptions<'_> {
+    /// The operator's remote work dirs (`--remote-base`) in `base`.
+    pub fn remote_base(mut self, base: &std::path::Path) -> Self {
+        self.args.extend(["--remote-base".to_string(), base.display().to_string()]);
+        self
+    }
+}
+
+/// A fresh remote base for namespace `ns` under the environment folder (the test sshd's
+/// machine is this machine).
+pub fn work_base(ns: &str) -> PathBuf {
+    let base = super::env_dir().join("work").join(ns);
+    std::fs::create_dir_all(&base).unwrap();
+    base
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
