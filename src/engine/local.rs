@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::decide::{MachineObservation, Observations, Step, TrainingObservation, next_step};
 use super::env::{EnvError, Secrets, resolve_env};
+use super::finish::finish_status;
 use super::model::ModelError;
 use super::outcome::{Failure, StepError};
 use super::progress::{earlier_monitoring, observation, record_progress, record_stall};
@@ -1088,27 +1089,7 @@ impl LocalRun {
     }
 
     fn finish(&mut self, phase: TrainingJobPhase, reason: Reason, message: &str, now: DateTime<Utc>) {
-        let status = &mut self.state.status;
-        status.phase = phase;
-        status.reason = Some(reason);
-        status.message = Some(message.to_string());
-        status.completion_time = Some(to_k8s_time(now));
-        let (type_, other) = if phase == TrainingJobPhase::Succeeded {
-            (job_condition::SUCCEEDED, job_condition::FAILED)
-        } else {
-            (job_condition::FAILED, job_condition::SUCCEEDED)
-        };
-        set_condition(&mut status.conditions, type_, ConditionStatus::True, reason, message, None, now);
-        set_condition(&mut status.conditions, other, ConditionStatus::False, reason, message, None, now);
-        set_condition(
-            &mut status.conditions,
-            job_condition::TRAINING,
-            ConditionStatus::False,
-            reason,
-            message,
-            None,
-            now,
-        );
+        finish_status(&mut self.state.status, phase, reason, message, now);
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod cost;
 pub mod decide;
 pub mod env;
+pub mod finish;
 pub mod local;
 pub mod model;
 pub mod outcome;

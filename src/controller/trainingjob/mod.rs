@@ -174,7 +174,7 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctrl: Arc<JobController>) -> Resul
             provision::ensure_instance_deleted(&instances, &instance.name).await?;
         }
         let completed = before.completion_time.as_ref().map(from_k8s_time);
-        return match finish::ttl_left(job.spec.ttl_seconds_after_finished, completed, now) {
+        return match crate::engine::finish::ttl_left(job.spec.ttl_seconds_after_finished, completed, now) {
             Some(left) if left.is_zero() => {
                 info!(job = %job.name_any(), "Deleting finished job (ttlSecondsAfterFinished)");
                 match jobs.delete(&job.name_any(), &kube::api::DeleteParams::background()).await {
@@ -193,7 +193,13 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctrl: Arc<JobController>) -> Resul
         Err(invalid) => {
             let mut status = before.clone();
             let message = invalid.to_string();
-            finish::finish_status(&mut status, TrainingJobPhase::Failed, Reason::InvalidSpec, &message, now);
+            crate::engine::finish::finish_status(
+                &mut status,
+                TrainingJobPhase::Failed,
+                Reason::InvalidSpec,
+                &message,
+                now,
+            );
             ctx.event(&*job, EventType::Warning, Reason::InvalidSpec, "Validate", &message).await;
             info!(job = %job.name_any(), field = invalid.field, "Invalid spec");
             write_status(&jobs, &job, &before, status).await?;
