@@ -34,6 +34,7 @@ use crate::crash::crash_point;
 use crate::error::error_chain;
 use crate::machine::decide::{Verdict, boot_deadline_passed, choose_survivor, classify};
 use crate::machine::onstart::render_onstart;
+use crate::machine::rent::{RentFailure, triage_rent_error};
 use crate::monitor::ParserKind;
 use crate::monitor::poller::{TrainingFiles, TrainingMonitor, TrainingStatus};
 use crate::provider::{Instance, InstanceId, InstanceState, LaunchRequest};
@@ -915,7 +916,8 @@ impl LocalRun {
                 self.save()
             }
             Err(err) => {
-                let retry_elsewhere = if let Some(contract) = err.left_contract() {
+                let triage = triage_rent_error(&err);
+                if let RentFailure::LeftContract(contract) = triage {
                     // The rent failed but left a billing contract: destroy it first.
                     rent.provider
                         .destroy_instance(contract)
@@ -924,10 +926,9 @@ impl LocalRun {
                     if let Some(r) = self.state.rented.as_mut() {
                         r.exclude_machine(Some(offer.machine_id));
                     }
-                    true
-                } else {
-                    matches!(err, crate::provider::Error::OfferUnavailable { .. })
-                };
+                }
+                let retry_elsewhere =
+                    matches!(triage, RentFailure::LeftContract(_) | RentFailure::OfferTaken);
                 if retry_elsewhere {
                     self.create_failures += 1;
                     if let Some(r) = self.state.rented.as_mut() {
@@ -941,7 +942,7 @@ impl LocalRun {
                     }
                     return Ok(());
                 }
-                if err.is_retryable() {
+                if triage == RentFailure::MaybeRented {
                     // The rent may have happened: the pending mark stays, and the label decides.
                     return self.resolve_pending(rent).await;
                 }

@@ -9,6 +9,7 @@ pub mod label;
 pub mod offer;
 pub mod onstart;
 pub mod probe;
+pub mod rent;
 
 pub use label::{instance_label, parse_instance_label};
 pub use probe::SshProbe;

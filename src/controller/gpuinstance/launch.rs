@@ -29,6 +29,7 @@ use crate::machine::decide::{
 use crate::machine::instance_label;
 use crate::machine::offer::{describe_offer, offer_status};
 use crate::machine::onstart;
+use crate::machine::rent::{RentFailure, triage_rent_error};
 use crate::metrics::OutcomeLabels;
 use crate::provider::select::{Criteria, select_offer};
 use crate::provider::{Instance, InstanceId, InstanceState, LaunchRequest, Offer, OfferOrder, OfferQuery};
@@ -156,39 +157,32 @@ pub async fn ensure_launched(
         }
         Err(err) => {
             ctx.metrics.launches.get_or_create(&OutcomeLabels { outcome: err.category() }).inc();
-            if let Some(contract) = err.left_contract() {
-                // The rent failed but billed a contract: destroy it before anything else.
-                ctx.provider
-                    .destroy_instance(contract)
-                    .await
-                    .map_err(provider_err("destroy a contract left by a failed rent"))?;
-                exclude_machine(&mut status.excluded_machine_ids, offer.machine_id);
-                ctx.event(instance, EventType::Warning, Reason::BootFailed, "Launch",
-                    format!("Renting {} failed and left contract {contract}, which was destroyed; trying another offer", describe_offer(&offer))).await;
-                clear_pending(api, &marked).await?;
-                return Ok(Action::requeue(Duration::ZERO));
-            }
-            match err {
-                crate::provider::Error::OfferUnavailable { .. } => {
-                    ctx.event(
-                        instance,
-                        EventType::Normal,
-                        Reason::OfferUnavailable,
-                        "Launch",
-                        format!("Offer {} was taken before we could rent it; choosing another", offer.id),
-                    )
-                    .await;
+            match triage_rent_error(&err) {
+                RentFailure::LeftContract(contract) => {
+                    // The rent failed but billed a contract: destroy it before anything else.
+                    ctx.provider
+                        .destroy_instance(contract)
+                        .await
+                        .map_err(provider_err("destroy a contract left by a failed rent"))?;
+                    exclude_machine(&mut status.excluded_machine_ids, offer.machine_id);
+                    let message = format!(
+                        "Renting {} failed and left contract {contract}, which was destroyed; trying another offer",
+                        describe_offer(&offer)
+                    );
+                    ctx.event(instance, EventType::Warning, Reason::BootFailed, "Launch", message).await;
+                    clear_pending(api, &marked).await?;
+                    Ok(Action::requeue(Duration::ZERO))
+                }
+                RentFailure::OfferTaken => {
+                    let message =
+                        format!("Offer {} was taken before we could rent it; choosing another", offer.id);
+                    ctx.event(instance, EventType::Normal, Reason::OfferUnavailable, "Launch", message).await;
                     clear_pending(api, &marked).await?;
                     Ok(Action::requeue(Duration::ZERO))
                 }
                 // The rent may have happened: keep the mark, so the next pass looks by label.
-                err if err.is_retryable() => Err(provider_err("rent an instance")(err)),
-                err => {
-                    let reason = if matches!(err, crate::provider::Error::Unauthorized { .. }) {
-                        Reason::Unauthorized
-                    } else {
-                        Reason::ProviderError
-                    };
+                RentFailure::MaybeRented => Err(provider_err("rent an instance")(err)),
+                RentFailure::Refused(reason) => {
                     let message = format!("the provider refused to rent {}: {err}", describe_offer(&offer));
                     ctx.event(instance, EventType::Warning, reason, "Launch", message.clone()).await;
                     clear_pending(api, &marked).await?;
