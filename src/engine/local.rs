@@ -32,7 +32,8 @@ use crate::api::{
 };
 use crate::crash::crash_point;
 use crate::error::error_chain;
-use crate::machine::decide::{Verdict, boot_deadline_passed, choose_survivor, classify};
+use crate::machine::adopt::{Adopted, adopt_by_label, pending_grace_left};
+use crate::machine::decide::{Verdict, boot_deadline_passed, classify};
 use crate::machine::onstart::render_onstart;
 use crate::machine::rent::{RentFailure, triage_rent_error};
 use crate::monitor::ParserKind;
@@ -568,26 +569,10 @@ impl LocalRun {
         loop {
             let Some(rented) = self.state.rented.clone() else { return Ok(()) };
             let Some(since) = rented.create_pending_since else { return Ok(()) };
-            let found: Vec<Instance> = rent
-                .provider
-                .list_instances_by_label(&rented.label)
+            let adopted = adopt_by_label(&*rent.provider, &rented.label, &rent.key.public_key_openssh())
                 .await
-                .map_err(provider_err("list instances by label"))?
-                .into_iter()
-                .filter(|i| i.state != InstanceState::Released)
-                .collect();
-            if let Some(survivor) = choose_survivor(&found).cloned() {
-                for duplicate in found.iter().filter(|i| i.id != survivor.id) {
-                    rent.provider
-                        .destroy_instance(duplicate.id)
-                        .await
-                        .map_err(provider_err("destroy a duplicate instance"))?;
-                }
-                // The key is attached after the rent call, so it may be missing.
-                rent.provider
-                    .attach_ssh_key(survivor.id, &rent.key.public_key_openssh())
-                    .await
-                    .map_err(provider_err("attach the job's SSH key"))?;
+                .map_err(|e| provider_err(e.operation)(e.source))?;
+            if let Some(Adopted { survivor, .. }) = adopted {
                 let message = format!("adopted instance {} found by its label {}", survivor.id, rented.label);
                 if let Some(r) = self.state.rented.as_mut() {
                     r.instance_id = Some(survivor.id);
@@ -601,8 +586,7 @@ impl LocalRun {
                 self.notes.push(message);
                 return self.save();
             }
-            let now = Utc::now();
-            if (now - since).to_std().unwrap_or_default() >= rent.create_pending_grace {
+            if pending_grace_left(since, rent.create_pending_grace, Utc::now()).is_none() {
                 // Never rented: this attempt does not count.
                 if let Some(r) = self.state.rented.as_mut() {
                     r.create_pending_since = None;

@@ -3,6 +3,7 @@
 //! script it boots with, the offer it came from, what its provider state means and when its
 //! boot deadline passes, and the SSH check that says it is ready.
 
+pub mod adopt;
 pub mod decide;
 pub mod key;
 pub mod label;

@@ -23,8 +23,9 @@ use crate::api::{
 use crate::controller::Context;
 use crate::controller::patch::{is_conflict, set_annotations_locked};
 use crate::crash::crash_point;
+use crate::machine::adopt::{Adopted, adopt_by_label, pending_grace_left};
 use crate::machine::decide::{
-    PendingCreate, annotation_time, avoided_machines, choose_survivor, exclude_machine, pending_create,
+    PendingCreate, annotation_time, avoided_machines, exclude_machine, pending_create,
 };
 use crate::machine::instance_label;
 use crate::machine::offer::{describe_offer, offer_status};
@@ -32,7 +33,7 @@ use crate::machine::onstart;
 use crate::machine::rent::{RentFailure, triage_rent_error};
 use crate::metrics::OutcomeLabels;
 use crate::provider::select::{Criteria, select_offer};
-use crate::provider::{Instance, InstanceId, InstanceState, LaunchRequest, Offer, OfferOrder, OfferQuery};
+use crate::provider::{Instance, InstanceId, LaunchRequest, Offer, OfferOrder, OfferQuery};
 
 /// Rents a machine for `instance`, or recovers the result of an earlier rent call.
 pub async fn ensure_launched(
@@ -204,34 +205,21 @@ async fn resolve_pending(
     since: DateTime<Utc>,
     now: DateTime<Utc>,
 ) -> Result<Action, Error> {
-    let found =
-        ctx.provider.list_instances_by_label(label).await.map_err(provider_err("list instances by label"))?;
-    let live: Vec<Instance> = found.into_iter().filter(|i| i.state != InstanceState::Released).collect();
-    if let Some(survivor) = choose_survivor(&live).cloned() {
-        for duplicate in live.iter().filter(|i| i.id != survivor.id) {
-            ctx.provider
-                .destroy_instance(duplicate.id)
-                .await
-                .map_err(provider_err("destroy a duplicate instance"))?;
-            ctx.event(
-                instance,
-                EventType::Warning,
-                Reason::DuplicateInstanceDestroyed,
-                "Launch",
-                format!(
-                    "Destroyed instance {} carrying this GpuInstance's label; kept the older {}",
-                    duplicate.id, survivor.id
-                ),
-            )
-            .await;
+    // The rent's answer was lost, and with it possibly the key attachment that follows it.
+    let namespace = instance.namespace().ok_or(Error::Missing("namespace"))?;
+    let key = sshkey::ensure_key(&Api::namespaced(ctx.client.clone(), &namespace), instance).await?;
+    let adopted = adopt_by_label(&*ctx.provider, label, &key.public_openssh)
+        .await
+        .map_err(|e| Error::Provider { operation: e.operation, source: e.source })?;
+    if let Some(Adopted { survivor, destroyed }) = adopted {
+        for duplicate in destroyed {
+            let message = format!(
+                "Destroyed instance {duplicate} carrying this GpuInstance's label; kept the older {}",
+                survivor.id
+            );
+            ctx.event(instance, EventType::Warning, Reason::DuplicateInstanceDestroyed, "Launch", message)
+                .await;
         }
-        // The rent's answer was lost, and with it possibly the key attachment that follows it.
-        let namespace = instance.namespace().ok_or(Error::Missing("namespace"))?;
-        let key = sshkey::ensure_key(&Api::namespaced(ctx.client.clone(), &namespace), instance).await?;
-        ctx.provider
-            .attach_ssh_key(survivor.id, &key.public_openssh)
-            .await
-            .map_err(provider_err("attach the SSH key to an adopted instance"))?;
         adopt(status, &survivor, now);
         set_reason(
             status,
@@ -257,12 +245,11 @@ async fn resolve_pending(
         .await;
         return Ok(Action::requeue(ctx.config.boot_poll));
     }
-    let elapsed = now.signed_duration_since(since).to_std().unwrap_or_default();
-    if elapsed < ctx.config.create_pending_grace {
+    if let Some(left) = pending_grace_left(since, ctx.config.create_pending_grace, now) {
         // The provider's listing lags behind a rent: wait before concluding it never happened.
         status.phase = GpuInstancePhase::Creating;
         set_reason(status, Reason::Launching, "confirming an earlier rent call with the provider");
-        return Ok(Action::requeue(ctx.config.create_pending_grace - elapsed));
+        return Ok(Action::requeue(left));
     }
     warn!(gpuinstance = %instance.name_any(), "No instance appeared for an unconfirmed rent; renting again");
     clear_pending(api, instance).await?;
