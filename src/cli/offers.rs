@@ -124,22 +124,9 @@ mod tests {
     #[test]
     fn table_has_one_aligned_row_per_offer() {
         let offer = Offer {
-            id: 4000017,
             machine_id: 1,
-            host_id: None,
-            gpu_name: "RTX 4090".into(),
-            num_gpus: 1,
-            vram_gb: 24.564,
-            price_per_hour: 0.4123,
             reliability: 0.9912,
-            geolocation: Some("Texas, US".into()),
-            country_code: Some("US".into()),
-            verified: true,
-            disk_gb: 100.0,
-            cuda_max_good: None,
-            inet_down_mbps: None,
-            direct_port_count: None,
-            score: None,
+            ..crate::provider::sample_offer(4000017, "RTX 4090", 0.4123, 24.564)
         };
         let mut out = Vec::new();
         write_table(&mut out, &[offer]).unwrap();
