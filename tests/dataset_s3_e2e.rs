@@ -271,7 +271,7 @@ async fn launch_stages_an_s3_dataset_with_its_own_credentials() {
     assert!(all.contains("t: Succeeded"), "{all}");
     let state = std::fs::read_to_string(tmp.path().join(".gpu-trainer/t.json")).unwrap();
     assert!(
-        state.contains(&format!("dataset s3://{}/{key} (sha256 {}", garage.bucket, &sha256[..12])),
+        state.contains(&format!("dataset from s3://{}/{key} (sha256 {}", garage.bucket, &sha256[..12])),
         "{state}"
     );
     assert!(!all.contains("X-Amz-Signature") && !state.contains("X-Amz-"), "{all}\n{state}");
