@@ -37,7 +37,8 @@ source "$GPU_TRAINER_ENV_DIR/env"
 step "tests"
 # --show-output: the tables the end-to-end tests record (crash, fault, controller-kill, chaos
 # trials, RBAC mutants) appear in the log of a green run too, not only when a test fails.
-cargo test --all-targets --locked -- --include-ignored --show-output "${filter[@]}"
+# --no-fail-fast: a red run names every failing test binary, not only the first.
+cargo test --all-targets --locked --no-fail-fast -- --include-ignored --show-output "${filter[@]}"
 
 # The CRDs and the operator's RBAC are proven on the whole supported range: the API-server and
 # RBAC tests run again on the oldest Kubernetes minor still in upstream support.
