@@ -469,3 +469,34 @@ async fn sweep_command_reports_then_destroys_with_force() {
     assert!(provider.get_instance(gpu_trainer::provider::InstanceId(foreign)).await.is_ok());
     common::delete_namespace(&client, &ns).await;
 }
+
+/// A provider that answers the start-up key check with nothing but 429s does not hold the
+/// controllers back: the operator starts after its bounded check, and once the provider answers
+/// again a GpuInstance becomes ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn a_rate_limited_provider_does_not_hold_back_start_up() {
+    let client = common::kube_client().await;
+    common::install_crds(&client).await;
+    let ns = common::fresh_namespace(&client, "gpui-busy").await;
+    let fake = start_fake(|_| {}).await;
+    fake.add_fault(Fault::RateLimit {
+        count: 1000,
+        retry_after_secs: None,
+        endpoint: Some("current_user".into()),
+    });
+    let installation = installation_id();
+    let operator = OperatorProcess::start(&OperatorOptions::new(&ns, &fake, &installation));
+    operator.wait_ready().await;
+    let log = std::fs::read_to_string(&operator.log).unwrap();
+    assert!(log.contains("starting anyway"), "{}", operator.log_tail());
+    let api: Api<GpuInstance> = Api::namespaced(client.clone(), &ns);
+    api.create(&PostParams::default(), &common::gpu_instance("box")).await.unwrap();
+    wait_ready(&api, "box", &operator).await;
+    api.delete("box", &DeleteParams::default()).await.unwrap();
+    common::wait_until(TIMEOUT, "the box to be released and gone", || async {
+        api.get_opt("box").await.unwrap().is_none().then_some(())
+    })
+    .await;
+    assert!(live_instances(&fake, "").await.is_empty(), "nothing is left rented");
+}

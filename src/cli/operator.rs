@@ -117,16 +117,32 @@ pub async fn start(args: &OperatorArgs, metrics: Arc<Metrics>) -> anyhow::Result
     Ok(Operator { ctx: Arc::new(ctx) })
 }
 
-/// A rejected key stops start-up with a clear error; a provider that is only busy or briefly down
-/// is asked again (the pod stays unready meanwhile) rather than crash-looping.
+/// How long start-up waits for a busy or unreachable provider to answer the key check. The
+/// controllers keep finalizers, deadlines and status going without the provider, so they are
+/// never held back longer than this by it.
+const CREDENTIAL_CHECK_BUDGET: Duration = Duration::from_secs(15);
+
+/// A rejected key stops start-up with a clear error (a crash loop is the right signal for a
+/// wrong Secret). A provider that is only busy or briefly down is asked again for up to
+/// [`CREDENTIAL_CHECK_BUDGET`]; then the operator starts anyway and its provider calls retry
+/// like any other.
 async fn check_credentials(provider: &VastClient) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + CREDENTIAL_CHECK_BUDGET;
     let mut delay = Duration::from_secs(1);
     loop {
         match provider.check_credentials().await {
             Ok(()) => return Ok(()),
             Err(err) if err.is_retryable() => {
-                tracing::warn!(error = %err, retry_in_s = delay.as_secs(), "Could not check the Vast.ai API key yet");
-                tokio::time::sleep(err.retry_after().unwrap_or(delay)).await;
+                let wait = err.retry_after().unwrap_or(delay);
+                if tokio::time::Instant::now() + wait >= deadline {
+                    tracing::warn!(
+                        error = %err,
+                        "Could not check the Vast.ai API key: starting anyway, provider calls retry"
+                    );
+                    return Ok(());
+                }
+                tracing::warn!(error = %err, retry_in_s = wait.as_secs(), "Could not check the Vast.ai API key yet");
+                tokio::time::sleep(wait).await;
                 delay = (delay * 2).min(Duration::from_secs(30));
             }
             Err(err) => {
