@@ -194,10 +194,9 @@ pub enum Update<'a> {
 }
 
 impl LocalRun {
-    /// Prepares a run: validates the tool and parameters (nothing runs for an invalid job) and
-    /// loads earlier state. `state_dir` holds the state file and the work dirs.
-    /// Checks the job and resolves its environment (`valueFrom` through `secrets`) before
-    /// anything is rented; reads the state file of an earlier run.
+    /// Prepares a run: checks the job (tool, parameters, dataset; nothing runs for an invalid
+    /// job) and resolves its environment (`valueFrom` through `secrets`) before anything is
+    /// rented, then loads earlier state. `state_dir` holds the state file and the work dirs.
     pub async fn prepare(
         job: TrainingJob,
         job_file: &Path,

@@ -4,7 +4,6 @@
 use super::Error;
 use crate::remote::RemoteExec;
 use crate::remote::RunOptions;
-use crate::remote::dataset::DatasetError;
 use crate::remote::launch::RemoteLayout;
 
 /// Name of the file in the work dir naming the GpuInstance that staged it.
@@ -34,13 +33,4 @@ pub async fn claim_work_dir(
         return Err(Error::Remote(crate::remote::RemoteError::io("write the machine marker", detail)));
     }
     Ok(())
-}
-
-impl From<DatasetError> for Error {
-    fn from(err: DatasetError) -> Self {
-        match err {
-            DatasetError::Remote(remote) => Error::Remote(remote),
-            other => Error::Dataset(other),
-        }
-    }
 }
