@@ -6,6 +6,7 @@
 
 pub mod cost;
 pub mod decide;
+pub mod driver;
 pub mod env;
 pub mod finish;
 pub mod local;
@@ -14,6 +15,7 @@ pub mod outcome;
 pub mod progress;
 pub mod rent;
 pub mod stage;
+pub mod suspend;
 pub mod validate;
 
 pub use decide::{MachineObservation, Observations, Step, TrainingObservation, next_step};

@@ -185,6 +185,33 @@ fn redact_query(url: &str) -> &str {
     url.split(['?', '#']).next().unwrap_or(url)
 }
 
+/// Makes the work dir this machine's: a run recorded there by another machine's attempt (the
+/// same disk reused, or a test whose machines share one) is forgotten, so the trainer starts on
+/// this machine. A dir already claimed by this machine is left alone, so a trainer started here
+/// is never started twice.
+pub async fn claim_work_dir(
+    exec: &dyn RemoteExec,
+    layout: &RemoteLayout,
+    machine: &str,
+) -> Result<(), StepError> {
+    use crate::remote::{RemoteError, RunOptions, shell_quote};
+    let marker = shell_quote(&layout.join(crate::remote::launch::MACHINE_FILE))?;
+    let out = exec.run(&format!("cat {marker} 2>/dev/null || true"), RunOptions::default()).await?;
+    out.require_complete("reading the machine marker")?;
+    if out.stdout_lossy().trim() == machine {
+        return Ok(());
+    }
+    crate::remote::launch::reset(exec, layout).await?;
+    let wd = shell_quote(layout.work_dir())?;
+    let name = shell_quote(machine)?;
+    let out = exec.run(&format!("mkdir -p {wd} && echo {name} > {marker}"), RunOptions::default()).await?;
+    if !out.success() {
+        let detail = out.stderr_lossy().trim().to_string();
+        return Err(RemoteError::io("write the machine marker", detail).into());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,28 +1,17 @@
-//! The end of a job: stop the trainer gracefully, record what it left, release the machine and
-//! write the final phase with its conditions. Stopping and releasing are idempotent, so a
+//! The controller's part of a job's end (the end itself is the engine driver's): what the
+//! trainer left on the machine, the finish metrics, and the release (status written first, then
+//! the GpuInstance deleted; its finalizer gives the machine back). Releasing is idempotent, so a
 //! finish interrupted by a restart is simply done again.
 
-use kube::runtime::events::EventType;
-use kube::{Resource, ResourceExt};
-use tracing::info;
+use chrono::{DateTime, Utc};
+use kube::Resource;
 
 use super::pass::Pass;
-use super::{phase_label, provision, session};
-use crate::api::from_k8s_time;
-
-use chrono::{DateTime, Utc};
-
-use super::Error;
-use crate::api::{ArtifactStatus, Reason, TrainingJobPhase};
-use crate::engine::finish::finish_status;
-use crate::remote::launch::{self, RemoteLayout, StopOutcome};
+use super::{Error, phase_label, provision};
+use crate::api::{ArtifactStatus, Reason, TrainingJobPhase, from_k8s_time};
+use crate::remote::launch::RemoteLayout;
 use crate::remote::tool::RenderedTool;
 use crate::remote::{RemoteExec, RunOptions, shell_quote};
-
-/// Stops the trainer if it runs (TERM, grace, KILL).
-pub async fn stop(exec: &dyn RemoteExec, layout: &RemoteLayout) -> Result<StopOutcome, Error> {
-    Ok(launch::stop(exec, layout, launch::STOP_GRACE).await?)
-}
 
 /// The final model the trainer left on the machine, with size and SHA-256 (computed on the
 /// machine). `None` when there is none. (The checkpoints: `Pass::collect_checkpoints`.)
@@ -59,38 +48,6 @@ pub async fn final_model(
 }
 
 impl Pass<'_> {
-    /// Marks the job finished; the next step (`Finish` is decided from the phase) releases the
-    /// machine.
-    pub(super) async fn record_finish(
-        &mut self,
-        phase: TrainingJobPhase,
-        reason: Reason,
-        message: &str,
-    ) -> Result<(), Error> {
-        let now = Utc::now();
-        finish_status(&mut self.status, phase, reason, message, now);
-        self.record_finish_metrics(phase, reason, now);
-        self.release().await?;
-        let type_ = if phase == TrainingJobPhase::Succeeded { EventType::Normal } else { EventType::Warning };
-        let event_reason =
-            if phase == TrainingJobPhase::Succeeded { Reason::Succeeded } else { Reason::Failed };
-        self.event(type_, event_reason, "Finish", message).await;
-        self.notify(super::notify::finish_kind(reason), message).await;
-        Ok(())
-    }
-
-    pub(super) async fn finish(
-        &mut self,
-        runtime: &mut session::JobRuntime,
-        phase: TrainingJobPhase,
-        reason: Reason,
-        message: &str,
-    ) -> Result<(), Error> {
-        runtime.reset();
-        info!(job = %self.job.name_any(), ?phase, %reason, "Finished");
-        self.record_finish(phase, reason, message).await
-    }
-
     pub(super) fn record_finish_metrics(&self, phase: TrainingJobPhase, reason: Reason, now: DateTime<Utc>) {
         let metrics = &self.ctrl.ctx.metrics;
         let label = crate::metrics::PhaseLabels { phase: phase_label(phase) };

@@ -1,9 +1,6 @@
 //! The job's machine: renting one GpuInstance per attempt, and reading its state, price and
 //! readiness into the job's status.
 
-use std::future::Future;
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use kube::ResourceExt;
 use kube::api::Api;
@@ -17,6 +14,7 @@ use crate::api::{
     set_condition, to_k8s_time,
 };
 use crate::engine::MachineObservation;
+use crate::engine::driver::LostWatch;
 
 impl Pass<'_> {
     /// Instance details, cost and the InstanceReady condition from the GpuInstance.
@@ -135,53 +133,22 @@ impl Pass<'_> {
     }
 }
 
-/// How often a step on the machine checks that its GpuInstance is still usable.
-const MACHINE_CHECK: Duration = Duration::from_secs(2);
-
-/// Runs a step that talks to the machine and abandons it once the GpuInstance is found failed,
-/// lost or gone. SSH to a machine that died keeps reconnecting and resuming for minutes before it
-/// gives up; meanwhile the job would neither notice the loss nor rent a replacement.
-pub(super) struct MachineWatch {
-    api: Api<GpuInstance>,
-    name: Option<String>,
+/// Tells a step on the machine that its GpuInstance was found failed, lost or gone. SSH to a
+/// machine that died keeps reconnecting and resuming for minutes before it gives up; meanwhile
+/// the job would neither notice the loss nor rent a replacement.
+pub(super) struct GpuInstanceWatch {
+    pub(super) api: Api<GpuInstance>,
+    pub(super) name: String,
 }
 
-impl MachineWatch {
-    pub(super) fn new(api: &Api<GpuInstance>, instance: Option<&GpuInstance>) -> Self {
-        Self { api: api.clone(), name: instance.map(|i| i.name_any()) }
-    }
-
-    /// `None` when the machine was lost before `step` ended (the step is dropped).
-    pub(super) async fn run<T>(&self, step: impl Future<Output = T>) -> Option<T> {
-        let Some(name) = &self.name else { return Some(step.await) };
-        let is_lost = || async {
-            // An API error says nothing about the machine: look again later.
-            match self.api.get_opt(name).await {
-                Ok(found) => lost(&provision::observe(found.as_ref())),
-                Err(_) => false,
-            }
-        };
-        unless_lost(step, is_lost, MACHINE_CHECK).await
-    }
-}
-
-/// Runs `step`, asking `is_lost` every `every`; `None` (and `step` dropped) once it says so.
-async fn unless_lost<T, F, Fut>(step: impl Future<Output = T>, mut is_lost: F, every: Duration) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let watch = async {
-        loop {
-            tokio::time::sleep(every).await;
-            if is_lost().await {
-                return;
-            }
+#[async_trait::async_trait]
+impl LostWatch for GpuInstanceWatch {
+    async fn is_lost(&self) -> bool {
+        // An API error says nothing about the machine: look again later.
+        match self.api.get_opt(&self.name).await {
+            Ok(found) => lost(&provision::observe(found.as_ref())),
+            Err(_) => false,
         }
-    };
-    tokio::select! {
-        done = step => Some(done),
-        () = watch => None,
     }
 }
 
@@ -193,24 +160,6 @@ fn lost(machine: &MachineObservation) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    #[tokio::test]
-    async fn a_step_on_a_machine_that_is_lost_meanwhile_is_abandoned() {
-        let every = Duration::from_millis(10);
-        // A step that would hang (SSH reconnecting to a dead machine) ends at the third look.
-        let looks = AtomicU32::new(0);
-        let hanging = std::future::pending::<()>();
-        let is_lost = || async { looks.fetch_add(1, Ordering::SeqCst) >= 2 };
-        assert_eq!(unless_lost(hanging, is_lost, every).await, None);
-        assert_eq!(looks.load(Ordering::SeqCst), 3);
-        // A step that ends while the machine is fine gives its result.
-        let quick = async {
-            tokio::time::sleep(Duration::from_millis(35)).await;
-            7
-        };
-        assert_eq!(unless_lost(quick, || async { false }, every).await, Some(7));
-    }
 
     #[test]
     fn failed_lost_deleted_and_missing_machines_are_lost() {

@@ -6,20 +6,21 @@
 //! writes status once, only when it changed. Every step is idempotent and resumable from status
 //! alone: the GpuInstance name is deterministic (`<job>-<attempt>`), staging skips what is
 //! already verified on the machine, and launching checks `train.pid` first, so training is never
-//! started twice. Files: [`validate`] (pure spec checks), `pass` (the step loop), `machine`
-//! and [`provision`] (the GpuInstance and the job's key), [`session`] (the cached SSH connection
-//! and monitor), [`stage`], [`train`] (launch and polls), `upload`, [`suspend`], [`finish`].
+//! started twice. The pass is the engine's driver ([`crate::engine::driver`]); this module is
+//! the Kubernetes side of it: `ports` (the driver's ports over the job's objects), `pass` (what a
+//! pass works on), `machine` and [`provision`] (the GpuInstance and the job's key), [`session`]
+//! (the cached SSH connection and the driver's memory), [`secrets`], `upload` and [`outputs`]
+//! (S3 and Hugging Face), `notify` (webhooks), [`verdict`] (a misbehaving machine), [`finish`].
 
 pub mod finish;
 mod machine;
 mod notify;
 pub mod outputs;
 mod pass;
+mod ports;
 pub mod provision;
+pub mod secrets;
 pub mod session;
-pub mod stage;
-pub mod suspend;
-pub mod train;
 mod upload;
 pub mod verdict;
 
@@ -42,6 +43,7 @@ use super::patch::{TRAININGJOB_MANAGER, apply_status};
 use crate::api::{GpuInstance, Reason, TrainingJob, TrainingJobPhase, TrainingJobStatus, from_k8s_time};
 use crate::artifacts::address::EndpointPolicy;
 use crate::engine::cost::only_cost_accrued;
+use crate::engine::driver::Wait;
 use crate::engine::validate::{FrontEnd, validate};
 use crate::error::error_chain;
 use crate::remote::launch::RemoteLayout;
@@ -231,7 +233,11 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctrl: Arc<JobController>) -> Resul
         deadline_left(&job.spec, &before, now),
         STOP_GRACE,
     );
-    let result = match pass_limit::within(limit, &step, pass.run(&mut runtime)).await {
+    let driven = async {
+        let mut ports = ports::ClusterPorts::new(&mut pass, &mut runtime);
+        crate::engine::driver::pass(&mut ports).await.map(action)
+    };
+    let result = match pass_limit::within(limit, &step, driven).await {
         Ok(result) => result,
         Err(abandoned) => {
             ctx.metrics.reconcile_abandoned(CONTROLLER, abandoned.step);
@@ -260,6 +266,20 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctrl: Arc<JobController>) -> Resul
     // Whatever was done before an error is recorded, so it is not done again.
     write_status(&jobs, &job, &pass.written, pass.status).await?;
     result
+}
+
+/// How often a job waiting for its machine is looked at even without a GpuInstance change
+/// (whose changes wake the job through `owns`).
+const MACHINE_WAIT: Duration = Duration::from_secs(15);
+
+/// When the driver's wait becomes the next reconcile.
+fn action(wait: Wait) -> Action {
+    match wait {
+        Wait::Machine => Action::requeue(MACHINE_WAIT),
+        Wait::Poll(after) => Action::requeue(after),
+        Wait::Change | Wait::Finished => Action::await_change(),
+        Wait::Again => Action::requeue(Duration::from_secs(1)),
+    }
 }
 
 /// Time a pass gets past the job's hard deadline to stop the trainer and save its latest

@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
@@ -18,7 +18,7 @@ use super::outputs::Outputs;
 use crate::api::GpuInstance;
 use crate::artifacts::checkpoints::CheckpointSync;
 use crate::controller::gpuinstance::sshkey::PRIVATE_KEY;
-use crate::monitor::poller::TrainingMonitor;
+use crate::engine::driver::JobMemory;
 use crate::remote::ssh::{SshExec, SshKey, SshOptions, SshTarget};
 
 /// What is kept for one job between reconciles.
@@ -26,14 +26,13 @@ use crate::remote::ssh::{SshExec, SshKey, SshOptions, SshTarget};
 pub struct JobRuntime {
     /// The connection and the GpuInstance it leads to.
     pub session: Option<(String, Arc<SshExec>)>,
-    /// The monitor and the GpuInstance whose trainer it follows.
-    pub monitor: Option<(String, TrainingMonitor)>,
+    /// The driver's memory: the monitor (bound to the GpuInstance whose trainer it follows) and
+    /// the last poll.
+    pub memory: JobMemory,
     /// The job's upload destinations (credentials resolved from Secrets).
     pub outputs: Option<Arc<Outputs>>,
     /// Checkpoint sizes seen at the last poll, to sync only complete ones.
     pub checkpoint_sync: CheckpointSync,
-    /// When the trainer was last polled.
-    pub last_poll: Option<Instant>,
     /// What the machine did wrong lately (kept across disconnects: that is what it counts).
     pub faults: super::verdict::MachineFaults,
 }
@@ -42,7 +41,7 @@ impl JobRuntime {
     /// Forgets the connection and the monitor (after an error or when the machine changes).
     pub fn reset(&mut self) {
         self.disconnect();
-        self.monitor = None;
+        self.memory.forget();
     }
 
     /// Forgets the connection only (after an error): the monitor is bound to its machine by
@@ -50,15 +49,7 @@ impl JobRuntime {
     pub fn disconnect(&mut self) {
         self.session = None;
         self.outputs = None;
-        self.last_poll = None;
-    }
-
-    /// How long until the next poll is due, when the last one was less than `every` ago (give or
-    /// take a second). A reconcile woken early, by the job's own status write or a change of its
-    /// GpuInstance, then waits instead of polling the machine a second time in the interval.
-    pub fn poll_due_in(&self, every: Duration, now: Instant) -> Option<Duration> {
-        let since = now.checked_duration_since(self.last_poll?)?;
-        every.checked_sub(since).filter(|left| *left > Duration::from_secs(1))
+        self.memory.last_poll = None;
     }
 }
 
@@ -130,35 +121,4 @@ pub async fn ensure_session(
     let exec = Arc::new(SshExec::connect(target, key, Some(fingerprint), options).await?);
     runtime.session = Some((name, exec.clone()));
     Ok(exec)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_poll_is_not_repeated_within_the_interval() {
-        let every = Duration::from_secs(60);
-        let mut runtime = JobRuntime::default();
-        let start = Instant::now();
-        assert_eq!(runtime.poll_due_in(every, start), None, "never polled: poll now");
-        runtime.last_poll = Some(start);
-        // Woken by our own status write right after the poll: wait for the rest of the interval.
-        assert_eq!(
-            runtime.poll_due_in(every, start + Duration::from_millis(200)),
-            Some(Duration::from_millis(59_800))
-        );
-        assert_eq!(
-            runtime.poll_due_in(every, start + Duration::from_millis(59_500)),
-            None,
-            "due within a second"
-        );
-        assert_eq!(runtime.poll_due_in(every, start + Duration::from_secs(61)), None);
-        runtime.reset();
-        assert_eq!(
-            runtime.poll_due_in(every, start + Duration::from_secs(1)),
-            None,
-            "a new connection polls at once"
-        );
-    }
 }

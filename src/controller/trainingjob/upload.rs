@@ -35,6 +35,7 @@ use crate::artifacts::download::download;
 use crate::artifacts::huggingface::{HfUpload, upload_to_hub};
 use crate::artifacts::model_card::write_to_machine;
 use crate::artifacts::{ArtifactError, UploadItem, UploadSettings, Uploader};
+use crate::engine::outcome::Failure;
 use crate::error::error_chain;
 use crate::monitor::checkpoints::{Checkpoint, CheckpointInventory};
 use crate::monitor::remote_names::RefusedNames;
@@ -239,7 +240,6 @@ impl Pass<'_> {
         runtime: &mut JobRuntime,
         exec: &dyn RemoteExec,
     ) -> Result<(), Error> {
-        self.set_phase(TrainingJobPhase::Uploading, Reason::Uploading, "collecting results");
         // Its time is when uploading began: the engine gives up after `UPLOAD_GRACE`.
         set_condition(
             &mut self.status.conditions,
@@ -255,7 +255,7 @@ impl Pass<'_> {
         let Some(model) = model else {
             let message =
                 format!("the trainer finished but left no model at {}", self.tool.outputs.final_model);
-            return self.record_finish(TrainingJobPhase::Failed, Reason::UploadFailed, &message).await;
+            return Err(Error::Failed(Failure::new(Reason::UploadFailed, message)));
         };
         let listed = format!(
             "model {} ({} bytes, sha256 {})",
@@ -268,7 +268,7 @@ impl Pass<'_> {
             Ok(outputs) => outputs,
             Err(why) => {
                 let message = format!("{why}; {listed} was not uploaded");
-                return self.record_finish(TrainingJobPhase::Failed, Reason::UploadFailed, &message).await;
+                return Err(Error::Failed(Failure::new(Reason::UploadFailed, message)));
             }
         };
         if outputs.is_empty() {
@@ -307,7 +307,7 @@ impl Pass<'_> {
                 format!("uploaded and verified: {uploaded}; ")
             };
             let message = format!("{saved}{}; {listed} was not uploaded there", sent.failures.join("; "));
-            return self.record_finish(TrainingJobPhase::Failed, Reason::UploadFailed, &message).await;
+            return Err(Error::Failed(Failure::new(Reason::UploadFailed, message)));
         }
         self.mark_uploaded(&format!("uploaded and verified: {uploaded}")).await
     }

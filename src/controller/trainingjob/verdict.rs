@@ -51,7 +51,7 @@ impl MachineFaults {
 /// The machine's part in a failed pass, with what it did in words. Pure.
 pub fn fault_of(error: &Error) -> Option<(MachineFault, String)> {
     match error {
-        Error::Abandoned(abandoned) if super::pass::is_machine_step(abandoned.step) => Some((
+        Error::Abandoned(abandoned) if crate::engine::driver::is_machine_step(abandoned.step) => Some((
             MachineFault::Unresponsive,
             format!(
                 "the {} step on the machine did not finish within the pass limit of {} s",

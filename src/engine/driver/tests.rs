@@ -1,0 +1,1 @@
+//! Whole jobs against in-memory ports.
