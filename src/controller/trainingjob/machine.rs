@@ -11,7 +11,7 @@ use super::pass::Pass;
 use super::{Error, provision};
 use crate::api::{
     ConditionStatus, GpuInstance, Reason, TrainingJobPhase, from_k8s_time, is_condition_true, job_condition,
-    set_condition, to_k8s_time,
+    set_condition,
 };
 use crate::engine::MachineObservation;
 use crate::engine::driver::LostWatch;
@@ -64,7 +64,7 @@ impl Pass<'_> {
     }
 
     /// Creates the key Secret and the GpuInstance of `attempt`, releasing the previous machine.
-    pub(super) async fn acquire(&mut self, attempt: i32, now: DateTime<Utc>) -> Result<(), Error> {
+    pub(super) async fn acquire(&mut self, attempt: i32) -> Result<(), Error> {
         let job_name = self.job.name_any();
         let name = provision::instance_name(&job_name, attempt);
         let mut avoid = Vec::new();
@@ -85,46 +85,9 @@ impl Pass<'_> {
         let spent = self.status.cost.as_ref().map(|c| c.accrued).unwrap_or(0.0);
         let desired = provision::desired_instance(self.job, attempt, &tool_image, spent, &avoid)?;
         let created = provision::ensure_instance(&self.instances, &desired).await?;
-        let status = &mut self.status;
-        status.attempts = attempt;
-        status.start_time.get_or_insert_with(|| to_k8s_time(now));
-        status.instance = Some(provision::instance_status(&name, None));
-        // A new machine has nothing on it: stage and launch again there.
-        for c in [job_condition::INSTANCE_READY, job_condition::DATA_STAGED, job_condition::TRAINING] {
-            if crate::api::find_condition(&status.conditions, c).is_some() {
-                set_condition(
-                    &mut status.conditions,
-                    c,
-                    ConditionStatus::False,
-                    Reason::Launching,
-                    "new machine",
-                    None,
-                    now,
-                );
-            }
-        }
-        if self.status.phase == TrainingJobPhase::Suspended {
-            set_condition(
-                &mut self.status.conditions,
-                job_condition::SUSPENDED,
-                ConditionStatus::False,
-                Reason::Resumed,
-                "spec.suspend was cleared",
-                None,
-                now,
-            );
-            if created {
-                self.event(
-                    EventType::Normal,
-                    Reason::Resumed,
-                    "Resume",
-                    "spec.suspend was cleared: renting a new machine",
-                )
-                .await;
-            }
-        }
+        self.status.instance = Some(provision::instance_status(&name, None));
         let message = format!("renting a machine: GpuInstance {name} (attempt {attempt})");
-        self.set_phase(TrainingJobPhase::Provisioning, Reason::Launching, &message);
+        self.status.message = Some(message.clone());
         if created {
             info!(job = %job_name, gpuinstance = %name, attempt, "Created GpuInstance");
             self.event(EventType::Normal, Reason::Provisioning, "Provision", &message).await;

@@ -98,8 +98,8 @@ impl Machine for ClusterPorts<'_, '_> {
         Ok(machine)
     }
 
-    async fn acquire(&mut self, attempt: i32, now: DateTime<Utc>) -> Result<(), Error> {
-        self.pass.acquire(attempt, now).await
+    async fn acquire(&mut self, attempt: i32, _now: DateTime<Utc>) -> Result<(), Error> {
+        self.pass.acquire(attempt).await
     }
 
     async fn release(&mut self) -> Result<(), Error> {
@@ -167,6 +167,9 @@ impl Notifier for ClusterPorts<'_, '_> {
             }
             JobEvent::Suspended(message) => {
                 pass.event(EventType::Normal, Reason::Suspended, "Suspend", message).await;
+            }
+            JobEvent::Resumed(message) => {
+                pass.event(EventType::Normal, Reason::Resumed, "Resume", message).await
             }
             JobEvent::Finished { phase, reason, message } => {
                 pass.record_finish_metrics(phase, reason, Utc::now());

@@ -101,8 +101,7 @@ pub async fn pass<P: JobPorts>(ports: &mut P) -> Result<Wait, P::Error> {
                 return Ok(Wait::Finished);
             }
             Step::AcquireMachine { attempt } => {
-                steps::forget_machine(ports);
-                ports.acquire(attempt, now).await?;
+                steps::acquire_step(ports, attempt).await?;
                 return Ok(Wait::Machine);
             }
             Step::WaitForMachine => return Ok(Wait::Machine),

@@ -66,7 +66,8 @@ pub trait Machine: StatusStore {
     /// into status.
     async fn observe(&mut self, now: DateTime<Utc>) -> Result<MachineObservation, Self::Error>;
     /// Asks for the machine of `attempt` (from 1), giving back the previous one; records the
-    /// attempt, start time and instance in status.
+    /// instance in status (the attempt is recorded already: a rent that provably did not happen
+    /// takes it back).
     async fn acquire(&mut self, attempt: i32, now: DateTime<Utc>) -> Result<(), Self::Error>;
     /// Gives the machine back (after the status says why); idempotent, nothing held is fine.
     async fn release(&mut self) -> Result<(), Self::Error>;
@@ -93,6 +94,7 @@ pub enum JobEvent<'a> {
     Recovered(&'a str),
     SoftDeadline(&'a str),
     Suspended(&'a str),
+    Resumed(&'a str),
     Finished {
         phase: TrainingJobPhase,
         reason: Reason,

@@ -61,6 +61,60 @@ pub(super) fn forget_machine<P: JobPorts>(ports: &mut P) {
     ports.memory().forget();
 }
 
+/// Asks for the machine of `attempt`. The status says so first (a front end that rents before
+/// it writes anything else finds the attempt there after a crash); the port may take the attempt
+/// back when the rent provably did not happen.
+pub(super) async fn acquire_step<P: JobPorts>(ports: &mut P, attempt: i32) -> Result<(), P> {
+    forget_machine(ports);
+    let now = ports.now();
+    let resumed = record_acquiring(ports.status_mut(), attempt, now);
+    if resumed {
+        ports.notify(JobEvent::Resumed("spec.suspend was cleared: renting a new machine")).await;
+    }
+    ports.acquire(attempt, now).await
+}
+
+/// Records that the machine of `attempt` is being asked for: a new machine has nothing on it, so
+/// staging and launching start again there. True when this resumes a suspended job. Pure.
+pub fn record_acquiring(
+    status: &mut crate::api::TrainingJobStatus,
+    attempt: i32,
+    now: chrono::DateTime<chrono::Utc>,
+) -> bool {
+    use crate::api::{find_condition, to_k8s_time};
+    status.attempts = attempt;
+    status.start_time.get_or_insert_with(|| to_k8s_time(now));
+    for c in [job_condition::INSTANCE_READY, job_condition::DATA_STAGED, job_condition::TRAINING] {
+        if find_condition(&status.conditions, c).is_some() {
+            set_condition(
+                &mut status.conditions,
+                c,
+                ConditionStatus::False,
+                Reason::Launching,
+                "new machine",
+                None,
+                now,
+            );
+        }
+    }
+    let resumed = status.phase == TrainingJobPhase::Suspended;
+    if resumed {
+        set_condition(
+            &mut status.conditions,
+            job_condition::SUSPENDED,
+            ConditionStatus::False,
+            Reason::Resumed,
+            "spec.suspend was cleared",
+            None,
+            now,
+        );
+    }
+    status.phase = TrainingJobPhase::Provisioning;
+    status.reason = Some(Reason::Launching);
+    status.message = Some(format!("renting a machine (attempt {attempt})"));
+    resumed
+}
+
 /// Staging: claim the work dir, stage dataset and recipe, restore a checkpoint.
 pub(super) async fn stage_step<P: JobPorts>(ports: &mut P) -> Result<(), P> {
     let exec = ports.connect().await?;
