@@ -14,6 +14,7 @@ pub mod model;
 pub mod outcome;
 pub mod progress;
 pub mod rent;
+pub mod results;
 pub mod stage;
 pub mod suspend;
 pub mod validate;

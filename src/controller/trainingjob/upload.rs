@@ -36,6 +36,7 @@ use crate::artifacts::huggingface::{HfUpload, upload_to_hub};
 use crate::artifacts::model_card::write_to_machine;
 use crate::artifacts::{ArtifactError, UploadItem, UploadSettings, Uploader};
 use crate::engine::outcome::Failure;
+use crate::engine::results;
 use crate::error::error_chain;
 use crate::monitor::checkpoints::{Checkpoint, CheckpointInventory};
 use crate::monitor::remote_names::RefusedNames;
@@ -166,13 +167,13 @@ impl Pass<'_> {
         exec: &dyn RemoteExec,
     ) -> Result<(), Error> {
         let inventory = self.list_checkpoints(runtime, exec).await?;
-        outputs::record_checkpoints(&mut self.status, &inventory.to_status(), &[]);
+        results::record_checkpoints(&mut self.status, &inventory.to_status(), &[]);
         Ok(())
     }
 
     /// Upload settings within what the job may still upload.
     fn within_limits(&self, settings: UploadSettings) -> UploadSettings {
-        UploadSettings { limits: outputs::upload_limits(self.ctrl.upload_limits, &self.status), ..settings }
+        UploadSettings { limits: results::upload_limits(self.ctrl.upload_limits, &self.status), ..settings }
     }
 
     /// After a poll of a running trainer: lists the checkpoints and syncs the complete ones to
@@ -186,7 +187,7 @@ impl Pass<'_> {
         let Ok(outputs) = self.outputs(runtime).await? else { return Ok(()) };
         let Some(s3) = outputs.s3.as_ref().filter(|s| s.sync_checkpoints) else { return Ok(()) };
         let inventory = self.list_checkpoints(runtime, exec).await?;
-        let candidates = outputs::checkpoints_to_sync(&inventory.checkpoints, &self.status);
+        let candidates = results::checkpoints_to_sync(&inventory.checkpoints, &self.status);
         let ready = runtime.checkpoint_sync.ready(&candidates, &self.status.checkpoints);
         let mut synced = Vec::new();
         let mut refusal = None;
@@ -209,7 +210,7 @@ impl Pass<'_> {
             for cp in &done.checkpoints {
                 info!(job = %self.job.name_any(), checkpoint = %cp.name, step = cp.step, "Checkpoint synced");
             }
-            outputs::add_uploaded(&mut self.status, done.files, done.bytes);
+            results::add_uploaded(&mut self.status, done.files, done.bytes);
             self.report_refused_names(runtime, "its checkpoint folders", &done.refused).await;
             synced = done.checkpoints;
             match failure {
@@ -226,7 +227,7 @@ impl Pass<'_> {
             }
         }
         // What was synced before a refusal is kept in status either way.
-        outputs::record_checkpoints(&mut self.status, &inventory.to_status(), &synced);
+        results::record_checkpoints(&mut self.status, &inventory.to_status(), &synced);
         match refusal {
             Some(e) => Err(refusal_error(e)),
             None => Ok(()),
@@ -276,7 +277,7 @@ impl Pass<'_> {
             return self.mark_uploaded(&message).await;
         }
         let model_file = self.model_file_name();
-        let card = outputs::model_card(
+        let card = results::model_card(
             &self.job.name_any(),
             &self.job.spec,
             &self.status,
@@ -344,7 +345,7 @@ impl Pass<'_> {
         };
         self.set_phase(TrainingJobPhase::Uploading, Reason::Uploading, "saving the latest checkpoint");
         let path_in_repo = format!("checkpoints/{}", latest.name);
-        let card = outputs::model_card(
+        let card = results::model_card(
             &self.job.name_any(),
             &self.job.spec,
             &self.status,
@@ -361,7 +362,7 @@ impl Pass<'_> {
         }
         let pending: Vec<CheckpointStatus> =
             std::iter::once(latest.clone()).filter(|c| c.uri.is_none()).collect();
-        let sent = self.send(&outputs, exec, &files, &pending, outputs::salvage_settings()).await;
+        let sent = self.send(&outputs, exec, &files, &pending, results::salvage_settings()).await;
         // The run failed already: a refusal is reported and said in the message, no more.
         self.record_sent(runtime, &sent).await;
         if let Some(e) = &sent.refusal {
@@ -406,7 +407,7 @@ impl Pass<'_> {
         };
         if latest.uri.is_none() {
             let sent = self
-                .send(&outputs, exec, &[], std::slice::from_ref(&latest), outputs::salvage_settings())
+                .send(&outputs, exec, &[], std::slice::from_ref(&latest), results::salvage_settings())
                 .await;
             self.record_sent(runtime, &sent).await;
             if let Some(e) = &sent.refusal {
@@ -435,7 +436,7 @@ impl Pass<'_> {
             return Ok(());
         }
         let on_machine = self.list_checkpoints(runtime, exec).await?.to_status();
-        let wanted = outputs::latest_synced(&self.status.checkpoints).cloned();
+        let wanted = results::latest_synced(&self.status.checkpoints).cloned();
         let newest_here = on_machine.iter().max_by_key(|c| c.step).cloned();
         let from = match (wanted, newest_here) {
             (Some(w), Some(h)) if h.step >= w.step => Some(h),
@@ -494,8 +495,8 @@ impl Pass<'_> {
     /// Records in status what `send` uploaded: synced checkpoints, the job's totals; reports the
     /// names it left out.
     async fn record_sent(&mut self, runtime: &mut JobRuntime, sent: &Sent) {
-        outputs::record_checkpoints(&mut self.status, &[], &sent.checkpoints);
-        outputs::add_uploaded(&mut self.status, sent.files, sent.bytes);
+        results::record_checkpoints(&mut self.status, &[], &sent.checkpoints);
+        results::add_uploaded(&mut self.status, sent.files, sent.bytes);
         self.report_refused_names(runtime, "the results to upload", &sent.refused_names).await;
     }
 
