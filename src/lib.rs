@@ -8,6 +8,7 @@ pub mod controller;
 pub mod crash;
 pub mod engine;
 pub mod error;
+pub mod launch;
 pub mod machine;
 pub mod metrics;
 pub mod monitor;

@@ -11,8 +11,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::api::{TrainingJob, TrainingJobPhase, TrainingJobStatus};
 use crate::engine::env::{FileSecrets, Secrets};
-use crate::engine::local::{LocalRun, MachineSpec, Update};
-use crate::engine::rent::{self, RentSpec};
+use crate::launch::rent::{self, RentSpec};
+use crate::launch::{LocalRun, MachineSpec, Update};
 use crate::monitor::poller::TrainingStatus;
 use crate::provider::config::{ENV_API_KEY, ProviderConfig};
 use crate::provider::vastai::VastClient;

@@ -114,7 +114,7 @@ pub async fn pass<P: JobPorts>(ports: &mut P) -> Result<Wait, P::Error> {
                 None => machine_lost(ports),
             },
             Step::Poll => {
-                let every = Duration::from_secs(u64::from(ports.spec().monitoring.poll_interval_seconds));
+                let every = ports.poll_every();
                 if let Some(left) = ports.memory().poll_due_in(every, now) {
                     return Ok(Wait::Poll(left));
                 }

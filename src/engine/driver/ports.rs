@@ -35,6 +35,10 @@ pub trait JobSource {
     fn local_folders(&self) -> Option<LocalFolders<'_>> {
         None
     }
+    /// How often the trainer is polled while it runs: `spec.monitoring.pollIntervalSeconds`.
+    fn poll_every(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.spec().monitoring.poll_interval_seconds))
+    }
 }
 
 /// Where the status lives (the TrainingJob's status, or a state file).

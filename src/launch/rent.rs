@@ -1,6 +1,6 @@
 //! Renting a Vast.ai machine for `gpu-trainer launch --provider vastai`: the settings, what is
 //! kept in the state file about the machine, and the pure parts (label, offer choice and its
-//! explanation, cost). The driver in [`super::local`] does the calls, in the order the operator
+//! explanation, cost). The machine port in [`super::machine`] does the calls, in the order the operator
 //! does them: the label and a pending mark are on disk before the rent call, the instance id
 //! right after it, so a launcher killed in between finds its machine again by label instead of
 //! renting a second one.
@@ -11,9 +11,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::cost::{job_cost, machine_cost};
-use super::local::LocalError;
+use super::LocalError;
 use crate::api::{CostStatus, MachineRequirements, OfferStatus};
+use crate::engine::cost::{job_cost, machine_cost};
 use crate::provider::config::ProviderConfig;
 use crate::provider::select::{Criteria, Rejection, Rejections, Selection, select_offer};
 use crate::provider::{GpuProvider, InstanceId, OfferQuery, SshEndpoint};

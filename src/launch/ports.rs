@@ -1,0 +1,182 @@
+//! The engine's ports for `launch`: the state file is the status store, the machine is this
+//! one, an SSH machine or a rented one, notifications go to the terminal (and the job's
+//! webhook), results come to this machine.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use super::machine::RentedWatch;
+use super::{LocalError, LocalRun, MachineSpec, Observer, Update};
+use crate::api::{TrainingJobSpec, TrainingJobStatus};
+use crate::engine::MachineObservation;
+use crate::engine::driver::{
+    ArtifactStore, Clock, JobEvent, JobMemory, JobPorts, JobSource, LostWatch, Machine, Notifier, StatusStore,
+};
+use crate::engine::env::Secrets;
+use crate::engine::stage::LocalFolders;
+use crate::remote::RemoteExec;
+use crate::remote::launch::RemoteLayout;
+use crate::remote::tool::RenderedTool;
+
+/// One pass's ports: the run and the terminal's observer.
+pub(super) struct LaunchPorts<'r, 'o> {
+    pub(super) run: &'r mut LocalRun,
+    pub(super) observer: &'r mut Observer<'o>,
+    /// How often the trainer is read (a terminal wants a live bar, not the operator's minute).
+    pub(super) poll_every: Duration,
+}
+
+impl LaunchPorts<'_, '_> {
+    fn flush_notes(&mut self) {
+        for note in std::mem::take(&mut self.run.notes) {
+            (self.observer)(Update::Note(&note));
+        }
+    }
+}
+
+impl JobSource for LaunchPorts<'_, '_> {
+    fn spec(&self) -> &TrainingJobSpec {
+        &self.run.job.spec
+    }
+    fn layout(&self) -> &RemoteLayout {
+        &self.run.layout
+    }
+    fn tool(&self) -> &RenderedTool {
+        &self.run.tool
+    }
+    fn local_folders(&self) -> Option<LocalFolders<'_>> {
+        Some(LocalFolders { job_dir: &self.run.job_dir, archive: &self.run.archive })
+    }
+    fn poll_every(&self) -> Duration {
+        self.poll_every
+    }
+}
+
+impl Clock for LaunchPorts<'_, '_> {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+#[async_trait]
+impl StatusStore for LaunchPorts<'_, '_> {
+    type Error = LocalError;
+    fn status(&self) -> &TrainingJobStatus {
+        &self.run.state.status
+    }
+    fn status_mut(&mut self) -> &mut TrainingJobStatus {
+        &mut self.run.state.status
+    }
+    async fn persist(&mut self) -> Result<(), LocalError> {
+        self.run.save()
+    }
+}
+
+#[async_trait]
+impl Machine for LaunchPorts<'_, '_> {
+    async fn observe(&mut self, now: DateTime<Utc>) -> Result<MachineObservation, LocalError> {
+        let machine = self.run.observe_machine(now).await?;
+        if let Some(rented) = &self.run.state.rented {
+            let status = &mut self.run.state.status;
+            let eta = status.progress.as_ref().and_then(|p| p.eta_seconds);
+            status.cost = Some(super::rent::cost(rented, eta, status.cost.as_ref(), now));
+        }
+        self.flush_notes();
+        Ok(machine)
+    }
+
+    async fn acquire(&mut self, attempt: i32, now: DateTime<Utc>) -> Result<(), LocalError> {
+        let acquired = self.run.acquire(attempt, now).await;
+        self.flush_notes();
+        acquired
+    }
+
+    async fn release(&mut self) -> Result<(), LocalError> {
+        // The state file says why the machine goes before it goes.
+        self.run.save()?;
+        let released = self.run.release().await.map(|_| ());
+        self.flush_notes();
+        released
+    }
+
+    fn holds_machine(&self) -> bool {
+        self.run.holds_machine()
+    }
+
+    async fn connect(&mut self) -> Result<Arc<dyn RemoteExec>, LocalError> {
+        self.run.connection().await
+    }
+
+    fn disconnect(&mut self) {
+        self.run.exec = None;
+    }
+
+    fn machine_name(&self) -> String {
+        match self.run.rented_instance() {
+            Some(id) => format!("instance-{id}"),
+            None => "launch".into(),
+        }
+    }
+
+    fn lost_watch(&self) -> Option<Box<dyn LostWatch>> {
+        let MachineSpec::Vastai(rent) = &self.run.machine else { return None };
+        let id = self.run.rented_instance()?;
+        Some(Box::new(RentedWatch { provider: rent.provider.clone(), id }))
+    }
+
+    fn memory(&mut self) -> &mut JobMemory {
+        &mut self.run.memory
+    }
+}
+
+#[async_trait]
+impl Notifier for LaunchPorts<'_, '_> {
+    async fn notify(&mut self, event: JobEvent<'_>) {
+        let note = match event {
+            JobEvent::Entering(_) => return,
+            JobEvent::Polled(polled) => {
+                (self.observer)(Update::Polled(&self.run.state.status, polled));
+                return;
+            }
+            JobEvent::Stalled(message) => format!("stall detected: {message}"),
+            JobEvent::Recovered(message) => format!("progress resumed: {message}"),
+            JobEvent::SoftDeadline(message) => message.to_string(),
+            JobEvent::Staged(_) | JobEvent::TrainingStarted(_) => return,
+            JobEvent::Suspended(message) | JobEvent::Resumed(message) => message.to_string(),
+            JobEvent::Finished { .. } => return,
+        };
+        (self.observer)(Update::Note(&note));
+    }
+}
+
+#[async_trait]
+impl ArtifactStore for LaunchPorts<'_, '_> {
+    async fn restore(&mut self, exec: &dyn RemoteExec) -> Result<(), LocalError> {
+        self.run.restore(exec).await
+    }
+    async fn sync_checkpoints(&mut self, _exec: &dyn RemoteExec) -> Result<(), LocalError> {
+        // Without storage there is nowhere to sync to; what the trainer saves is listed at the end.
+        Ok(())
+    }
+    async fn collect_checkpoints(&mut self, exec: &dyn RemoteExec) -> Result<(), LocalError> {
+        self.run.collect_checkpoints(exec).await
+    }
+    async fn keep_latest_checkpoint(&mut self, _exec: &dyn RemoteExec) -> Result<String, LocalError> {
+        Ok(self.run.keep_latest_checkpoint())
+    }
+    async fn salvage(&mut self, exec: &dyn RemoteExec, stop_reason: &str) -> Result<String, LocalError> {
+        self.run.salvage(exec, stop_reason).await
+    }
+    async fn upload(&mut self, exec: &dyn RemoteExec) -> Result<(), LocalError> {
+        self.run.collect(exec).await
+    }
+}
+
+impl JobPorts for LaunchPorts<'_, '_> {
+    fn secrets(&self) -> &dyn Secrets {
+        self.run.secrets.as_ref()
+    }
+}
