@@ -9,6 +9,7 @@ pub mod decide;
 pub mod driver;
 pub mod env;
 pub mod finish;
+pub mod notify;
 pub mod outcome;
 pub mod progress;
 pub mod results;

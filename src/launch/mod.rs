@@ -27,6 +27,7 @@ use crate::engine::MachineObservation;
 use crate::engine::driver::{self, JobMemory, Wait};
 use crate::engine::env::{EnvError, Secrets, resolve_env};
 use crate::engine::finish::finish_status;
+use crate::engine::notify::WebhookUrlError;
 use crate::engine::outcome::{Failure, StepError};
 use crate::engine::stage::s3_dataset_settings;
 use crate::engine::validate::{FrontEnd, validate};
@@ -200,27 +201,7 @@ impl LocalRun {
         let registry = ToolRegistry::load(tools_dir)?;
         let tool = validate(&job.spec, &registry, FrontEnd::Launch)
             .map_err(|e| LocalError::InvalidJob { field: e.field, message: e.message })?;
-        // Checked before anything is rented; the launch step resolves it again on the machine.
-        resolve_env(secrets.as_ref(), &job.spec.env).await.map_err(|e| match e {
-            EnvError::Unresolvable { var, message } => {
-                LocalError::InvalidJob { field: "spec.env", message: format!("{var}: {message}") }
-            }
-            EnvError::Read(e) => LocalError::Secret(e),
-        })?;
-        let dataset = &job.spec.dataset;
-        if let Some(local) = &dataset.local
-            && !job_dir.join(&local.path).is_dir()
-        {
-            return Err(LocalError::InvalidJob {
-                field: "spec.dataset.local.path",
-                message: format!("{} is not a folder", job_dir.join(&local.path).display()),
-            });
-        }
-        // Nothing is rented for a dataset no connection can read. Without a cluster the Secrets
-        // are the `--secret` files, and the operator's default storage is this process's.
-        if let Some(s3) = &dataset.s3 {
-            s3_dataset_settings(&job.spec, s3, secrets.as_ref()).await?;
-        }
+        check_before_renting(&job, &job_dir, secrets.as_ref()).await?;
         let state_path = state_dir.join(format!("{name}.json"));
         let state = state::load(&state_path, &name)?;
         let base = match &machine {
@@ -385,4 +366,56 @@ impl LocalRun {
         self.save()?;
         self.release().await
     }
+}
+
+/// What would fail the job later is checked before anything is rented: the environment, the
+/// webhook, the dataset folder and the storage of an `s3` dataset. Without a cluster the
+/// Secrets are the `--secret` files, and the operator's default storage is this process's.
+async fn check_before_renting(
+    job: &TrainingJob,
+    job_dir: &Path,
+    secrets: &dyn Secrets,
+) -> Result<(), LocalError> {
+    // Checked before anything is rented; the launch step resolves it again on the machine.
+    resolve_env(secrets, &job.spec.env).await.map_err(|e| match e {
+        EnvError::Unresolvable { var, message } => {
+            LocalError::InvalidJob { field: "spec.env", message: format!("{var}: {message}") }
+        }
+        EnvError::Read(e) => LocalError::Secret(e),
+    })?;
+    match crate::engine::notify::webhook_url(secrets, &job.spec).await {
+        Ok(_) => {}
+        Err(WebhookUrlError::Read(err)) => return Err(LocalError::Secret(err)),
+        Err(WebhookUrlError::Unusable { secret, key }) => {
+            return Err(LocalError::InvalidJob {
+                field: "spec.notify.webhookSecretRef",
+                message: format!(
+                    "key {key} of Secret {secret} is missing or not an http(s) URL; give the Secret with --secret {secret}=FILE"
+                ),
+            });
+        }
+    }
+    if job.spec.output.is_some() {
+        return Err(LocalError::InvalidJob {
+            field: "spec.output",
+            message: "`gpu-trainer launch` brings the model to this machine and uploads nothing yet; \
+                          remove spec.output, or run the job in a cluster"
+                .into(),
+        });
+    }
+    let dataset = &job.spec.dataset;
+    if let Some(local) = &dataset.local
+        && !job_dir.join(&local.path).is_dir()
+    {
+        return Err(LocalError::InvalidJob {
+            field: "spec.dataset.local.path",
+            message: format!("{} is not a folder", job_dir.join(&local.path).display()),
+        });
+    }
+    // Nothing is rented for a dataset no connection can read. Without a cluster the Secrets
+    // are the `--secret` files, and the operator's default storage is this process's.
+    if let Some(s3) = &dataset.s3 {
+        s3_dataset_settings(&job.spec, s3, secrets).await?;
+    }
+    Ok(())
 }

@@ -11,12 +11,16 @@ use chrono::{DateTime, Utc};
 use super::machine::RentedWatch;
 use super::{LocalError, LocalRun, MachineSpec, Observer, Update};
 use crate::api::{TrainingJobSpec, TrainingJobStatus};
+use crate::artifacts::address::EndpointPolicy;
+use crate::artifacts::notify::{EventKind, JobRef, NotifyOutcome, WebhookNotifier};
 use crate::engine::MachineObservation;
 use crate::engine::driver::{
     ArtifactStore, Clock, JobEvent, JobMemory, JobPorts, JobSource, LostWatch, Machine, Notifier, StatusStore,
 };
 use crate::engine::env::Secrets;
+use crate::engine::notify::{finish_kind, notification, webhook_url};
 use crate::engine::stage::LocalFolders;
+use crate::error::error_chain;
 use crate::remote::RemoteExec;
 use crate::remote::launch::RemoteLayout;
 use crate::remote::tool::RenderedTool;
@@ -34,6 +38,35 @@ impl LaunchPorts<'_, '_> {
         for note in std::mem::take(&mut self.run.notes) {
             (self.observer)(Update::Note(&note));
         }
+    }
+
+    /// Sends `kind` to the job's webhook (`spec.notify`), waiting for the delivery: a launcher
+    /// that exits right after the job ends must not drop the message. Failures are told, never
+    /// with the URL.
+    async fn webhook(&mut self, kind: EventKind, message: &str) {
+        let note = match webhook_url(self.run.secrets.as_ref(), &self.run.job.spec).await {
+            Ok(None) => return,
+            Err(err) => format!("no webhook sent: {}", error_chain(&err)),
+            Ok(Some(url)) => {
+                let job = JobRef {
+                    namespace: String::new(),
+                    name: self.run.name(),
+                    uid: self.run.state.uid.clone(),
+                };
+                let body = notification(job, kind, &self.run.state.status, message);
+                // No cluster to protect here: the user's own network is theirs to reach.
+                match WebhookNotifier::new(url, EndpointPolicy::AllowPrivate, "the spec.notify webhook URL")
+                    .await
+                {
+                    Ok(notifier) => match notifier.notify(&body).await {
+                        NotifyOutcome::Delivered { .. } => return,
+                        NotifyOutcome::Failed { error } => format!("the webhook was not delivered: {error}"),
+                    },
+                    Err(err) => format!("no webhook sent: {}", error_chain(&err)),
+                }
+            }
+        };
+        (self.observer)(Update::Note(&note));
     }
 }
 
@@ -141,12 +174,18 @@ impl Notifier for LaunchPorts<'_, '_> {
                 (self.observer)(Update::Polled(&self.run.state.status, polled));
                 return;
             }
-            JobEvent::Stalled(message) => format!("stall detected: {message}"),
+            JobEvent::Stalled(message) => {
+                self.webhook(EventKind::StallDetected, message).await;
+                format!("stall detected: {message}")
+            }
             JobEvent::Recovered(message) => format!("progress resumed: {message}"),
             JobEvent::SoftDeadline(message) => message.to_string(),
             JobEvent::Staged(_) | JobEvent::TrainingStarted(_) => return,
             JobEvent::Suspended(message) | JobEvent::Resumed(message) => message.to_string(),
-            JobEvent::Finished { .. } => return,
+            JobEvent::Finished { reason, message, .. } => {
+                self.webhook(finish_kind(reason), message).await;
+                return;
+            }
         };
         (self.observer)(Update::Note(&note));
     }

@@ -179,7 +179,7 @@ impl Notifier for ClusterPorts<'_, '_> {
                     (EventType::Warning, Reason::Failed)
                 };
                 pass.event(type_, event_reason, "Finish", message).await;
-                pass.notify(super::notify::finish_kind(reason), message).await;
+                pass.notify(crate::engine::notify::finish_kind(reason), message).await;
             }
         }
     }
