@@ -474,3 +474,77 @@ async fn an_unresolvable_value_from_env_rents_nothing() {
     assert_eq!(creates(&fake), 0, "nothing is rented for a job that cannot run");
     assert!(fake.instances().is_empty());
 }
+
+/// A stalled run interrupted with Ctrl-C (the launcher killed) and launched again keeps its stall
+/// clock: the stall is judged from the last progress the first launcher saw, not from the
+/// second launcher's start. The stopped run keeps its latest checkpoint with a model card
+/// marked incomplete.
+#[test]
+fn a_resumed_launch_keeps_the_stall_clock_and_saves_the_latest_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_in(dir.path(), "{steps: 1000, secondsPerStep: 0.05, saveEvery: 5, stallAtStep: 10}");
+    let yaml = std::fs::read_to_string(&job).unwrap()
+        + "  monitoring: {pollIntervalSeconds: 5, noProgressTimeoutSeconds: 60}\n";
+    std::fs::write(&job, yaml).unwrap();
+    let state_file = dir.path().join(".gpu-trainer/t.json");
+    let state = || -> serde_json::Value {
+        std::fs::read(&state_file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    };
+    let mut first = Command::new(env!("CARGO_BIN_EXE_gpu-trainer"))
+        .arg("launch")
+        .arg(&job)
+        .args(["--tools-dir", repo().join("config/tools").to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The trainer stalls at step 9; the first launcher sees it stuck there for a while.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while state()["status"]["progress"]["step"].as_u64().unwrap_or(0) < 9 {
+        assert!(std::time::Instant::now() < deadline, "training never reached step 9");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(25));
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let restarted = chrono::Utc::now();
+
+    let out = launch(&job, &[]);
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    let status = &state()["status"];
+    assert_eq!(status["reason"], "Stalled", "{all}");
+    let time = |v: &serde_json::Value| v.as_str().unwrap().parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+    let last_progress = time(&status["progress"]["lastUpdateTime"]);
+    let stalled = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Stalled").unwrap();
+    let flagged = time(&stalled["lastTransitionTime"]);
+    assert!(flagged - last_progress >= chrono::Duration::seconds(60), "flagged after the timeout: {status}");
+    assert!(
+        flagged - restarted < chrono::Duration::seconds(55),
+        "the second launcher continued the first one's clock (restarted {restarted}, flagged {flagged})"
+    );
+    let message = status["message"].as_str().unwrap();
+    assert!(message.contains("with a model card marked incomplete"), "{message}");
+    let checkpoint = status["artifacts"][0]["uri"].as_str().unwrap().strip_prefix("file://").unwrap();
+    let card = Path::new(checkpoint).with_file_name("README.md");
+    assert!(std::fs::read_to_string(&card).unwrap().contains("incomplete"), "{}", card.display());
+}
+
+/// What `launch` cannot do is refused before anything runs, naming the field.
+#[test]
+fn launch_refuses_outputs_and_a_webhook_it_cannot_read_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = job_in(dir.path(), "{steps: 3}");
+    let base = std::fs::read_to_string(&job).unwrap();
+    std::fs::write(&job, format!("{base}  output: {{s3: {{bucket: b, prefix: p}}}}\n")).unwrap();
+    let out = launch(&job, &[]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("spec.output"), "{}", text(&out));
+    std::fs::write(&job, format!("{base}  notify: {{webhookSecretRef: {{name: hook, key: url}}}}\n"))
+        .unwrap();
+    let out = launch(&job, &[]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("spec.notify.webhookSecretRef"), "{}", text(&out));
+    assert!(text(&out).contains("--secret hook=FILE"), "{}", text(&out));
+    assert!(!dir.path().join(".gpu-trainer/work").exists(), "nothing ran");
+}
