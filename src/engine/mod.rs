@@ -11,6 +11,7 @@ pub mod env;
 pub mod finish;
 pub mod notify;
 pub mod outcome;
+pub mod outputs;
 pub mod progress;
 pub mod results;
 pub mod stage;

@@ -36,6 +36,9 @@ pub enum StepError {
     Dataset(DatasetError),
     #[error(transparent)]
     Secret(#[from] SecretReadError),
+    // Boxed: the monitor's error is large and every `Result` here would carry its size.
+    #[error(transparent)]
+    Monitor(#[from] Box<crate::monitor::poller::MonitorError>),
 }
 
 impl From<ToolError> for StepError {

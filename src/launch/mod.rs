@@ -88,6 +88,7 @@ impl From<StepError> for LocalError {
             StepError::Tool(err) => LocalError::Tool(err),
             StepError::Dataset(err) => LocalError::Dataset(err),
             StepError::Secret(err) => LocalError::Secret(err),
+            StepError::Monitor(err) => LocalError::Monitor(err),
         }
     }
 }

@@ -339,3 +339,15 @@ fn open_error(path: &Path, e: std::io::Error) -> RemoteError {
         RemoteError::io(format!("open {}", path.display()), e)
     }
 }
+
+/// The first [`RemoteError`] in `error`'s source chain.
+pub fn remote_error_in<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a RemoteError> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(remote) = e.downcast_ref::<RemoteError>() {
+            return Some(remote);
+        }
+        current = e.source();
+    }
+    None
+}

@@ -1,5 +1,5 @@
-//! The controller's part of a job's end (the end itself is the engine driver's): what the
-//! trainer left on the machine, the finish metrics, and the release (status written first, then
+//! The controller's part of a job's end (the end itself is the engine driver's): the finish
+//! metrics, and the release (status written first, then
 //! the GpuInstance deleted; its finalizer gives the machine back). Releasing is idempotent, so a
 //! finish interrupted by a restart is simply done again.
 
@@ -8,44 +8,7 @@ use kube::Resource;
 
 use super::pass::Pass;
 use super::{Error, phase_label, provision};
-use crate::api::{ArtifactStatus, Reason, TrainingJobPhase, from_k8s_time};
-use crate::remote::launch::RemoteLayout;
-use crate::remote::tool::RenderedTool;
-use crate::remote::{RemoteExec, RunOptions, shell_quote};
-
-/// The final model the trainer left on the machine, with size and SHA-256 (computed on the
-/// machine). `None` when there is none. (The checkpoints: `Pass::collect_checkpoints`.)
-pub async fn final_model(
-    exec: &dyn RemoteExec,
-    layout: &RemoteLayout,
-    tool: &RenderedTool,
-) -> Result<Option<ArtifactStatus>, Error> {
-    let model = layout.join(&tool.outputs.final_model);
-    let out = exec
-        .run(
-            &format!(
-                "f={}; [ -f \"$f\" ] && sha256sum \"$f\" && stat -c %s \"$f\" || true",
-                shell_quote(&model)?
-            ),
-            RunOptions::default(),
-        )
-        .await?;
-    out.require_complete("hashing the final model")?;
-    let text = out.stdout_lossy();
-    let mut lines = text.lines();
-    let sha = lines.next().and_then(|l| l.split_whitespace().next()).map(str::to_string);
-    let size = lines.next().and_then(|l| l.trim().parse::<u64>().ok());
-    let artifact = match (sha, size) {
-        (Some(sha256), Some(size_bytes)) => Some(ArtifactStatus {
-            name: "model".into(),
-            uri: format!("file://{model}"),
-            size_bytes,
-            sha256: Some(sha256),
-        }),
-        _ => None,
-    };
-    Ok(artifact)
-}
+use crate::api::{Reason, TrainingJobPhase, from_k8s_time};
 
 impl Pass<'_> {
     pub(super) fn record_finish_metrics(&self, phase: TrainingJobPhase, reason: Reason, now: DateTime<Utc>) {

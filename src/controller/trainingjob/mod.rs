@@ -9,19 +9,17 @@
 //! started twice. The pass is the engine's driver ([`crate::engine::driver`]); this module is
 //! the Kubernetes side of it: `ports` (the driver's ports over the job's objects), `pass` (what a
 //! pass works on), `machine` and [`provision`] (the GpuInstance and the job's key), [`session`]
-//! (the cached SSH connection and the driver's memory), [`secrets`], `upload` and [`outputs`]
-//! (S3 and Hugging Face), `notify` (webhooks), [`verdict`] (a misbehaving machine), [`finish`].
+//! (the cached SSH connection, the driver's memory and the job's result store), [`secrets`],
+//! `notify` (webhooks), [`verdict`] (a misbehaving machine), [`finish`].
 
 pub mod finish;
 mod machine;
 mod notify;
-pub mod outputs;
 mod pass;
 mod ports;
 pub mod provision;
 pub mod secrets;
 pub mod session;
-mod upload;
 pub mod verdict;
 
 use std::collections::HashSet;
@@ -99,6 +97,7 @@ impl From<crate::engine::outcome::StepError> for Error {
             StepError::Dataset(err) => Error::Dataset(err),
             StepError::Secret(err) => Error::Secret(err),
             StepError::Failed(failure) => Error::Failed(failure),
+            StepError::Monitor(err) => Error::Monitor(err),
         }
     }
 }

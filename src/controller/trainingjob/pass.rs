@@ -9,7 +9,7 @@ use kube::api::Api;
 use kube::runtime::events::EventType;
 
 use super::{Error, JobController, session};
-use crate::api::{GpuInstance, Reason, TrainingJob, TrainingJobPhase, TrainingJobStatus};
+use crate::api::{GpuInstance, Reason, TrainingJob, TrainingJobStatus};
 use crate::controller::pass_limit::StepTracker;
 use crate::remote::launch::RemoteLayout;
 use crate::remote::tool::RenderedTool;
@@ -52,11 +52,5 @@ impl Pass<'_> {
     pub(super) async fn persist(&mut self) -> Result<(), Error> {
         self.written = super::write_status(&self.jobs, self.job, &self.written, self.status.clone()).await?;
         Ok(())
-    }
-
-    pub(super) fn set_phase(&mut self, phase: TrainingJobPhase, reason: Reason, message: &str) {
-        self.status.phase = phase;
-        self.status.reason = Some(reason);
-        self.status.message = Some(message.to_string());
     }
 }

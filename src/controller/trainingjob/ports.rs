@@ -23,6 +23,7 @@ use crate::engine::driver::{
 };
 use crate::engine::env::Secrets;
 use crate::engine::outcome::Failure;
+use crate::engine::outputs::store::{JobView, OutputEvents, ResultStore};
 use crate::remote::RemoteExec;
 use crate::remote::launch::RemoteLayout;
 use crate::remote::tool::RenderedTool;
@@ -43,12 +44,54 @@ pub(super) struct ClusterPorts<'p, 'a> {
     pub(super) runtime: &'p mut JobRuntime,
     pub(super) secrets: NamespaceSecrets,
     pub(super) instance: Option<GpuInstance>,
+    events: KubeEvents<'a>,
+    name: String,
+    uid: String,
 }
 
 impl<'p, 'a> ClusterPorts<'p, 'a> {
     pub(super) fn new(pass: &'p mut Pass<'a>, runtime: &'p mut JobRuntime) -> Self {
         let secrets = NamespaceSecrets(pass.secrets.clone());
-        Self { pass, runtime, secrets, instance: None }
+        let events = KubeEvents { ctx: &pass.ctrl.ctx, job: pass.job };
+        let (name, uid) = (pass.job.name_any(), pass.job.uid().unwrap_or_default());
+        Self { pass, runtime, secrets, instance: None, events, name, uid }
+    }
+
+    /// The job's result store and what it works on.
+    fn results(&mut self) -> (&mut ResultStore, JobView<'_>) {
+        let ctrl = self.pass.ctrl;
+        let store = self.runtime.results.get_or_insert_with(|| {
+            ResultStore::new(ctrl.upload_limits, ctrl.hf_cli.clone(), ctrl.endpoint_policy)
+        });
+        let pass = &mut *self.pass;
+        let view = JobView {
+            name: &self.name,
+            uid: &self.uid,
+            spec: &pass.job.spec,
+            layout: &pass.layout,
+            tool: &pass.tool,
+            status: &mut pass.status,
+            secrets: &self.secrets,
+            events: &mut self.events,
+            now: Utc::now(),
+        };
+        (store, view)
+    }
+}
+
+/// The result store's warnings as Kubernetes events on the job.
+struct KubeEvents<'a> {
+    ctx: &'a crate::controller::Context,
+    job: &'a crate::api::TrainingJob,
+}
+
+#[async_trait]
+impl OutputEvents for KubeEvents<'_> {
+    async fn warning(&mut self, reason: Reason, action: &str, message: &str) {
+        self.ctx.event(self.job, EventType::Warning, reason, action, message).await;
+    }
+    async fn normal(&mut self, reason: Reason, action: &str, message: &str) {
+        self.ctx.event(self.job, EventType::Normal, reason, action, message).await;
     }
 }
 
@@ -188,22 +231,28 @@ impl Notifier for ClusterPorts<'_, '_> {
 #[async_trait]
 impl ArtifactStore for ClusterPorts<'_, '_> {
     async fn restore(&mut self, exec: &dyn RemoteExec) -> Result<(), Error> {
-        self.pass.restore(self.runtime, exec).await
+        let (store, mut job) = self.results();
+        Ok(store.restore(&mut job, exec).await?)
     }
     async fn sync_checkpoints(&mut self, exec: &dyn RemoteExec) -> Result<(), Error> {
-        self.pass.sync_checkpoints(self.runtime, exec).await
+        let (store, mut job) = self.results();
+        Ok(store.sync_checkpoints(&mut job, exec).await?)
     }
     async fn collect_checkpoints(&mut self, exec: &dyn RemoteExec) -> Result<(), Error> {
-        self.pass.collect_checkpoints(self.runtime, exec).await
+        let (store, mut job) = self.results();
+        Ok(store.collect_checkpoints(&mut job, exec).await?)
     }
     async fn keep_latest_checkpoint(&mut self, exec: &dyn RemoteExec) -> Result<String, Error> {
-        self.pass.keep_latest_checkpoint(self.runtime, exec).await
+        let (store, mut job) = self.results();
+        Ok(store.keep_latest_checkpoint(&mut job, exec).await?)
     }
     async fn salvage(&mut self, exec: &dyn RemoteExec, stop_reason: &str) -> Result<String, Error> {
-        self.pass.salvage(self.runtime, exec, stop_reason).await
+        let (store, mut job) = self.results();
+        Ok(store.salvage(&mut job, exec, stop_reason).await?)
     }
     async fn upload(&mut self, exec: &dyn RemoteExec) -> Result<(), Error> {
-        self.pass.upload(self.runtime, exec).await
+        let (store, mut job) = self.results();
+        Ok(store.upload(&mut job, exec).await?)
     }
 }
 

@@ -14,11 +14,10 @@ use kube::ResourceExt;
 use kube::api::Api;
 
 use super::Error;
-use super::outputs::Outputs;
 use crate::api::GpuInstance;
-use crate::artifacts::checkpoints::CheckpointSync;
 use crate::controller::gpuinstance::sshkey::PRIVATE_KEY;
 use crate::engine::driver::JobMemory;
+use crate::engine::outputs::store::ResultStore;
 use crate::remote::ssh::{SshExec, SshKey, SshOptions, SshTarget};
 
 /// What is kept for one job between reconciles.
@@ -29,10 +28,8 @@ pub struct JobRuntime {
     /// The driver's memory: the monitor (bound to the GpuInstance whose trainer it follows) and
     /// the last poll.
     pub memory: JobMemory,
-    /// The job's upload destinations (credentials resolved from Secrets).
-    pub outputs: Option<Arc<Outputs>>,
-    /// Checkpoint sizes seen at the last poll, to sync only complete ones.
-    pub checkpoint_sync: CheckpointSync,
+    /// The job's result store (its destinations, resolved from Secrets, and what was synced).
+    pub results: Option<ResultStore>,
     /// What the machine did wrong lately (kept across disconnects: that is what it counts).
     pub faults: super::verdict::MachineFaults,
 }
@@ -48,7 +45,9 @@ impl JobRuntime {
     /// name and keeps its log offset and stall readings for the next connection.
     pub fn disconnect(&mut self) {
         self.session = None;
-        self.outputs = None;
+        if let Some(results) = &mut self.results {
+            results.forget_outputs();
+        }
         self.memory.last_poll = None;
     }
 }

@@ -13,7 +13,7 @@ use super::Error;
 use crate::api::{GpuInstance, Reason};
 use crate::controller::gpuinstance::verdict::request_release;
 use crate::error::error_chain;
-use crate::remote::{MachineFault, RemoteError};
+use crate::remote::MachineFault;
 
 /// Passes in a row that end with the machine not answering before it is given up.
 pub const UNRESPONSIVE_PASSES: u32 = 2;
@@ -61,22 +61,10 @@ pub fn fault_of(error: &Error) -> Option<(MachineFault, String)> {
         )),
         Error::UnpinnedHostKey(message) => Some((MachineFault::HostKeyChanged, message.clone())),
         _ => {
-            let remote = remote_error_in(error)?;
+            let remote = crate::remote::remote_error_in(error)?;
             Some((remote.machine_fault()?, error_chain(remote)))
         }
     }
-}
-
-/// The first [`RemoteError`] in `error`'s source chain.
-pub(super) fn remote_error_in<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a RemoteError> {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(remote) = e.downcast_ref::<RemoteError>() {
-            return Some(remote);
-        }
-        current = e.source();
-    }
-    None
 }
 
 /// Judges a failed pass: when the machine is to blame often or badly enough, asks for its
@@ -117,6 +105,7 @@ fn fault_words(fault: MachineFault) -> &'static str {
 mod tests {
     use super::*;
     use crate::controller::pass_limit::Abandoned;
+    use crate::remote::RemoteError;
     use std::time::Duration;
 
     #[test]

@@ -1,19 +1,18 @@
-//! Where a job's results go (`spec.output`), resolved once per connection: the S3 store with its
-//! credentials (from `credentialsSecretRef` or the operator's environment) and the Hugging Face
-//! token (the pure bookkeeping of checkpoints and artifacts is [`crate::engine::results`]).
+//! Where a job's results go (`spec.output`), resolved once per connection, for both front ends:
+//! the S3 store with its credentials (from `credentialsSecretRef` or the process's environment)
+//! and the Hugging Face token, read through the front end's [`Secrets`] (the pure bookkeeping of checkpoints and artifacts is [`crate::engine::results`]).
 //! Credentials stay in the operator; messages name Secrets and fields, never values.
 
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::Api;
+pub mod store;
 
-use super::{Error, kube_err};
+use super::env::{SecretReadError, Secrets};
 use crate::api::{HuggingFaceOutput, TrainingJobSpec};
 use crate::artifacts::S3Settings;
 use crate::artifacts::address::EndpointPolicy;
 use crate::artifacts::huggingface::HfToken;
 use crate::artifacts::plan::Destination;
 use crate::artifacts::s3::S3Store;
-use crate::artifacts::settings::{output_endpoint_field, secret_bytes};
+use crate::artifacts::settings::output_endpoint_field;
 use crate::error::error_chain;
 
 /// The S3 destination of one job.
@@ -42,34 +41,40 @@ impl Outputs {
     }
 }
 
-/// Resolves `spec.output`. The inner `Err` is a message for a job that cannot upload (a missing
-/// Secret or key, bad settings, an endpoint `policy` refuses); the outer one a transient API error.
+/// Why `spec.output` cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputsError {
+    /// A Secret could not be read: worth another try.
+    #[error(transparent)]
+    Read(#[from] SecretReadError),
+    /// The job cannot upload (a missing Secret or key, bad settings, an endpoint the policy
+    /// refuses); the message names the field.
+    #[error("{0}")]
+    Unusable(String),
+}
+
+/// Resolves `spec.output`.
 pub async fn resolve(
-    secrets: &Api<Secret>,
+    secrets: &dyn Secrets,
     spec: &TrainingJobSpec,
     job_name: &str,
     job_uid: &str,
     policy: EndpointPolicy,
-) -> Result<Result<Outputs, String>, Error> {
-    let Some(output) = &spec.output else { return Ok(Ok(Outputs::default())) };
+) -> Result<Outputs, OutputsError> {
+    let unusable = |message: String| Err(OutputsError::Unusable(message));
+    let Some(output) = &spec.output else { return Ok(Outputs::default()) };
     let mut outputs = Outputs::default();
     if let Some(s3) = &output.s3 {
         let secret_data = match &s3.credentials_secret_ref {
-            Some(secret_ref) => {
-                match secrets
-                    .get_opt(&secret_ref.name)
-                    .await
-                    .map_err(kube_err("read the S3 credentials Secret"))?
-                {
-                    Some(secret) => Some(secret_bytes(&secret)),
-                    None => {
-                        return Ok(Err(format!(
-                            "spec.output.s3.credentialsSecretRef: Secret {} not found",
-                            secret_ref.name
-                        )));
-                    }
+            Some(secret_ref) => match secrets.secret(&secret_ref.name).await? {
+                Some(data) => Some(data),
+                None => {
+                    return unusable(format!(
+                        "spec.output.s3.credentialsSecretRef: Secret {} not found",
+                        secret_ref.name
+                    ));
                 }
-            }
+            },
             None => None,
         };
         let defaults = S3Settings::from_env().ok();
@@ -85,19 +90,17 @@ pub async fn resolve(
                     sync_checkpoints: s3.sync_checkpoints,
                 })
             }
-            Err(e) => return Ok(Err(format!("spec.output.s3: {}", error_chain(&e)))),
+            Err(e) => return unusable(format!("spec.output.s3: {}", error_chain(&e))),
         }
     }
     if let Some(hf) = &output.hugging_face {
         let r = &hf.token_secret_ref;
-        let secret =
-            secrets.get_opt(&r.name).await.map_err(kube_err("read the Hugging Face token Secret"))?;
-        let value = secret.and_then(|s| s.data).and_then(|d| d.get(&r.key).map(|v| v.0.clone()));
+        let value = secrets.secret(&r.name).await?.and_then(|mut keys| keys.remove(&r.key));
         let Some(value) = value else {
-            return Ok(Err(format!(
+            return unusable(format!(
                 "spec.output.huggingFace.tokenSecretRef: Secret {} has no key {}",
                 r.name, r.key
-            )));
+            ));
         };
         match std::str::from_utf8(&value)
             .map_err(|_| "is not UTF-8".to_string())
@@ -105,12 +108,12 @@ pub async fn resolve(
         {
             Ok(token) => outputs.hf = Some(HfTarget { token, output: hf.clone() }),
             Err(why) => {
-                return Ok(Err(format!(
+                return unusable(format!(
                     "spec.output.huggingFace.tokenSecretRef: key {} of Secret {} {why}",
                     r.key, r.name
-                )));
+                ));
             }
         }
     }
-    Ok(Ok(outputs))
+    Ok(outputs)
 }
