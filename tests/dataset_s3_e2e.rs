@@ -284,3 +284,60 @@ async fn launch_stages_an_s3_dataset_with_its_own_credentials() {
     assert!(all.contains(&sha256), "the archive's real checksum is reported: {all}");
     assert!(!all.contains("X-Amz-Signature"), "{all}");
 }
+
+/// `launch` with `spec.output.s3`: the model and its card go to the store as in a cluster (the
+/// machine uploads through presigned URLs, verified after), with the credentials from a
+/// `--secret` file; the status lists the verified objects and the store has them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs tests/ environment"]
+async fn launch_uploads_and_verifies_the_model_to_s3_like_the_controller() {
+    let garage = Garage::from_env();
+    let tmp = tempfile::tempdir().unwrap();
+    let dataset = tmp.path().join("data");
+    std::fs::create_dir_all(&dataset).unwrap();
+    std::fs::write(dataset.join("a.txt"), "hello").unwrap();
+    let prefix = format!("launch-out-{:08x}", rand::random::<u32>());
+    let credentials = tmp.path().join("store.env");
+    std::fs::write(
+        &credentials,
+        format!(
+            "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\n",
+            garage.access_key_id, garage.secret_access_key
+        ),
+    )
+    .unwrap();
+    let job = tmp.path().join("job.yaml");
+    std::fs::write(
+        &job,
+        format!(
+            "apiVersion: gputrainer.dev/v1alpha1\nkind: TrainingJob\nmetadata: {{name: t}}\nspec:\n  tool: demo@1\n  \
+             params: {{steps: 6, secondsPerStep: 0.02, saveEvery: 2}}\n  dataset: {{local: {{path: data}}}}\n  \
+             output: {{s3: {{bucket: {}, prefix: {prefix}, credentialsSecretRef: {{name: store}}}}}}\n",
+            garage.bucket
+        ),
+    )
+    .unwrap();
+    let secret = format!("store={}", credentials.display());
+    let all = tokio::task::block_in_place(|| launch(&job, &garage, &["--secret", &secret]));
+    assert!(all.starts_with("exit 0"), "{all}");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join(".gpu-trainer/t.json")).unwrap()).unwrap();
+    let status = &state["status"];
+    assert_eq!(status["phase"], "Succeeded", "{status}");
+    let uploaded = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Uploaded").unwrap();
+    assert!(uploaded["message"].as_str().unwrap().starts_with("uploaded and verified"), "{uploaded}");
+    let model = status["artifacts"].as_array().unwrap().iter().find(|a| a["name"] == "model").unwrap();
+    let uri = model["uri"].as_str().unwrap();
+    assert!(uri.starts_with(&format!("s3://{}/{prefix}/", garage.bucket)), "{uri}");
+    let stored = garage.store().list(&garage.bucket, &prefix).await.unwrap();
+    let key = uri.strip_prefix(&format!("s3://{}/", garage.bucket)).unwrap();
+    let found = stored.iter().find(|(o, _)| o.key == key).unwrap_or_else(|| panic!("{key} in {stored:?}"));
+    assert_eq!(found.1, model["sizeBytes"].as_u64().unwrap());
+    assert!(stored.iter().any(|(o, _)| o.key.ends_with("README.md")), "the model card: {stored:?}");
+    assert!(!all.contains(&garage.secret_access_key), "no credential in the output");
+    assert!(
+        !std::fs::read_to_string(tmp.path().join(".gpu-trainer/t.json"))
+            .unwrap()
+            .contains(&garage.secret_access_key)
+    );
+}

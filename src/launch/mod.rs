@@ -23,12 +23,14 @@ use std::time::Duration;
 use chrono::Utc;
 
 use crate::api::{Reason, TrainingJob, TrainingJobPhase, TrainingJobStatus};
+use crate::artifacts::address::EndpointPolicy;
 use crate::engine::MachineObservation;
 use crate::engine::driver::{self, JobMemory, Wait};
 use crate::engine::env::{EnvError, Secrets, resolve_env};
 use crate::engine::finish::finish_status;
 use crate::engine::notify::WebhookUrlError;
 use crate::engine::outcome::{Failure, StepError};
+use crate::engine::outputs::store::ResultStore;
 use crate::engine::stage::s3_dataset_settings;
 use crate::engine::validate::{FrontEnd, validate};
 use crate::error::error_chain;
@@ -162,7 +164,9 @@ pub struct LocalRun {
     /// Rent calls refused in this process (offer taken, contract left behind).
     create_failures: u32,
     /// Notes for the observer, not yet reported.
-    notes: Vec<String>,
+    notes: ports::Notes,
+    /// Where results go when the job names `spec.output` (as in a cluster).
+    results: ResultStore,
     /// Limit for downloading the final model (`--max-download-gb`); `None`: a few times the size
     /// the machine reports (see [`super::model::download_limit`]).
     max_download_bytes: Option<u64>,
@@ -230,7 +234,9 @@ impl LocalRun {
             secrets,
             last_machine: None,
             create_failures: 0,
-            notes: Vec::new(),
+            notes: ports::Notes::default(),
+            // The user's own network is theirs to reach; `hf` is looked up on the machine.
+            results: ResultStore::new(Default::default(), "hf".into(), EndpointPolicy::AllowPrivate),
             max_download_bytes: None,
         })
     }
@@ -314,7 +320,7 @@ impl LocalRun {
             let wait = driver::pass(&mut ports::LaunchPorts { run: self, observer, poll_every }).await;
             // Whatever a pass did is kept, an error or not.
             self.save()?;
-            for note in std::mem::take(&mut self.notes) {
+            for note in self.notes.take() {
                 observer(Update::Note(&note));
             }
             let wait = wait?;
@@ -395,14 +401,6 @@ async fn check_before_renting(
                 ),
             });
         }
-    }
-    if job.spec.output.is_some() {
-        return Err(LocalError::InvalidJob {
-            field: "spec.output",
-            message: "`gpu-trainer launch` brings the model to this machine and uploads nothing yet; \
-                          remove spec.output, or run the job in a cluster"
-                .into(),
-        });
     }
     let dataset = &job.spec.dataset;
     if let Some(local) = &dataset.local

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 
 use super::machine::RentedWatch;
 use super::{LocalError, LocalRun, MachineSpec, Observer, Update};
-use crate::api::{TrainingJobSpec, TrainingJobStatus};
+use crate::api::{Reason, TrainingJobSpec, TrainingJobStatus};
 use crate::artifacts::address::EndpointPolicy;
 use crate::artifacts::notify::{EventKind, JobRef, NotifyOutcome, WebhookNotifier};
 use crate::engine::MachineObservation;
@@ -19,6 +19,7 @@ use crate::engine::driver::{
 };
 use crate::engine::env::Secrets;
 use crate::engine::notify::{finish_kind, notification, webhook_url};
+use crate::engine::outputs::store::{JobView, OutputEvents, ResultStore};
 use crate::engine::stage::LocalFolders;
 use crate::error::error_chain;
 use crate::remote::RemoteExec;
@@ -35,7 +36,7 @@ pub(super) struct LaunchPorts<'r, 'o> {
 
 impl LaunchPorts<'_, '_> {
     fn flush_notes(&mut self) {
-        for note in std::mem::take(&mut self.run.notes) {
+        for note in self.run.notes.take() {
             (self.observer)(Update::Note(&note));
         }
     }
@@ -191,26 +192,88 @@ impl Notifier for LaunchPorts<'_, '_> {
     }
 }
 
+/// Things to tell the terminal that status does not keep (an instance adopted or destroyed, the
+/// result store's warnings), told after the step that found them.
+#[derive(Default)]
+pub(super) struct Notes(Vec<String>);
+
+impl Notes {
+    pub(super) fn push(&mut self, note: String) {
+        self.0.push(note);
+    }
+    pub(super) fn take(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.0)
+    }
+}
+
+#[async_trait]
+impl OutputEvents for Notes {
+    async fn warning(&mut self, _reason: Reason, _action: &str, message: &str) {
+        self.push(format!("warning: {message}"));
+    }
+    async fn normal(&mut self, _reason: Reason, _action: &str, message: &str) {
+        self.push(message.to_string());
+    }
+}
+
+impl LaunchPorts<'_, '_> {
+    /// True when the job names where its results go (then they go there, as in a cluster).
+    fn has_outputs(&self) -> bool {
+        self.run.job.spec.output.is_some()
+    }
+
+    /// The shared result store and what it works on.
+    fn results(&mut self) -> (&mut ResultStore, JobView<'_>) {
+        let run = &mut *self.run;
+        let view = JobView {
+            name: run.job.metadata.name.as_deref().unwrap_or_default(),
+            uid: &run.state.uid,
+            spec: &run.job.spec,
+            layout: &run.layout,
+            tool: &run.tool,
+            status: &mut run.state.status,
+            secrets: run.secrets.as_ref(),
+            events: &mut run.notes,
+            now: Utc::now(),
+        };
+        (&mut run.results, view)
+    }
+}
+
 #[async_trait]
 impl ArtifactStore for LaunchPorts<'_, '_> {
     async fn restore(&mut self, exec: &dyn RemoteExec) -> Result<(), LocalError> {
-        self.run.restore(exec).await
+        let (store, mut job) = self.results();
+        Ok(store.restore(&mut job, exec).await?)
     }
-    async fn sync_checkpoints(&mut self, _exec: &dyn RemoteExec) -> Result<(), LocalError> {
-        // Without storage there is nowhere to sync to; what the trainer saves is listed at the end.
-        Ok(())
+    async fn sync_checkpoints(&mut self, exec: &dyn RemoteExec) -> Result<(), LocalError> {
+        let (store, mut job) = self.results();
+        Ok(store.sync_checkpoints(&mut job, exec).await?)
     }
     async fn collect_checkpoints(&mut self, exec: &dyn RemoteExec) -> Result<(), LocalError> {
-        self.run.collect_checkpoints(exec).await
+        let (store, mut job) = self.results();
+        Ok(store.collect_checkpoints(&mut job, exec).await?)
     }
-    async fn keep_latest_checkpoint(&mut self, _exec: &dyn RemoteExec) -> Result<String, LocalError> {
-        Ok(self.run.keep_latest_checkpoint())
+    async fn keep_latest_checkpoint(&mut self, exec: &dyn RemoteExec) -> Result<String, LocalError> {
+        if !self.has_outputs() {
+            return Ok(self.run.keep_latest_checkpoint());
+        }
+        let (store, mut job) = self.results();
+        Ok(store.keep_latest_checkpoint(&mut job, exec).await?)
     }
     async fn salvage(&mut self, exec: &dyn RemoteExec, stop_reason: &str) -> Result<String, LocalError> {
-        self.run.salvage(exec, stop_reason).await
+        if !self.has_outputs() {
+            return self.run.salvage(exec, stop_reason).await;
+        }
+        let (store, mut job) = self.results();
+        Ok(store.salvage(&mut job, exec, stop_reason).await?)
     }
     async fn upload(&mut self, exec: &dyn RemoteExec) -> Result<(), LocalError> {
-        self.run.collect(exec).await
+        if !self.has_outputs() {
+            return self.run.collect(exec).await;
+        }
+        let (store, mut job) = self.results();
+        Ok(store.upload(&mut job, exec).await?)
     }
 }
 

@@ -1,7 +1,8 @@
-//! The artifact port of `launch`: without a cluster, results come to this machine. The final
-//! model is found here (`--provider local`) or downloaded within a size limit and verified
-//! (`ssh`, `vastai`), and recorded with size and checksum as a `file://` artifact; a run stopped
-//! early keeps its latest checkpoint the same way, next to a model card marked incomplete.
+//! Where `launch` keeps results when the job names no `spec.output` (with one, the shared
+//! [`crate::engine::outputs::store`] uploads them as in a cluster): the final model is found
+//! here (`--provider local`) or downloaded within a size limit and verified (`ssh`, `vastai`),
+//! and recorded with size and checksum as a `file://` artifact; a run stopped early keeps its
+//! latest checkpoint the same way, next to a model card marked incomplete.
 
 use std::path::{Path, PathBuf};
 
@@ -9,44 +10,10 @@ use super::model::{ModelError, fetch_model};
 use super::{LocalError, LocalRun, MachineSpec};
 use crate::api::{ArtifactStatus, ConditionStatus, Reason, job_condition, set_condition};
 use crate::engine::outcome::Failure;
-use crate::engine::results::{model_card, record_checkpoints};
-use crate::monitor::ParserKind;
-use crate::monitor::checkpoints::CheckpointInventory;
+use crate::engine::results::model_card;
 use crate::remote::{RemoteExec, sha256_file};
 
 impl LocalRun {
-    /// The checkpoints in the machine's output folder (names checked, count limited).
-    async fn list_checkpoints(&self, exec: &dyn RemoteExec) -> Result<CheckpointInventory, LocalError> {
-        let kind = ParserKind::from(self.tool.parser);
-        Ok(crate::monitor::poller::checkpoint_inventory(exec, &self.layout.output_dir(), kind)
-            .await
-            .map_err(Box::new)?)
-    }
-
-    /// Lists the checkpoints on the machine into `status.checkpoints`.
-    pub(super) async fn collect_checkpoints(&mut self, exec: &dyn RemoteExec) -> Result<(), LocalError> {
-        let inventory = self.list_checkpoints(exec).await?;
-        record_checkpoints(&mut self.state.status, &inventory.to_status(), &[]);
-        Ok(())
-    }
-
-    /// On a replacement machine: the newest checkpoint there is where training resumes. Nothing
-    /// is brought back from elsewhere (`launch` has no storage), so a new rented machine starts
-    /// over, and says so.
-    pub(super) async fn restore(&mut self, exec: &dyn RemoteExec) -> Result<(), LocalError> {
-        self.state.status.resumed_from = None;
-        if self.state.status.attempts <= 1 || self.state.status.checkpoints.is_empty() {
-            return Ok(());
-        }
-        let newest = self.list_checkpoints(exec).await?.to_status().into_iter().max_by_key(|c| c.step);
-        match &newest {
-            Some(cp) => self.notes.push(format!("resuming from checkpoint {} (step {})", cp.name, cp.step)),
-            None => self.notes.push("no checkpoint reached this machine: training starts over".into()),
-        }
-        self.state.status.resumed_from = newest;
-        Ok(())
-    }
-
     /// Before a suspend: what becomes of the latest checkpoint.
     pub(super) fn keep_latest_checkpoint(&self) -> String {
         let Some(latest) = self.state.status.checkpoints.iter().max_by_key(|c| c.step) else {
@@ -133,7 +100,6 @@ impl LocalRun {
     /// Without a cluster "upload" means bringing the final model to this machine (or finding
     /// it here) and recording it, with size and checksum, as a `file://` artifact.
     pub(super) async fn collect(&mut self, exec: &dyn RemoteExec) -> Result<(), LocalError> {
-        self.collect_checkpoints(exec).await?;
         let remote_model = self.final_model_path();
         let model = match self.bring_here(exec, &remote_model).await? {
             Ok(model) => model,
