@@ -19,12 +19,18 @@ use crate::engine::driver::LostWatch;
 use crate::error::error_chain;
 use crate::machine::adopt::{Adopted, adopt_by_label, pending_grace_left};
 use crate::machine::decide::{Verdict, boot_deadline_passed, classify};
+use crate::machine::destroy::destroy_pass;
 use crate::machine::onstart::render_onstart;
 use crate::machine::rent::{RentFailure, triage_rent_error};
 use crate::provider::{GpuProvider, Instance, InstanceId, InstanceState, LaunchRequest};
 use crate::remote::RemoteExec;
 use crate::remote::local::LocalExec;
 use crate::remote::ssh::{SshExec, SshOptions, SshTarget};
+
+/// Passes of the delete protocol before `launch` gives up (and says the instance is still
+/// rented), and the pause between them.
+const RELEASE_PASSES: u32 = 15;
+const RELEASE_POLL: Duration = Duration::from_secs(2);
 
 /// Tells a step on a rented machine that the provider no longer lists it (or lists it released).
 pub(super) struct RentedWatch {
@@ -225,7 +231,7 @@ impl LocalRun {
                 if exclude && let Some(r) = self.state.rented.as_mut() {
                     r.exclude_machine(instance.machine_id);
                 }
-                self.destroy_rented(now).await?;
+                self.release().await?;
                 Ok(MachineObservation::Failed { reason, message: format!("{message}; it was destroyed") })
             }
         }
@@ -263,19 +269,6 @@ impl LocalRun {
             rented.prior_cost += rented.current_cost(now);
             rented.released = true;
         }
-    }
-
-    /// Destroys the rented instance (gone already counts) and books its cost.
-    async fn destroy_rented(&mut self, now: DateTime<Utc>) -> Result<Option<InstanceId>, LocalError> {
-        let Some(rent) = self.rent_spec() else { return Ok(None) };
-        let Some(id) = self.state.rented.as_ref().filter(|r| !r.released).and_then(|r| r.instance_id) else {
-            return Ok(None);
-        };
-        rent.provider.destroy_instance(id).await.map_err(provider_err("destroy the instance"))?;
-        self.forget_machine(now);
-        self.save()?;
-        self.notes.push(format!("destroyed instance {id}"));
-        Ok(Some(id))
     }
 
     /// A rent call whose answer was lost (the launcher died, or the call failed in a way after
@@ -316,66 +309,66 @@ impl LocalRun {
         }
     }
 
-    /// Destroys whatever this job has rented and waits until the provider no longer lists it.
-    /// Returns the destroyed instance. Nothing happens for `local` and `ssh`, or when nothing is
-    /// rented; repeating it is harmless.
+    /// Destroys whatever this job has rented (the recorded instance, and whatever carries the
+    /// label of a rent whose answer was lost) and waits until the provider no longer lists it,
+    /// looking twice. Returns the destroyed instance. Nothing happens for `local` and `ssh`, or
+    /// when nothing is rented; repeating it is harmless.
     pub async fn release(&mut self) -> Result<Option<InstanceId>, LocalError> {
         let Some(rent) = self.rent_spec() else { return Ok(None) };
+        let Some(rented) = self.state.rented.clone() else { return Ok(None) };
+        let recorded: Vec<InstanceId> = rented.instance_id.filter(|_| !rented.released).into_iter().collect();
+        let label = rented.create_pending_since.map(|_| rented.label.clone());
+        if recorded.is_empty() && label.is_none() {
+            return Ok(None);
+        }
+        let instances = self.destroy_until_gone(&rent, &recorded, label.as_deref()).await?;
         let now = Utc::now();
-        let mut destroyed = None;
-        if let Some(rented) = self.state.rented.clone()
-            && rented.create_pending_since.is_some()
-        {
-            // The rent's answer was lost: whatever carries the label is this job's.
-            let found = rent
-                .provider
-                .list_instances_by_label(&rented.label)
-                .await
-                .map_err(provider_err("list instances by label"))?;
-            for instance in found.iter().filter(|i| i.state != InstanceState::Released) {
-                rent.provider
-                    .destroy_instance(instance.id)
-                    .await
-                    .map_err(provider_err("destroy the instance"))?;
-                destroyed = Some(instance.id);
-            }
-            if let Some(r) = self.state.rented.as_mut() {
-                r.create_pending_since = None;
-                if let Some(id) = destroyed {
-                    r.instance_id = Some(id);
-                    r.released = true;
-                }
-            }
-            self.save()?;
+        self.forget_machine(now);
+        let destroyed = recorded.first().or(instances.first()).copied();
+        if let Some(r) = self.state.rented.as_mut() {
+            r.create_pending_since = None;
+            r.instance_id = r.instance_id.or(destroyed);
+            r.released = true;
         }
-        if let Some(id) = self.destroy_rented(now).await? {
-            destroyed = Some(id);
+        if let Some(rented) = &self.state.rented {
+            self.state.status.cost = Some(rent::cost(rented, None, self.state.status.cost.as_ref(), now));
         }
-        if let Some(rented) = self.state.rented.clone() {
-            self.state.status.cost = Some(rent::cost(&rented, None, self.state.status.cost.as_ref(), now));
-            self.save()?;
-        }
+        self.save()?;
         if let Some(id) = destroyed {
-            self.confirm_gone(&rent, id).await?;
+            self.notes.push(format!("destroyed instance {id}"));
         }
         Ok(destroyed)
     }
 
-    /// Waits until the provider no longer lists `id` (or lists it as released), destroying it
-    /// again meanwhile.
-    async fn confirm_gone(&self, rent: &RentSpec, id: InstanceId) -> Result<(), LocalError> {
-        for _ in 0..15 {
-            match rent.provider.get_instance(id).await {
-                Err(err) if err.is_not_found() => return Ok(()),
-                Ok(instance) if instance.state == InstanceState::Released => return Ok(()),
-                Ok(_) => {
-                    rent.provider.destroy_instance(id).await.map_err(provider_err("destroy the instance"))?
+    /// Passes of the delete protocol until two in a row find everything gone (a provider hiccup
+    /// starts the count again); the instances it looked at.
+    async fn destroy_until_gone(
+        &self,
+        rent: &RentSpec,
+        recorded: &[InstanceId],
+        label: Option<&str>,
+    ) -> Result<Vec<InstanceId>, LocalError> {
+        let mut seen = Vec::new();
+        let mut gone_in_a_row = 0;
+        for _ in 0..RELEASE_PASSES {
+            match destroy_pass(&*rent.provider, recorded, label).await {
+                Ok(pass) => {
+                    seen.extend(pass.instances);
+                    gone_in_a_row = if pass.all_gone { gone_in_a_row + 1 } else { 0 };
+                    if gone_in_a_row == 2 {
+                        seen.dedup();
+                        return Ok(seen);
+                    }
+                    if pass.all_gone {
+                        continue;
+                    }
                 }
-                Err(err) if err.is_retryable() => {}
-                Err(err) => return Err(provider_err("look at the instance")(err)),
+                Err(err) if err.source.is_retryable() => gone_in_a_row = 0,
+                Err(err) => return Err(provider_err(err.operation)(err.source)),
             }
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            tokio::time::sleep(RELEASE_POLL).await;
         }
+        let id = recorded.first().or(seen.first()).copied().unwrap_or_default();
         Err(LocalError::StillRented { id })
     }
 

@@ -5,6 +5,7 @@
 
 pub mod adopt;
 pub mod decide;
+pub mod destroy;
 pub mod key;
 pub mod label;
 pub mod offer;

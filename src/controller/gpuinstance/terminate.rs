@@ -20,10 +20,10 @@ use crate::api::{
 };
 use crate::controller::Context;
 use crate::controller::patch::{is_conflict, set_finalizers_locked};
-use crate::machine::decide::is_gone;
+use crate::machine::destroy::destroy_pass;
 use crate::machine::instance_label;
 use crate::metrics::OutcomeLabels;
-use crate::provider::{InstanceId, InstanceState};
+use crate::provider::InstanceId;
 
 /// Runs the delete protocol for a GpuInstance being deleted.
 pub async fn cleanup(api: &Api<GpuInstance>, instance: &GpuInstance, ctx: &Context) -> Result<Action, Error> {
@@ -151,32 +151,14 @@ async fn destroy_everything(
     status: &GpuInstanceStatus,
     ctx: &Context,
 ) -> Result<bool, Error> {
-    let mut ids: Vec<InstanceId> = provider_id(status).ok().into_iter().collect();
-    if let Some(uid) = instance.uid() {
-        let label = status.label.clone().unwrap_or_else(|| instance_label(&ctx.config.installation_id, &uid));
-        let labelled = ctx
-            .provider
-            .list_instances_by_label(&label)
-            .await
-            .map_err(provider_err("list instances by label"))?;
-        ids.extend(labelled.iter().filter(|i| i.state != InstanceState::Released).map(|i| i.id));
-    }
-    ids.sort();
-    ids.dedup();
-    let mut all_gone = true;
-    for id in ids {
-        let observed = match ctx.provider.get_instance(id).await {
-            Ok(observed) => Some(observed),
-            Err(err) if err.is_not_found() => None,
-            Err(err) => return Err(provider_err("get the instance")(err)),
-        };
-        if is_gone(observed.as_ref()) {
-            continue;
-        }
-        all_gone = false;
-        ctx.provider.destroy_instance(id).await.map_err(provider_err("destroy the instance"))?;
-    }
-    Ok(all_gone)
+    let recorded: Vec<InstanceId> = provider_id(status).ok().into_iter().collect();
+    let label = instance
+        .uid()
+        .map(|uid| status.label.clone().unwrap_or_else(|| instance_label(&ctx.config.installation_id, &uid)));
+    let pass = destroy_pass(&*ctx.provider, &recorded, label.as_deref())
+        .await
+        .map_err(|e| provider_err(e.operation)(e.source))?;
+    Ok(pass.all_gone)
 }
 
 fn stuck(since: DateTime<Utc>, now: DateTime<Utc>, ctx: &Context) -> bool {
