@@ -109,36 +109,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
     let state_dir =
         state_dir.canonicalize().with_context(|| format!("failed to resolve {}", state_dir.display()))?;
     let tools_dir = ToolRegistry::default_dir(args.tools_dir.as_deref());
-    let machine = match args.provider {
-        Provider::Local => MachineSpec::Local,
-        Provider::Ssh => {
-            let Some(ssh) = job.spec.provider.ssh.clone() else {
-                bail!(
-                    "spec.provider.ssh: `--provider ssh` needs the machine's host, port and user in the job"
-                );
-            };
-            let key_file = args.ssh_key.clone().context("--ssh-key is required with --provider ssh")?;
-            let key =
-                SshKey::from_file(&key_file).with_context(|| format!("--ssh-key {}", key_file.display()))?;
-            MachineSpec::Ssh {
-                target: SshTarget { host: ssh.host, port: ssh.port, user: ssh.user },
-                key,
-                remote_base: args.remote_base.clone(),
-            }
-        }
-        Provider::Vastai => {
-            let config = provider_config(args.api_key_file.as_deref())?;
-            let client = VastClient::from_config(&config).context("failed to set up the Vast.ai client")?;
-            let name = job.metadata.name.clone().unwrap_or_default();
-            let key = job_key(&state_dir, &name)?;
-            MachineSpec::Vastai(Box::new(RentSpec::new(
-                std::sync::Arc::new(client),
-                config,
-                key,
-                args.remote_base.clone(),
-            )))
-        }
-    };
+    let machine = machine_spec(&args, &job, &state_dir)?;
     let secrets: std::sync::Arc<dyn Secrets> = std::sync::Arc::new(FileSecrets::load(&args.secrets)?);
     let name = job.metadata.name.clone().unwrap_or_default();
     let runtime = tokio::runtime::Runtime::new().context("failed to start the async runtime")?;
@@ -170,55 +141,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
     let mut run = prepare(job)?.with_max_download_bytes(args.max_download_gb.map(gb_to_bytes));
 
     if args.dry_run {
-        let tool = run.tool();
-        println!("job:       {name} ({})", tool.tool);
-        match &machine {
-            MachineSpec::Vastai(rent_spec) => {
-                let selection = runtime
-                    .block_on(rent::choose_offer(
-                        &*rent_spec.provider,
-                        &run.job().spec.resources,
-                        &rent_spec.config,
-                        &[],
-                    ))
-                    .context("no machine to rent")?;
-                let offer = &selection.offer;
-                let spec = &run.job().spec;
-                let (ceiling, why) = rent::cost_ceiling(
-                    offer.price_per_hour,
-                    spec.active_deadline_seconds,
-                    spec.budget.as_ref().map(|b| b.max_total_cost),
-                );
-                println!("machine:   {}", crate::machine::offer::describe_offer(offer));
-                println!(
-                    "           chosen from {} matching offers ({})",
-                    selection.candidates,
-                    rent::requirements_text(&crate::provider::select::Criteria::from_requirements(
-                        &spec.resources,
-                        &rent_spec.config,
-                        &[]
-                    ))
-                );
-                println!("cost:      at most ${ceiling:.2} ({why}); billed per second while rented");
-                println!(
-                    "image:     {}, disk {} GB",
-                    run.image(),
-                    spec.resources.disk_gb.unwrap_or(rent_spec.config.default_disk_gb)
-                );
-            }
-            _ => println!("machine:   {:?} provider, $0.00/h, estimated cost $0.00", args.provider),
-        }
-        println!("work dir:  {}", run.layout().work_dir());
-        println!("params:    {}", serde_json::to_string(&tool.params)?);
-        for (i, cmd) in tool.bootstrap.iter().enumerate() {
-            println!("bootstrap {}: {cmd}", i + 1);
-        }
-        println!("run:       {}", tool.run);
-        println!("model:     {}", run.final_model_path());
-        if matches!(machine, MachineSpec::Vastai(_)) {
-            println!("nothing was rented (--dry-run)");
-        }
-        return Ok(());
+        return print_dry_run(&run, &machine, &runtime, args.provider);
     }
 
     if args.cancel {
@@ -246,20 +169,144 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
-    let mut last_line = String::new();
-    let mut last_message = String::new();
-    let mut observer = |update: Update<'_>| {
+    let mut view = ProgressView { bar: &bar, watch, last_line: String::new(), last_message: String::new() };
+    let mut observer = |update: Update<'_>| view.show(update);
+    let poll_every = Duration::from_secs(1);
+    let result = runtime.block_on(async {
+        tokio::select! {
+            result = run.run(poll_every, &mut observer) => Some(result),
+            _ = tokio::signal::ctrl_c() => None,
+        }
+    });
+    bar.finish_and_clear();
+    match result {
+        None => {
+            report_interrupted(&args, &run);
+            Ok(())
+        }
+        Some(result) => {
+            let status = result?;
+            report(&name, &run, &run.final_model_path());
+            exit_for(&status)
+        }
+    }
+}
+
+/// Where the job runs, from `--provider` and its flags.
+fn machine_spec(args: &LaunchArgs, job: &TrainingJob, state_dir: &Path) -> anyhow::Result<MachineSpec> {
+    Ok(match args.provider {
+        Provider::Local => MachineSpec::Local,
+        Provider::Ssh => {
+            let Some(ssh) = job.spec.provider.ssh.clone() else {
+                bail!(
+                    "spec.provider.ssh: `--provider ssh` needs the machine's host, port and user in the job"
+                );
+            };
+            let key_file = args.ssh_key.clone().context("--ssh-key is required with --provider ssh")?;
+            let key =
+                SshKey::from_file(&key_file).with_context(|| format!("--ssh-key {}", key_file.display()))?;
+            MachineSpec::Ssh {
+                target: SshTarget { host: ssh.host, port: ssh.port, user: ssh.user },
+                key,
+                remote_base: args.remote_base.clone(),
+            }
+        }
+        Provider::Vastai => {
+            let config = provider_config(args.api_key_file.as_deref())?;
+            let client = VastClient::from_config(&config).context("failed to set up the Vast.ai client")?;
+            let name = job.metadata.name.clone().unwrap_or_default();
+            let key = job_key(state_dir, &name)?;
+            MachineSpec::Vastai(Box::new(RentSpec::new(
+                std::sync::Arc::new(client),
+                config,
+                key,
+                args.remote_base.clone(),
+            )))
+        }
+    })
+}
+
+/// `--dry-run`: what would run where, at what cost; nothing is rented.
+fn print_dry_run(
+    run: &LocalRun,
+    machine: &MachineSpec,
+    runtime: &tokio::runtime::Runtime,
+    provider: Provider,
+) -> anyhow::Result<()> {
+    let name = run.name();
+    let tool = run.tool();
+    println!("job:       {name} ({})", tool.tool);
+    match machine {
+        MachineSpec::Vastai(rent_spec) => {
+            let selection = runtime
+                .block_on(rent::choose_offer(
+                    &*rent_spec.provider,
+                    &run.job().spec.resources,
+                    &rent_spec.config,
+                    &[],
+                ))
+                .context("no machine to rent")?;
+            let offer = &selection.offer;
+            let spec = &run.job().spec;
+            let (ceiling, why) = rent::cost_ceiling(
+                offer.price_per_hour,
+                spec.active_deadline_seconds,
+                spec.budget.as_ref().map(|b| b.max_total_cost),
+            );
+            println!("machine:   {}", crate::machine::offer::describe_offer(offer));
+            println!(
+                "           chosen from {} matching offers ({})",
+                selection.candidates,
+                rent::requirements_text(&crate::provider::select::Criteria::from_requirements(
+                    &spec.resources,
+                    &rent_spec.config,
+                    &[]
+                ))
+            );
+            println!("cost:      at most ${ceiling:.2} ({why}); billed per second while rented");
+            println!(
+                "image:     {}, disk {} GB",
+                run.image(),
+                spec.resources.disk_gb.unwrap_or(rent_spec.config.default_disk_gb)
+            );
+        }
+        _ => println!("machine:   {provider:?} provider, $0.00/h, estimated cost $0.00"),
+    }
+    println!("work dir:  {}", run.layout().work_dir());
+    println!("params:    {}", serde_json::to_string(&tool.params)?);
+    for (i, cmd) in tool.bootstrap.iter().enumerate() {
+        println!("bootstrap {}: {cmd}", i + 1);
+    }
+    println!("run:       {}", tool.run);
+    println!("model:     {}", run.final_model_path());
+    if matches!(machine, MachineSpec::Vastai(_)) {
+        println!("nothing was rented (--dry-run)");
+    }
+    Ok(())
+}
+
+/// The terminal's view of a run: a progress bar (or plain lines when not on a terminal), and
+/// each change of what the run is doing.
+struct ProgressView<'b> {
+    bar: &'b ProgressBar,
+    watch: bool,
+    last_line: String,
+    last_message: String,
+}
+
+impl ProgressView<'_> {
+    fn show(&mut self, update: Update<'_>) {
         let (status, polled): (&TrainingJobStatus, Option<&TrainingStatus>) = match update {
             Update::Note(note) => {
-                bar.suspend(|| eprintln!("{note}"));
+                self.bar.suspend(|| eprintln!("{note}"));
                 return;
             }
             Update::Step(status) => {
                 // What the run is doing (renting, booting, staging...), once per change.
                 let message = status.message.clone().unwrap_or_default();
-                if !message.is_empty() && message != last_message {
-                    bar.suspend(|| eprintln!("{:?}: {message}", status.phase));
-                    last_message = message;
+                if !message.is_empty() && message != self.last_message {
+                    self.bar.suspend(|| eprintln!("{:?}: {message}", status.phase));
+                    self.last_message = message;
                 }
                 (status, None)
             }
@@ -267,9 +314,9 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
         };
         let Some(progress) = &status.progress else { return };
         if let Some(total) = progress.total_steps {
-            bar.set_length(total);
+            self.bar.set_length(total);
         }
-        bar.set_position(progress.step);
+        self.bar.set_position(progress.step);
         let cost = status.cost.as_ref().map(|c| c.accrued).unwrap_or_default();
         let mut msg = String::new();
         if let Some(loss) = progress.loss {
@@ -285,52 +332,35 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
         if let Some(stall) = polled.map(|p| &p.stall).filter(|s| s.stalling) {
             msg.push_str(&format!("  stall: {}", stall.reason));
         }
-        bar.set_message(msg.clone());
-        if !watch && progress.total_steps.is_some() {
+        self.bar.set_message(msg.clone());
+        if !self.watch && progress.total_steps.is_some() {
             let line = format!("step {}/{} {msg}", progress.step, progress.total_steps.unwrap_or(0));
-            if line != last_line {
+            if line != self.last_line {
                 eprintln!("{line}");
-                last_line = line;
+                self.last_line = line;
             }
         }
+    }
+}
+
+/// Ctrl-C: the trainer keeps running; says how to continue or stop, and what still bills.
+fn report_interrupted(args: &LaunchArgs, run: &LocalRun) {
+    let again = match args.provider {
+        Provider::Vastai => format!("gpu-trainer launch {} --provider vastai", args.file.display()),
+        _ => format!("gpu-trainer launch {}", args.file.display()),
     };
-    let poll_every = Duration::from_secs(1);
-    let result = runtime.block_on(async {
-        tokio::select! {
-            result = run.run(poll_every, &mut observer) => Some(result),
-            _ = tokio::signal::ctrl_c() => None,
+    match (run.holds_machine(), run.rented_instance()) {
+        (true, Some(id)) => {
+            let price = run.state.status.instance.as_ref().and_then(|i| i.price_per_hour).unwrap_or(0.0);
+            println!(
+                "interrupted; the trainer keeps running and instance {id} stays rented (${price:.3}/h). \
+                 `{again}` continues, `{again} --cancel` stops it and destroys the instance"
+            );
         }
-    });
-    bar.finish_and_clear();
-    match result {
-        None => {
-            let again = match args.provider {
-                Provider::Vastai => format!("gpu-trainer launch {} --provider vastai", args.file.display()),
-                _ => format!("gpu-trainer launch {}", args.file.display()),
-            };
-            match (run.holds_machine(), run.rented_instance()) {
-                (true, Some(id)) => {
-                    let price =
-                        run.state.status.instance.as_ref().and_then(|i| i.price_per_hour).unwrap_or(0.0);
-                    println!(
-                        "interrupted; the trainer keeps running and instance {id} stays rented (${price:.3}/h). \
-                         `{again}` continues, `{again} --cancel` stops it and destroys the instance"
-                    );
-                }
-                (true, None) => println!(
-                    "interrupted while renting; `{again}` finds the instance by its label, `{again} --cancel` destroys it"
-                ),
-                _ => println!(
-                    "interrupted; the trainer keeps running. `{again}` continues, `--cancel` stops it"
-                ),
-            }
-            Ok(())
-        }
-        Some(result) => {
-            let status = result?;
-            report(&name, &run, &run.final_model_path());
-            exit_for(&status)
-        }
+        (true, None) => println!(
+            "interrupted while renting; `{again}` finds the instance by its label, `{again} --cancel` destroys it"
+        ),
+        _ => println!("interrupted; the trainer keeps running. `{again}` continues, `--cancel` stops it"),
     }
 }
 
