@@ -171,41 +171,12 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctrl: Arc<JobController>) -> Resul
     }
     if before.phase.is_finished() {
         ctrl.sessions.remove(&uid);
-        if let Some(instance) = &before.instance {
-            provision::ensure_instance_deleted(&instances, &instance.name).await?;
-        }
-        let completed = before.completion_time.as_ref().map(from_k8s_time);
-        return match crate::engine::finish::ttl_left(job.spec.ttl_seconds_after_finished, completed, now) {
-            Some(left) if left.is_zero() => {
-                info!(job = %job.name_any(), "Deleting finished job (ttlSecondsAfterFinished)");
-                match jobs.delete(&job.name_any(), &kube::api::DeleteParams::background()).await {
-                    Ok(_) => Ok(Action::await_change()),
-                    Err(kube::Error::Api(s)) if s.code == 404 => Ok(Action::await_change()),
-                    Err(source) => Err(Error::Kube { operation: "delete the finished job", source }),
-                }
-            }
-            Some(left) => Ok(Action::requeue(left)),
-            None => Ok(Action::await_change()),
-        };
+        return finished(&job, &jobs, &instances, &before, now).await;
     }
 
     let tool = match validate(&job.spec, &ctrl.tools, FrontEnd::Cluster) {
         Ok(tool) => tool,
-        Err(invalid) => {
-            let mut status = before.clone();
-            let message = invalid.to_string();
-            crate::engine::finish::finish_status(
-                &mut status,
-                TrainingJobPhase::Failed,
-                Reason::InvalidSpec,
-                &message,
-                now,
-            );
-            ctx.event(&*job, EventType::Warning, Reason::InvalidSpec, "Validate", &message).await;
-            info!(job = %job.name_any(), field = invalid.field, "Invalid spec");
-            write_status(&jobs, &job, &before, status).await?;
-            return Ok(Action::await_change());
-        }
+        Err(invalid) => return refuse_invalid(&job, &jobs, ctx, &before, &invalid, now).await,
     };
     let layout = RemoteLayout::new(&ctrl.remote_base, &uid)?;
     let step = pass_limit::StepTracker::new("start");
@@ -265,6 +236,57 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctrl: Arc<JobController>) -> Resul
     // Whatever was done before an error is recorded, so it is not done again.
     write_status(&jobs, &job, &pass.written, pass.status).await?;
     result
+}
+
+/// A finished job: its machine is given back (again, should a release have been interrupted)
+/// and the job deleted once `ttlSecondsAfterFinished` has passed.
+async fn finished(
+    job: &TrainingJob,
+    jobs: &Api<TrainingJob>,
+    instances: &Api<GpuInstance>,
+    before: &TrainingJobStatus,
+    now: chrono::DateTime<Utc>,
+) -> Result<Action, Error> {
+    if let Some(instance) = &before.instance {
+        provision::ensure_instance_deleted(instances, &instance.name).await?;
+    }
+    let completed = before.completion_time.as_ref().map(from_k8s_time);
+    match crate::engine::finish::ttl_left(job.spec.ttl_seconds_after_finished, completed, now) {
+        Some(left) if left.is_zero() => {
+            info!(job = %job.name_any(), "Deleting finished job (ttlSecondsAfterFinished)");
+            match jobs.delete(&job.name_any(), &kube::api::DeleteParams::background()).await {
+                Ok(_) => Ok(Action::await_change()),
+                Err(kube::Error::Api(s)) if s.code == 404 => Ok(Action::await_change()),
+                Err(source) => Err(Error::Kube { operation: "delete the finished job", source }),
+            }
+        }
+        Some(left) => Ok(Action::requeue(left)),
+        None => Ok(Action::await_change()),
+    }
+}
+
+/// An invalid spec fails the job at once (nothing is rented), with an event naming the field.
+async fn refuse_invalid(
+    job: &TrainingJob,
+    jobs: &Api<TrainingJob>,
+    ctx: &Context,
+    before: &TrainingJobStatus,
+    invalid: &crate::engine::validate::Invalid,
+    now: chrono::DateTime<Utc>,
+) -> Result<Action, Error> {
+    let mut status = before.clone();
+    let message = invalid.to_string();
+    crate::engine::finish::finish_status(
+        &mut status,
+        TrainingJobPhase::Failed,
+        Reason::InvalidSpec,
+        &message,
+        now,
+    );
+    ctx.event(job, EventType::Warning, Reason::InvalidSpec, "Validate", &message).await;
+    info!(job = %job.name_any(), field = invalid.field, "Invalid spec");
+    write_status(jobs, job, before, status).await?;
+    Ok(Action::await_change())
 }
 
 /// How often a job waiting for its machine is looked at even without a GpuInstance change
