@@ -99,15 +99,7 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
         .with_context(|| format!("failed to read {}", args.file.display()))?;
     let job: TrainingJob = serde_yaml::from_str(&text)
         .with_context(|| format!("{} is not a valid TrainingJob", args.file.display()))?;
-    let state_dir = args
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| args.file.parent().unwrap_or(Path::new(".")).join(".gpu-trainer"));
-    // Commands run with the work dir as their current directory, so every path must be absolute.
-    std::fs::create_dir_all(&state_dir)
-        .with_context(|| format!("failed to create {}", state_dir.display()))?;
-    let state_dir =
-        state_dir.canonicalize().with_context(|| format!("failed to resolve {}", state_dir.display()))?;
+    let state_dir = state_dir(&args)?;
     let tools_dir = ToolRegistry::default_dir(args.tools_dir.as_deref());
     let machine = machine_spec(&args, &job, &state_dir)?;
     let secrets: std::sync::Arc<dyn Secrets> = std::sync::Arc::new(FileSecrets::load(&args.secrets)?);
@@ -153,22 +145,11 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if run.state.status.phase.is_finished() {
-        // A launcher stopped between the end of the job and the release left the machine.
-        if let Some(id) = runtime.block_on(run.release()).context("failed to release the machine")? {
-            println!("destroyed instance {id}");
-        }
-        report(&name, &run, &run.final_model_path());
-        println!("(already finished; `--restart` runs it again)");
-        return exit_for(&run.state.status);
+        return already_finished(&mut run, &runtime);
     }
 
     let watch = args.watch || std::io::stderr().is_terminal();
-    let bar = if watch { ProgressBar::new(0) } else { ProgressBar::hidden() };
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} steps  {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.enable_steady_tick(Duration::from_millis(200));
+    let bar = progress_bar(watch);
     let mut view = ProgressView { bar: &bar, watch, last_line: String::new(), last_message: String::new() };
     let mut observer = |update: Update<'_>| view.show(update);
     let poll_every = Duration::from_secs(1);
@@ -190,6 +171,39 @@ pub fn run(args: LaunchArgs) -> anyhow::Result<()> {
             exit_for(&status)
         }
     }
+}
+
+/// The state dir (`--state-dir`, else `.gpu-trainer` next to the job file), made and absolute:
+/// commands run with the work dir as their current directory.
+fn state_dir(args: &LaunchArgs) -> anyhow::Result<PathBuf> {
+    let dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| args.file.parent().unwrap_or(Path::new(".")).join(".gpu-trainer"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+    dir.canonicalize().with_context(|| format!("failed to resolve {}", dir.display()))
+}
+
+/// A job that finished: its result again, and a machine a launcher stopped between the end of
+/// the job and the release left behind is released.
+fn already_finished(run: &mut LocalRun, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+    if let Some(id) = runtime.block_on(run.release()).context("failed to release the machine")? {
+        println!("destroyed instance {id}");
+    }
+    report(&run.name(), run, &run.final_model_path());
+    println!("(already finished; `--restart` runs it again)");
+    exit_for(&run.state.status)
+}
+
+/// A progress bar on a terminal, hidden otherwise (plain lines are printed instead).
+fn progress_bar(watch: bool) -> ProgressBar {
+    let bar = if watch { ProgressBar::new(0) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {bar:30} {pos}/{len} steps  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
 }
 
 /// Where the job runs, from `--provider` and its flags.

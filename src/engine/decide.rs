@@ -80,38 +80,9 @@ pub fn next_step(
         return Step::Done;
     }
     let training = is_condition_true(&status.conditions, job_condition::TRAINING);
-    if let Some(started) = status.start_time.as_ref().map(from_k8s_time) {
-        let elapsed = now.signed_duration_since(started).num_seconds();
-        if elapsed >= spec.active_deadline_seconds {
-            let message = format!("activeDeadlineSeconds ({} s) passed", spec.active_deadline_seconds);
-            return if training {
-                Step::StopAndFail { reason: Reason::DeadlineExceeded, message }
-            } else {
-                Step::Finish { phase: TrainingJobPhase::Failed, reason: Reason::DeadlineExceeded, message }
-            };
-        }
+    if let Some(stop) = stop_for_limits(spec, status, observed, training, now) {
+        return stop;
     }
-    if let Some(budget) = &spec.budget {
-        let accrued = status.cost.as_ref().map(|c| c.accrued).unwrap_or_default();
-        let price = match observed.machine {
-            MachineObservation::Ready { price_per_hour } => price_per_hour,
-            _ => 0.0,
-        };
-        // Stop before the next poll would cross the budget.
-        let next_poll = accrued + price * f64::from(spec.monitoring.poll_interval_seconds) / 3600.0;
-        if next_poll > budget.max_total_cost {
-            let message = format!(
-                "the next poll would cross budget.maxTotalCost ${:.2} (spent ${accrued:.2})",
-                budget.max_total_cost
-            );
-            return if training {
-                Step::StopAndFail { reason: Reason::BudgetExceeded, message }
-            } else {
-                Step::Finish { phase: TrainingJobPhase::Failed, reason: Reason::BudgetExceeded, message }
-            };
-        }
-    }
-
     match status.phase {
         TrainingJobPhase::Pending | TrainingJobPhase::Suspended => {
             Step::AcquireMachine { attempt: status.attempts + 1 }
@@ -175,6 +146,48 @@ pub fn next_step(
         }
         TrainingJobPhase::Succeeded | TrainingJobPhase::Failed => Step::Done,
     }
+}
+
+/// A job past its `activeDeadlineSeconds`, or whose next poll would cross its budget, stops:
+/// a running trainer is stopped (and what it saved kept), anything else just fails. Pure.
+fn stop_for_limits(
+    spec: &TrainingJobSpec,
+    status: &TrainingJobStatus,
+    observed: &Observations,
+    training: bool,
+    now: DateTime<Utc>,
+) -> Option<Step> {
+    let stop = |reason: Reason, message: String| {
+        Some(if training {
+            Step::StopAndFail { reason, message }
+        } else {
+            Step::Finish { phase: TrainingJobPhase::Failed, reason, message }
+        })
+    };
+    if let Some(started) = status.start_time.as_ref().map(from_k8s_time) {
+        let elapsed = now.signed_duration_since(started).num_seconds();
+        if elapsed >= spec.active_deadline_seconds {
+            let message = format!("activeDeadlineSeconds ({} s) passed", spec.active_deadline_seconds);
+            return stop(Reason::DeadlineExceeded, message);
+        }
+    }
+    if let Some(budget) = &spec.budget {
+        let accrued = status.cost.as_ref().map(|c| c.accrued).unwrap_or_default();
+        let price = match observed.machine {
+            MachineObservation::Ready { price_per_hour } => price_per_hour,
+            _ => 0.0,
+        };
+        // Stop before the next poll would cross the budget.
+        let next_poll = accrued + price * f64::from(spec.monitoring.poll_interval_seconds) / 3600.0;
+        if next_poll > budget.max_total_cost {
+            let message = format!(
+                "the next poll would cross budget.maxTotalCost ${:.2} (spent ${accrued:.2})",
+                budget.max_total_cost
+            );
+            return stop(Reason::BudgetExceeded, message);
+        }
+    }
+    None
 }
 
 /// A machine failed: rent a replacement within `backoffLimit`, else fail the job.

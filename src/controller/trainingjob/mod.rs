@@ -198,11 +198,7 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctrl: Arc<JobController>) -> Resul
     };
     let slot = ctrl.sessions.slot(&uid);
     let mut runtime = slot.lock().await;
-    let limit = pass_limit::job_pass_limit(
-        ctx.config.job_pass_timeout,
-        deadline_left(&job.spec, &before, now),
-        STOP_GRACE,
-    );
+    let limit = job_pass_limit(ctx, &job.spec, &before, now);
     let driven = async {
         let mut ports = ports::ClusterPorts::new(&mut pass, &mut runtime);
         crate::engine::driver::pass(&mut ports).await.map(action)
@@ -215,27 +211,35 @@ pub async fn reconcile(job: Arc<TrainingJob>, ctrl: Arc<JobController>) -> Resul
             Err(Error::Abandoned(abandoned))
         }
     };
-    match &result {
-        Ok(_) => runtime.faults.clear(),
-        Err(err) => {
-            // A broken connection is reopened on the next pass; the monitor keeps its readings.
-            runtime.disconnect();
-            if let Some(instance) = pass.status.instance.as_ref().map(|i| i.name.clone()) {
-                let instances: Api<GpuInstance> = Api::namespaced(ctx.client.clone(), &namespace);
-                // Best effort: a failed request is made again after the next failed pass, and
-                // the status below is written either way.
-                if let Err(failed) =
-                    verdict::judge(&ctrl, &job, &instances, &mut runtime.faults, &instance, err).await
-                {
-                    warn!(job = %job.name_any(), error = %error_chain(&failed), "Could not request the machine's release");
-                }
-            }
-        }
-    }
+    let machine = pass.status.instance.as_ref().map(|i| i.name.clone());
+    after_pass(&ctrl, &job, &mut runtime, machine.as_deref(), &result).await;
     drop(runtime);
     // Whatever was done before an error is recorded, so it is not done again.
     write_status(&jobs, &job, &pass.written, pass.status).await?;
     result
+}
+
+/// After a pass: a clean one clears the machine's fault count; after an error the connection is
+/// reopened on the next pass (the monitor keeps its readings) and the machine is judged (best
+/// effort: a failed request is made again after the next failed pass, and the status is written
+/// either way).
+async fn after_pass(
+    ctrl: &JobController,
+    job: &TrainingJob,
+    runtime: &mut session::JobRuntime,
+    machine: Option<&str>,
+    result: &Result<Action, Error>,
+) {
+    let Err(err) = result else {
+        runtime.faults.clear();
+        return;
+    };
+    runtime.disconnect();
+    let (Some(machine), Some(namespace)) = (machine, job.namespace()) else { return };
+    let instances: Api<GpuInstance> = Api::namespaced(ctrl.ctx.client.clone(), &namespace);
+    if let Err(failed) = verdict::judge(ctrl, job, &instances, &mut runtime.faults, machine, err).await {
+        warn!(job = %job.name_any(), error = %error_chain(&failed), "Could not request the machine's release");
+    }
 }
 
 /// A finished job: its machine is given back (again, should a release have been interrupted)
@@ -301,6 +305,16 @@ fn action(wait: Wait) -> Action {
         Wait::Change | Wait::Finished => Action::await_change(),
         Wait::Again => Action::requeue(Duration::from_secs(1)),
     }
+}
+
+/// How long this pass may take: the configured limit, never far past the job's deadline.
+fn job_pass_limit(
+    ctx: &Context,
+    spec: &crate::api::TrainingJobSpec,
+    status: &TrainingJobStatus,
+    now: chrono::DateTime<Utc>,
+) -> Duration {
+    pass_limit::job_pass_limit(ctx.config.job_pass_timeout, deadline_left(spec, status, now), STOP_GRACE)
 }
 
 /// Time a pass gets past the job's hard deadline to stop the trainer and save its latest
