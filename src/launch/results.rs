@@ -38,8 +38,8 @@ impl LocalRun {
         };
         let remote = format!("{}/{}", self.layout.output_dir(), latest.name);
         let local = match self.bring_here(exec, &remote).await? {
-            Ok(local) => local,
-            Err(why) => {
+            Here::At(local) => local,
+            Here::Not(why) => {
                 return Ok(format!(
                     "latest checkpoint {} (step {}) was not saved: {why}",
                     latest.name, latest.step
@@ -72,15 +72,15 @@ impl LocalRun {
     }
 
     /// A file of the machine on this machine: the path itself for `local`, else downloaded into
-    /// `results/<uid>/` within the download limit. `Ok(Err)` says why it is not here.
-    async fn bring_here(
-        &self,
-        exec: &dyn RemoteExec,
-        remote: &str,
-    ) -> Result<Result<PathBuf, String>, LocalError> {
+    /// `results/<uid>/` within the download limit. [`Here::Not`] says why it is not here.
+    async fn bring_here(&self, exec: &dyn RemoteExec, remote: &str) -> Result<Here, LocalError> {
         if let MachineSpec::Local = self.machine {
             let path = PathBuf::from(remote);
-            return Ok(if path.is_file() { Ok(path) } else { Err(format!("{remote} is not a file")) });
+            return Ok(if path.is_file() {
+                Here::At(path)
+            } else {
+                Here::Not(format!("{remote} is not a file"))
+            });
         }
         let file_name = Path::new(remote).file_name().map(|n| n.to_os_string()).unwrap_or_default();
         let local = self.state_dir.join("results").join(&self.state.uid).join(file_name);
@@ -90,10 +90,10 @@ impl LocalRun {
                 .map_err(|e| crate::remote::RemoteError::io(format!("create {}", dir.display()), e))?;
         }
         match fetch_model(exec, remote, &local, self.max_download_bytes).await {
-            Ok(model) => Ok(Ok(model)),
+            Ok(model) => Ok(Here::At(model)),
             Err(ModelError::Remote(err)) => Err(err.into()),
             // Not on the machine, or larger than allowed.
-            Err(err) => Ok(Err(err.to_string())),
+            Err(err) => Ok(Here::Not(err.to_string())),
         }
     }
 
@@ -102,12 +102,12 @@ impl LocalRun {
     pub(super) async fn collect(&mut self, exec: &dyn RemoteExec) -> Result<(), LocalError> {
         let remote_model = self.final_model_path();
         let model = match self.bring_here(exec, &remote_model).await? {
-            Ok(model) => model,
-            Err(_) if matches!(self.machine, MachineSpec::Local) => {
+            Here::At(model) => model,
+            Here::Not(_) if matches!(self.machine, MachineSpec::Local) => {
                 let message = format!("the trainer finished but left no model at {remote_model}");
                 return Err(Failure::new(Reason::UploadFailed, message).into());
             }
-            Err(why) => return Err(Failure::new(Reason::UploadFailed, why).into()),
+            Here::Not(why) => return Err(Failure::new(Reason::UploadFailed, why).into()),
         };
         let (sha256, size) = sha256_file(&model).await?;
         self.state.status.artifacts = vec![ArtifactStatus {
@@ -128,4 +128,10 @@ impl LocalRun {
         );
         Ok(())
     }
+}
+
+/// Where a file of the machine is on this machine, or why it is not here.
+enum Here {
+    At(PathBuf),
+    Not(String),
 }
