@@ -47,6 +47,19 @@ fn launch(job: &Path, extra: &[&str]) -> Output {
         .unwrap()
 }
 
+/// A launcher running in the background, its output dropped (killed later, as a closed
+/// terminal would).
+fn spawn_launch(job: &Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_gpu-trainer"))
+        .arg("launch")
+        .arg(job)
+        .args(["--tools-dir", repo().join("config/tools").to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
@@ -94,14 +107,7 @@ fn a_failing_trainer_fails_the_job() {
 fn an_interrupted_launch_continues_without_starting_the_trainer_twice() {
     let dir = tempfile::tempdir().unwrap();
     let job = job_in(dir.path(), "{steps: 30, secondsPerStep: 0.2}");
-    let mut first = Command::new(env!("CARGO_BIN_EXE_gpu-trainer"))
-        .arg("launch")
-        .arg(&job)
-        .args(["--tools-dir", repo().join("config/tools").to_str().unwrap()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = spawn_launch(&job);
     // Wait until training runs, then kill the launcher (as a closed terminal would).
     let work = dir.path().join(".gpu-trainer/work");
     let pid_file = || -> Option<PathBuf> {
@@ -490,14 +496,7 @@ fn a_resumed_launch_keeps_the_stall_clock_and_saves_the_latest_checkpoint() {
     let state = || -> serde_json::Value {
         std::fs::read(&state_file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
     };
-    let mut first = Command::new(env!("CARGO_BIN_EXE_gpu-trainer"))
-        .arg("launch")
-        .arg(&job)
-        .args(["--tools-dir", repo().join("config/tools").to_str().unwrap()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = spawn_launch(&job);
     // The trainer stalls at step 9; the first launcher sees it stuck there for a while.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while state()["status"]["progress"]["step"].as_u64().unwrap_or(0) < 9 {

@@ -15,7 +15,7 @@ use crate::api::{
 };
 use crate::crash::crash_point;
 use crate::engine::MachineObservation;
-use crate::engine::driver::LostWatch;
+use crate::engine::driver::{LostWatch, record_machine_ready};
 use crate::error::error_chain;
 use crate::machine::adopt::{Adopted, adopt_by_label, pending_grace_left};
 use crate::machine::decide::{Verdict, boot_deadline_passed, classify};
@@ -245,15 +245,7 @@ impl LocalRun {
         let gpu = rented.offer.as_ref().map(|o| describe_gpu(o.num_gpus, &o.gpu_name)).unwrap_or_default();
         let at = rented.ssh.as_ref().map(|e| format!("{}:{}", e.host, e.port)).unwrap_or_default();
         let message = format!("instance {id} ({gpu}, ${price:.3}/h) is ready at {at}");
-        set_condition(
-            &mut self.state.status.conditions,
-            job_condition::INSTANCE_READY,
-            ConditionStatus::True,
-            Reason::Ready,
-            &message,
-            None,
-            now,
-        );
+        record_machine_ready(&mut self.state.status, &message, now);
         self.state.status.reason = Some(Reason::Ready);
         self.state.status.message = Some(message);
         MachineObservation::Ready { price_per_hour: price }

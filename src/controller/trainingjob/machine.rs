@@ -9,12 +9,9 @@ use tracing::info;
 
 use super::pass::Pass;
 use super::{Error, provision};
-use crate::api::{
-    ConditionStatus, GpuInstance, Reason, TrainingJobPhase, from_k8s_time, is_condition_true, job_condition,
-    set_condition,
-};
+use crate::api::{GpuInstance, Reason, TrainingJobPhase, from_k8s_time, is_condition_true, job_condition};
 use crate::engine::MachineObservation;
-use crate::engine::driver::LostWatch;
+use crate::engine::driver::{LostWatch, record_machine_ready};
 
 impl Pass<'_> {
     /// Instance details, cost and the InstanceReady condition from the GpuInstance.
@@ -50,15 +47,7 @@ impl Pass<'_> {
         {
             let gpu = self.status.instance.as_ref().and_then(|i| i.gpu.clone()).unwrap_or_default();
             let message = format!("GpuInstance {name} is ready ({gpu})");
-            set_condition(
-                &mut self.status.conditions,
-                job_condition::INSTANCE_READY,
-                ConditionStatus::True,
-                Reason::Ready,
-                &message,
-                None,
-                now,
-            );
+            record_machine_ready(&mut self.status, &message, now);
             self.event(EventType::Normal, Reason::InstanceReady, "Provision", &message).await;
         }
     }

@@ -20,6 +20,7 @@ pub use ports::{
     ArtifactStore, Clock, EngineError, JobEvent, JobPorts, JobSource, LostWatch, Machine, Notifier,
     StatusStore,
 };
+pub use steps::{record_acquiring, record_machine_ready};
 
 /// Steps done in one pass before it yields; the engine normally waits long before this.
 const MAX_STEPS_PER_PASS: usize = 12;

@@ -115,6 +115,23 @@ pub fn record_acquiring(
     resumed
 }
 
+/// Records that the machine is ready for work (`InstanceReady`). Pure.
+pub fn record_machine_ready(
+    status: &mut crate::api::TrainingJobStatus,
+    message: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) {
+    set_condition(
+        &mut status.conditions,
+        job_condition::INSTANCE_READY,
+        ConditionStatus::True,
+        Reason::Ready,
+        message,
+        None,
+        now,
+    );
+}
+
 /// Staging: claim the work dir, stage dataset and recipe, restore a checkpoint.
 pub(super) async fn stage_step<P: JobPorts>(ports: &mut P) -> Result<(), P> {
     let exec = ports.connect().await?;
