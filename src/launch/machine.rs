@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::rent::{self, RentSpec, RentedMachine};
+use super::rent::{self, MachineState, RentSpec, RentedMachine};
 use super::{LocalError, LocalRun, MachineSpec, provider_err};
 use crate::api::{
     ConditionStatus, CostStatus, JobInstanceStatus, Reason, describe_gpu, job_condition, set_condition,
@@ -68,7 +68,7 @@ impl LocalRun {
                 Arc::new(ssh)
             }
             MachineSpec::Vastai(rent) => {
-                let endpoint = self.state.rented.as_ref().and_then(|r| r.ssh.clone()).ok_or_else(|| {
+                let endpoint = self.state.rented.as_ref().and_then(RentedMachine::ssh).ok_or_else(|| {
                     crate::remote::RemoteError::InvalidRequest(
                         "the rented machine has no SSH address yet".into(),
                     )
@@ -109,7 +109,7 @@ impl LocalRun {
 
     /// The rented instance, when there is one.
     pub fn rented_instance(&self) -> Option<InstanceId> {
-        self.state.rented.as_ref().and_then(|r| r.instance_id)
+        self.state.rented.as_ref().and_then(RentedMachine::instance_id)
     }
 
     /// What is known of the machine now. For `local` and `ssh` the machine is simply there once
@@ -125,11 +125,11 @@ impl LocalRun {
                 MachineObservation::None
             });
         };
-        if self.state.rented.as_ref().is_some_and(|r| r.create_pending_since.is_some()) {
+        if self.state.rented.as_ref().is_some_and(|r| matches!(r.machine, MachineState::RentPending { .. })) {
             self.resolve_pending(&rent).await?;
         }
         let Some(rented) = self.state.rented.clone() else { return Ok(MachineObservation::None) };
-        let Some(id) = rented.instance_id.filter(|_| !rented.released) else {
+        let Some(id) = rented.live_instance() else {
             // Released: a failure recorded below, until the engine rents the next machine.
             return Ok(match &self.last_machine {
                 Some((_, failed @ MachineObservation::Failed { .. })) => failed.clone(),
@@ -137,7 +137,7 @@ impl LocalRun {
             });
         };
         if let Some((at, last)) = &self.last_machine {
-            let every = if rented.ready { rent.liveness_poll } else { rent.boot_poll };
+            let every = if rented.is_ready() { rent.liveness_poll } else { rent.boot_poll };
             if at.elapsed() < every {
                 return Ok(last.clone());
             }
@@ -179,7 +179,7 @@ impl LocalRun {
         now: DateTime<Utc>,
     ) -> Result<MachineObservation, LocalError> {
         let Some(rented) = self.state.rented.clone() else { return Ok(MachineObservation::None) };
-        let launched = rented.launched_at.unwrap_or(now);
+        let launched = rented.launched_at().unwrap_or(now);
         let booting = |what: String| {
             if boot_deadline_passed(launched, rent.boot_timeout, now) {
                 Err((Reason::BootTimeout, format!("{what} after {} s", rent.boot_timeout.as_secs()), true))
@@ -187,7 +187,7 @@ impl LocalRun {
                 Ok(what)
             }
         };
-        let verdict = match classify(instance, rented.ready) {
+        let verdict = match classify(instance, rented.is_ready()) {
             Verdict::Booting => {
                 let state = instance.actual_status.clone().unwrap_or_else(|| "created".into());
                 let detail = instance.status_msg.clone().map(|m| format!(": {m}")).unwrap_or_default();
@@ -197,9 +197,9 @@ impl LocalRun {
                 None => booting(format!("instance {id} runs; waiting for its SSH address")),
                 Some(endpoint) => {
                     if let Some(r) = self.state.rented.as_mut() {
-                        r.ssh = Some(endpoint);
+                        r.set_ssh(endpoint);
                     }
-                    if rented.ready {
+                    if rented.is_ready() {
                         return Ok(MachineObservation::Ready { price_per_hour: rented.price_per_hour() });
                     }
                     match self.connection().await {
@@ -240,10 +240,10 @@ impl LocalRun {
     /// Records that SSH answers: the machine is ready for work.
     fn machine_ready(&mut self, id: InstanceId, now: DateTime<Utc>) -> MachineObservation {
         let Some(rented) = self.state.rented.as_mut() else { return MachineObservation::None };
-        rented.ready = true;
+        rented.mark_ready();
         let price = rented.price_per_hour();
         let gpu = rented.offer.as_ref().map(|o| describe_gpu(o.num_gpus, &o.gpu_name)).unwrap_or_default();
-        let at = rented.ssh.as_ref().map(|e| format!("{}:{}", e.host, e.port)).unwrap_or_default();
+        let at = rented.ssh().map(|e| format!("{}:{}", e.host, e.port)).unwrap_or_default();
         let message = format!("instance {id} ({gpu}, ${price:.3}/h) is ready at {at}");
         record_machine_ready(&mut self.state.status, &message, now);
         self.state.status.reason = Some(Reason::Ready);
@@ -255,11 +255,8 @@ impl LocalRun {
     pub(super) fn forget_machine(&mut self, now: DateTime<Utc>) {
         self.exec = None;
         self.memory.forget();
-        if let Some(rented) = self.state.rented.as_mut()
-            && !rented.released
-        {
-            rented.prior_cost += rented.current_cost(now);
-            rented.released = true;
+        if let Some(rented) = self.state.rented.as_mut() {
+            rented.release(now);
         }
     }
 
@@ -270,16 +267,15 @@ impl LocalRun {
     async fn resolve_pending(&mut self, rent: &RentSpec) -> Result<(), LocalError> {
         loop {
             let Some(rented) = self.state.rented.clone() else { return Ok(()) };
-            let Some(since) = rented.create_pending_since else { return Ok(()) };
+            let MachineState::RentPending { since } = rented.machine else { return Ok(()) };
             let adopted = adopt_by_label(&*rent.provider, &rented.label, &rent.key.public_key_openssh())
                 .await
                 .map_err(|e| provider_err(e.operation)(e.source))?;
             if let Some(Adopted { survivor, .. }) = adopted {
                 let message = format!("adopted instance {} found by its label {}", survivor.id, rented.label);
                 if let Some(r) = self.state.rented.as_mut() {
-                    r.instance_id = Some(survivor.id);
-                    r.launched_at = Some(survivor.started_at.unwrap_or(since));
-                    r.create_pending_since = None;
+                    let at = survivor.started_at.unwrap_or(since);
+                    r.machine = MachineState::Booting { id: survivor.id, at, ssh: None };
                 }
                 if let Some(i) = self.state.status.instance.as_mut() {
                     i.provider_id = Some(survivor.id.to_string());
@@ -291,8 +287,7 @@ impl LocalRun {
             if pending_grace_left(since, rent.create_pending_grace, Utc::now()).is_none() {
                 // Never rented: this attempt does not count.
                 if let Some(r) = self.state.rented.as_mut() {
-                    r.create_pending_since = None;
-                    r.released = true;
+                    r.machine = MachineState::None;
                 }
                 self.state.status.attempts = (self.state.status.attempts - 1).max(0);
                 return self.save();
@@ -308,8 +303,9 @@ impl LocalRun {
     pub async fn release(&mut self) -> Result<Option<InstanceId>, LocalError> {
         let Some(rent) = self.rent_spec() else { return Ok(None) };
         let Some(rented) = self.state.rented.clone() else { return Ok(None) };
-        let recorded: Vec<InstanceId> = rented.instance_id.filter(|_| !rented.released).into_iter().collect();
-        let label = rented.create_pending_since.map(|_| rented.label.clone());
+        let recorded: Vec<InstanceId> = rented.live_instance().into_iter().collect();
+        let pending = matches!(rented.machine, MachineState::RentPending { .. });
+        let label = pending.then(|| rented.label.clone());
         if recorded.is_empty() && label.is_none() {
             return Ok(None);
         }
@@ -318,9 +314,7 @@ impl LocalRun {
         self.forget_machine(now);
         let destroyed = recorded.first().or(instances.first()).copied();
         if let Some(r) = self.state.rented.as_mut() {
-            r.create_pending_since = None;
-            r.instance_id = r.instance_id.or(destroyed);
-            r.released = true;
+            r.machine = MachineState::Released { id: destroyed };
         }
         if let Some(rented) = &self.state.rented {
             self.state.status.cost = Some(rent::cost(rented, None, self.state.status.cost.as_ref(), now));
@@ -421,7 +415,7 @@ impl LocalRun {
         self.state.rented = Some(RentedMachine {
             installation_id,
             label: label.clone(),
-            create_pending_since: Some(now),
+            machine: MachineState::RentPending { since: now },
             offer: Some(crate::machine::offer::offer_status(&offer)),
             excluded_machine_ids: previous.excluded_machine_ids.clone(),
             prior_cost: previous.prior_cost,
@@ -456,9 +450,7 @@ impl LocalRun {
             Ok(id) => {
                 crash_point("launch-after-rent");
                 if let Some(r) = self.state.rented.as_mut() {
-                    r.instance_id = Some(id);
-                    r.launched_at = Some(now);
-                    r.create_pending_since = None;
+                    r.machine = MachineState::Booting { id, at: now, ssh: None };
                 }
                 if let Some(i) = self.state.status.instance.as_mut() {
                     i.provider_id = Some(id.to_string());
@@ -496,8 +488,7 @@ impl LocalRun {
         if retry_elsewhere {
             self.create_failures += 1;
             if let Some(r) = self.state.rented.as_mut() {
-                r.create_pending_since = None;
-                r.released = true;
+                r.machine = MachineState::None;
             }
             self.state.status.attempts = attempt - 1;
             self.save()?;
@@ -511,8 +502,7 @@ impl LocalRun {
             return self.resolve_pending(rent).await;
         }
         if let Some(r) = self.state.rented.as_mut() {
-            r.create_pending_since = None;
-            r.released = true;
+            r.machine = MachineState::None;
         }
         self.state.status.attempts = attempt - 1;
         self.save()?;

@@ -75,6 +75,36 @@ impl std::fmt::Debug for RentSpec {
     }
 }
 
+/// Where the job's rented machine is in its life.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "camelCase")]
+pub enum MachineState {
+    /// Nothing rented: not yet, or the last rent provably never happened.
+    #[default]
+    None,
+    /// The rent call is out (this is saved before it): its answer may be lost, and the label
+    /// decides whether it happened.
+    #[serde(rename_all = "camelCase")]
+    RentPending { since: DateTime<Utc> },
+    /// Rented; SSH has not answered yet.
+    #[serde(rename_all = "camelCase")]
+    Booting {
+        id: InstanceId,
+        at: DateTime<Utc>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ssh: Option<SshEndpoint>,
+    },
+    /// SSH answered with the job's key.
+    #[serde(rename_all = "camelCase")]
+    Ready { id: InstanceId, at: DateTime<Utc>, ssh: SshEndpoint },
+    /// Destroyed and confirmed gone (or gone at the provider): nothing bills any more.
+    #[serde(rename_all = "camelCase")]
+    Released {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<InstanceId>,
+    },
+}
+
 /// The rented machine, as kept in the state file.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -83,35 +113,114 @@ pub struct RentedMachine {
     pub installation_id: String,
     /// `gputrainer:<installation id>:<uid>-<attempt>`, set on the instance at rent.
     pub label: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instance_id: Option<InstanceId>,
-    /// Set (and saved) before the rent call, cleared once its result is recorded.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub create_pending_since: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub machine: MachineState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offer: Option<OfferStatus>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub launched_at: Option<DateTime<Utc>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ssh: Option<SshEndpoint>,
-    /// SSH answered with the job's key.
-    #[serde(default)]
-    pub ready: bool,
-    /// Destroyed (or gone at the provider); nothing bills any more.
-    #[serde(default)]
-    pub released: bool,
     /// Machines that failed this job; never rented again for it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub excluded_machine_ids: Vec<i64>,
     /// What earlier machines of this job cost, in US dollars.
     #[serde(default)]
     pub prior_cost: f64,
+    /// How state files written before the typed state said where the machine was: read once
+    /// (see [`RentedMachine::upgrade`]), never written, so an upgraded launcher still finds and
+    /// releases a machine an older one rented.
+    #[serde(default, rename = "instanceId", skip_serializing)]
+    pub(super) legacy_instance_id: Option<InstanceId>,
+    #[serde(default, rename = "createPendingSince", skip_serializing)]
+    pub(super) legacy_pending_since: Option<DateTime<Utc>>,
+    #[serde(default, rename = "launchedAt", skip_serializing)]
+    pub(super) legacy_launched_at: Option<DateTime<Utc>>,
+    #[serde(default, rename = "released", skip_serializing)]
+    pub(super) legacy_released: bool,
+    #[serde(default, rename = "ssh", skip_serializing)]
+    pub(super) legacy_ssh: Option<SshEndpoint>,
 }
 
 impl RentedMachine {
+    /// Turns what an older state file said into the typed state (a ready machine comes back as
+    /// booting: the next look checks SSH again).
+    pub fn upgrade(&mut self, now: DateTime<Utc>) {
+        if self.machine != MachineState::None {
+            return;
+        }
+        self.machine = match (self.legacy_pending_since, self.legacy_instance_id) {
+            (Some(since), _) => MachineState::RentPending { since },
+            (None, Some(id)) if self.legacy_released => MachineState::Released { id: Some(id) },
+            (None, Some(id)) => MachineState::Booting {
+                id,
+                at: self.legacy_launched_at.unwrap_or(now),
+                ssh: self.legacy_ssh.clone(),
+            },
+            (None, None) => MachineState::None,
+        };
+    }
+
     /// True while something may bill: a rent whose answer is not recorded, or a live instance.
     pub fn holds_machine(&self) -> bool {
-        self.create_pending_since.is_some() || (self.instance_id.is_some() && !self.released)
+        matches!(self.machine, MachineState::RentPending { .. }) || self.live_instance().is_some()
+    }
+
+    /// The instance while it lives (booting or ready).
+    pub fn live_instance(&self) -> Option<InstanceId> {
+        match self.machine {
+            MachineState::Booting { id, .. } | MachineState::Ready { id, .. } => Some(id),
+            _ => None,
+        }
+    }
+
+    /// The instance rented last, live or released.
+    pub fn instance_id(&self) -> Option<InstanceId> {
+        match self.machine {
+            MachineState::Released { id } => id,
+            _ => self.live_instance(),
+        }
+    }
+
+    /// When the live instance was rented.
+    pub fn launched_at(&self) -> Option<DateTime<Utc>> {
+        match self.machine {
+            MachineState::Booting { at, .. } | MachineState::Ready { at, .. } => Some(at),
+            _ => None,
+        }
+    }
+
+    /// Where the live instance answers SSH.
+    pub fn ssh(&self) -> Option<SshEndpoint> {
+        match &self.machine {
+            MachineState::Booting { ssh, .. } => ssh.clone(),
+            MachineState::Ready { ssh, .. } => Some(ssh.clone()),
+            _ => None,
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        matches!(self.machine, MachineState::Ready { .. })
+    }
+
+    /// The SSH address the provider gave the booting instance.
+    pub fn set_ssh(&mut self, endpoint: SshEndpoint) {
+        match &mut self.machine {
+            MachineState::Booting { ssh, .. } => *ssh = Some(endpoint),
+            MachineState::Ready { ssh, .. } => *ssh = endpoint,
+            _ => {}
+        }
+    }
+
+    /// SSH answered: the booting instance (with an address) is ready.
+    pub fn mark_ready(&mut self) {
+        if let MachineState::Booting { id, at, ssh: Some(ssh) } = &self.machine {
+            self.machine = MachineState::Ready { id: *id, at: *at, ssh: ssh.clone() };
+        }
+    }
+
+    /// The live instance is gone: its cost is booked into `prior_cost`.
+    pub fn release(&mut self, now: DateTime<Utc>) {
+        if let Some(id) = self.live_instance() {
+            self.prior_cost += self.current_cost(now);
+            self.machine = MachineState::Released { id: Some(id) };
+        }
     }
 
     /// The running machine's price per hour.
@@ -119,12 +228,12 @@ impl RentedMachine {
         self.offer.as_ref().map(|o| o.price_per_hour).unwrap_or_default()
     }
 
-    /// US dollars the current machine has cost by `now` (zero once released).
+    /// US dollars the live machine has cost by `now` (zero once released).
     pub fn current_cost(&self, now: DateTime<Utc>) -> f64 {
-        if self.released || self.instance_id.is_none() {
-            return 0.0;
+        match self.launched_at() {
+            Some(at) => machine_cost(self.price_per_hour(), Some(at), now),
+            None => 0.0,
         }
-        machine_cost(self.price_per_hour(), self.launched_at, now)
     }
 
     pub fn exclude_machine(&mut self, machine_id: Option<i64>) {
@@ -140,10 +249,8 @@ pub fn cost(
     previous: Option<&CostStatus>,
     now: DateTime<Utc>,
 ) -> CostStatus {
-    let billing = rented.instance_id.is_some() && !rented.released;
     let eta = if rented.holds_machine() { eta_seconds } else { eta_seconds.map(|_| 0) };
-    let since = if billing { rented.launched_at } else { None };
-    job_cost(rented.price_per_hour(), since, eta, rented.prior_cost, previous, now)
+    job_cost(rented.price_per_hour(), rented.launched_at(), eta, rented.prior_cost, previous, now)
 }
 
 /// The offer `spec.resources` (with the operator's defaults) rents now. When the filtered search
@@ -262,8 +369,7 @@ mod tests {
     #[test]
     fn cost_accrues_from_the_rent_and_stops_at_release() {
         let mut rented = RentedMachine {
-            instance_id: Some(InstanceId(7)),
-            launched_at: Some(at(0)),
+            machine: MachineState::Booting { id: InstanceId(7), at: at(0), ssh: None },
             offer: Some(OfferStatus {
                 id: 1,
                 machine_id: 2,
@@ -282,16 +388,41 @@ mod tests {
         // A restarted launcher's clock never makes the cost go down.
         let again = cost(&rented, None, Some(&CostStatus { accrued: 0.8, ..Default::default() }), at(3600));
         assert_eq!(again.accrued, 0.8);
-        rented.prior_cost += rented.current_cost(at(3600));
-        rented.released = true;
+        rented.release(at(3600));
         assert!(!rented.holds_machine());
+        assert_eq!(rented.instance_id(), Some(InstanceId(7)));
         let after = cost(&rented, Some(1800), None, at(7200));
         assert_eq!((after.accrued, after.estimated_total), (0.75, Some(0.75)));
     }
 
     #[test]
+    fn a_state_file_of_an_older_launcher_keeps_its_machine() {
+        let old = |fields: serde_json::Value| {
+            let mut rented: RentedMachine = serde_json::from_value(fields).unwrap();
+            rented.upgrade(at(100));
+            rented
+        };
+        let live = old(serde_json::json!({"installationId": "i", "label": "l", "instanceId": 7,
+            "launchedAt": "2027-01-15T08:00:00Z", "ready": true}));
+        assert_eq!(live.live_instance(), Some(InstanceId(7)));
+        assert!(live.holds_machine());
+        let pending = old(
+            serde_json::json!({"installationId": "i", "label": "l", "createPendingSince": "2027-01-15T08:00:00Z"}),
+        );
+        assert!(matches!(pending.machine, MachineState::RentPending { .. }));
+        let released =
+            old(serde_json::json!({"installationId": "i", "label": "l", "instanceId": 7, "released": true}));
+        assert!(!released.holds_machine());
+        // What is written is the typed state only.
+        let written = serde_json::to_value(&live).unwrap();
+        assert_eq!(written["machine"]["state"], "booting");
+        assert!(written.get("instanceId").is_none(), "{written}");
+    }
+
+    #[test]
     fn a_pending_rent_holds_a_machine() {
-        let pending = RentedMachine { create_pending_since: Some(at(0)), ..Default::default() };
+        let pending =
+            RentedMachine { machine: MachineState::RentPending { since: at(0) }, ..Default::default() };
         assert!(pending.holds_machine());
         assert!(!RentedMachine::default().holds_machine());
     }

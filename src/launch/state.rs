@@ -32,7 +32,14 @@ fn state_err(path: &Path) -> impl Fn(Box<dyn std::error::Error + Send + Sync>) -
 /// The state of job `name` in `path`, or a new one (with a fresh UID) when there is none.
 pub fn load(path: &Path, name: &str) -> Result<LocalState, LocalError> {
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| state_err(path)(Box::new(e))),
+        Ok(bytes) => {
+            let mut state: LocalState =
+                serde_json::from_slice(&bytes).map_err(|e| state_err(path)(Box::new(e)))?;
+            if let Some(rented) = state.rented.as_mut() {
+                rented.upgrade(chrono::Utc::now());
+            }
+            Ok(state)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             Ok(LocalState { uid: format!("{name}-{:08x}", rand::random::<u32>()), ..LocalState::default() })
         }
