@@ -33,29 +33,7 @@ pub async fn cleanup(api: &Api<GpuInstance>, instance: &GpuInstance, ctx: &Conte
     let now = Utc::now();
     let before = instance.status.clone().unwrap_or_default();
     let mut status = before.clone();
-    if !is_condition_true(&status.conditions, instance_condition::INSTANCE_TERMINATING) {
-        set_condition(
-            &mut status.conditions,
-            instance_condition::INSTANCE_TERMINATING,
-            ConditionStatus::True,
-            Reason::Terminating,
-            "releasing the machine",
-            None,
-            now,
-        );
-        ctx.event(
-            instance,
-            EventType::Normal,
-            Reason::Terminating,
-            "Terminate",
-            format!("Releasing instance {}", status.provider_id.as_deref().unwrap_or("(not rented yet)")),
-        )
-        .await;
-    }
-    status.phase = GpuInstancePhase::Terminating;
-    if status.reason != Some(Reason::Terminating) {
-        set_reason(&mut status, Reason::Terminating, "releasing the machine");
-    }
+    mark_terminating(instance, &mut status, ctx, now).await;
     let since = find_condition(&status.conditions, instance_condition::INSTANCE_TERMINATING)
         .map(|c| from_k8s_time(&c.last_transition_time))
         .unwrap_or(now);
@@ -77,32 +55,8 @@ pub async fn cleanup(api: &Api<GpuInstance>, instance: &GpuInstance, ctx: &Conte
     // A second look before the finalizer goes: an instance must not reappear in the listing
     // after it seemed gone.
     if gone && destroy_everything(instance, &status, ctx).await? {
-        status.phase = GpuInstancePhase::Terminated;
-        set_reason(&mut status, Reason::Terminated, "the provider no longer lists the machine");
-        write_status(api, instance, &before, status).await?;
-        let took = (now - since).to_std().unwrap_or_default();
-        // Published while the object still exists, so whoever sees it gone finds the event.
-        ctx.event(
-            instance,
-            EventType::Normal,
-            Reason::Terminated,
-            "Terminate",
-            format!("Released instance {} ({:.0} s)", status_id(instance), took.as_secs_f64()),
-        )
-        .await;
-        let finalizers =
-            instance.finalizers().iter().filter(|f| *f != GPUINSTANCE_FINALIZER).cloned().collect();
-        match set_finalizers_locked(api, instance, finalizers).await {
-            Ok(_) => {}
-            Err(err) if is_conflict(&err) => return Ok(Action::requeue(std::time::Duration::ZERO)),
-            Err(err) if crate::controller::patch::is_not_found(&err) => {}
-            Err(err) => return Err(kube_err("remove the finalizer")(err)),
-        }
-        ctx.metrics.terminations.get_or_create(&OutcomeLabels { outcome: "success" }).inc();
-        ctx.metrics.termination_duration.observe(took.as_secs_f64());
-        ctx.stuck_terminations_remove(&instance.uid().unwrap_or_default());
-        info!(gpuinstance = %instance.name_any(), seconds = took.as_secs_f64(), "Instance released");
-        return Ok(Action::await_change());
+        return released(api, instance, before, status, ctx, (now - since).to_std().unwrap_or_default())
+            .await;
     }
 
     if stuck(since, now, ctx) && !is_condition_true(&status.conditions, instance_condition::TERMINATION_STUCK)
@@ -128,6 +82,74 @@ pub async fn cleanup(api: &Api<GpuInstance>, instance: &GpuInstance, ctx: &Conte
     }
     write_status(api, instance, &before, status).await?;
     Ok(Action::requeue(ctx.config.termination_poll))
+}
+
+/// The status says the machine is being released (the first time with an event).
+async fn mark_terminating(
+    instance: &GpuInstance,
+    status: &mut GpuInstanceStatus,
+    ctx: &Context,
+    now: DateTime<Utc>,
+) {
+    if !is_condition_true(&status.conditions, instance_condition::INSTANCE_TERMINATING) {
+        set_condition(
+            &mut status.conditions,
+            instance_condition::INSTANCE_TERMINATING,
+            ConditionStatus::True,
+            Reason::Terminating,
+            "releasing the machine",
+            None,
+            now,
+        );
+        ctx.event(
+            instance,
+            EventType::Normal,
+            Reason::Terminating,
+            "Terminate",
+            format!("Releasing instance {}", status.provider_id.as_deref().unwrap_or("(not rented yet)")),
+        )
+        .await;
+    }
+    status.phase = GpuInstancePhase::Terminating;
+    if status.reason != Some(Reason::Terminating) {
+        set_reason(status, Reason::Terminating, "releasing the machine");
+    }
+}
+
+/// The provider no longer lists the machine (looked twice): the status says so, the event is
+/// published while the object still exists, and the finalizer goes.
+async fn released(
+    api: &Api<GpuInstance>,
+    instance: &GpuInstance,
+    before: GpuInstanceStatus,
+    mut status: GpuInstanceStatus,
+    ctx: &Context,
+    took: std::time::Duration,
+) -> Result<Action, Error> {
+    status.phase = GpuInstancePhase::Terminated;
+    set_reason(&mut status, Reason::Terminated, "the provider no longer lists the machine");
+    write_status(api, instance, &before, status).await?;
+    // Published while the object still exists, so whoever sees it gone finds the event.
+    ctx.event(
+        instance,
+        EventType::Normal,
+        Reason::Terminated,
+        "Terminate",
+        format!("Released instance {} ({:.0} s)", status_id(instance), took.as_secs_f64()),
+    )
+    .await;
+    let finalizers = instance.finalizers().iter().filter(|f| *f != GPUINSTANCE_FINALIZER).cloned().collect();
+    match set_finalizers_locked(api, instance, finalizers).await {
+        Ok(_) => {}
+        Err(err) if is_conflict(&err) => return Ok(Action::requeue(std::time::Duration::ZERO)),
+        Err(err) if crate::controller::patch::is_not_found(&err) => {}
+        Err(err) => return Err(kube_err("remove the finalizer")(err)),
+    }
+    ctx.metrics.terminations.get_or_create(&OutcomeLabels { outcome: "success" }).inc();
+    ctx.metrics.termination_duration.observe(took.as_secs_f64());
+    ctx.stuck_terminations_remove(&instance.uid().unwrap_or_default());
+    info!(gpuinstance = %instance.name_any(), seconds = took.as_secs_f64(), "Instance released");
+    Ok(Action::await_change())
 }
 
 /// For an instance that failed or was lost while its GpuInstance stays: make sure the machine
