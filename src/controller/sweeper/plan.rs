@@ -134,6 +134,18 @@ pub fn plan_sweep(
         }
     }
 
+    plan.actions.extend(gpu_instances_to_delete(gpu_instances, jobs, now));
+    plan
+}
+
+/// GpuInstances whose job is gone or finished, or that outlived `maxLifetimeSeconds`: deleted
+/// (their finalizer releases the machine). Pure.
+fn gpu_instances_to_delete(
+    gpu_instances: &[GpuInstanceView],
+    jobs: &[JobView],
+    now: DateTime<Utc>,
+) -> Vec<SweepAction> {
+    let mut actions = Vec::new();
     let jobs_by_uid: BTreeMap<&str, &JobView> = jobs.iter().map(|j| (j.uid.as_str(), j)).collect();
     for gpu_instance in gpu_instances.iter().filter(|g| !g.deleting) {
         let why = match gpu_instance.owner_job_uid.as_deref() {
@@ -150,14 +162,14 @@ pub fn plan_sweep(
                 .then(|| format!("maxLifetimeSeconds ({} s) has passed", gpu_instance.max_lifetime.as_secs()))
         });
         if let Some(why) = why {
-            plan.actions.push(SweepAction::DeleteGpuInstance {
+            actions.push(SweepAction::DeleteGpuInstance {
                 namespace: gpu_instance.namespace.clone(),
                 name: gpu_instance.name.clone(),
                 why,
             });
         }
     }
-    plan
+    actions
 }
 
 #[cfg(test)]
