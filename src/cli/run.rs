@@ -144,22 +144,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     let controllers = tokio::spawn(gpuinstance::run(ctx.clone(), shutdown()));
-    let jobs = JobController {
-        ctx: ctx.clone(),
-        tools,
-        remote_base: args.remote_base.clone(),
-        sessions: Default::default(),
-        hf_cli: args.hf_cli.clone(),
-        upload_limits: JobUploadLimits {
-            max_files: args.max_upload_files_per_job,
-            max_bytes: args.max_upload_gib_per_job.saturating_mul(1024 * 1024 * 1024),
-        },
-        endpoint_policy: if args.allow_private_endpoints {
-            EndpointPolicy::AllowPrivate
-        } else {
-            EndpointPolicy::PublicOnly
-        },
-    };
+    let jobs = job_controller(&args, ctx.clone(), tools);
     let job_controller = tokio::spawn(trainingjob::run(Arc::new(jobs), shutdown()));
     let sweeper_config = SweeperConfig {
         interval: Duration::from_secs(args.sweep_interval_seconds),
@@ -184,6 +169,30 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let _ = job_controller.await;
     let _ = sweeper.await;
     finish(http_task, None).await
+}
+
+/// The TrainingJob controller's settings from the flags.
+fn job_controller(
+    args: &RunArgs,
+    ctx: Arc<crate::controller::Context>,
+    tools: ToolRegistry,
+) -> JobController {
+    JobController {
+        ctx,
+        tools,
+        remote_base: args.remote_base.clone(),
+        sessions: Default::default(),
+        hf_cli: args.hf_cli.clone(),
+        upload_limits: JobUploadLimits {
+            max_files: args.max_upload_files_per_job,
+            max_bytes: args.max_upload_gib_per_job.saturating_mul(1024 * 1024 * 1024),
+        },
+        endpoint_policy: if args.allow_private_endpoints {
+            EndpointPolicy::AllowPrivate
+        } else {
+            EndpointPolicy::PublicOnly
+        },
+    }
 }
 
 async fn finish(
