@@ -40,7 +40,7 @@ use crate::remote::RemoteExec;
 use crate::remote::launch::{self, RemoteLayout};
 use crate::remote::ssh::{SshKey, SshTarget};
 use crate::remote::tool::{JobContext, RenderedTool, ToolRegistry};
-use rent::{RentSpec, RentedMachine};
+use rent::RentSpec;
 pub use state::LocalState;
 
 /// Errors of a local run, each naming what failed.
@@ -343,7 +343,7 @@ impl LocalRun {
         if self.rent_spec().is_some() {
             // The trainer is stopped first when the machine answers (it goes with the machine
             // anyway); a machine that does not answer is destroyed all the same.
-            if self.state.rented.as_ref().is_some_and(RentedMachine::is_ready) {
+            if self.state.rented.as_ref().is_some_and(|r| r.live_instance().is_some() && r.ssh().is_some()) {
                 let stopped = tokio::time::timeout(Duration::from_secs(90), async {
                     let exec = self.connection().await?;
                     launch::stop(&*exec, &self.layout, launch::STOP_GRACE).await?;

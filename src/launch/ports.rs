@@ -170,7 +170,13 @@ impl Machine for LaunchPorts<'_, '_> {
 impl Notifier for LaunchPorts<'_, '_> {
     async fn notify(&mut self, event: JobEvent<'_>) {
         let note = match event {
-            JobEvent::Entering(_) => return,
+            JobEvent::Entering(_) => {
+                // What each step did is on disk before the next begins, so a launcher killed
+                // mid-pass (Ctrl-C, a closed terminal) loses at most the step it was in. A
+                // failed write shows at the end of the pass, where the state is written again.
+                let _ = self.run.save();
+                return;
+            }
             JobEvent::Polled(polled) => {
                 (self.observer)(Update::Polled(&self.run.state.status, polled));
                 return;
