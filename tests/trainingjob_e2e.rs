@@ -736,10 +736,12 @@ async fn an_instance_lost_mid_run_is_replaced_and_training_resumes_from_s3() {
         std::fs::read_to_string(t.base.join(&uid).join("train.pid")).unwrap().trim().parse().unwrap();
     t.fake.set_instance_state(provider_id.parse().unwrap(), ForcedState::Exited);
     std::process::Command::new("kill").args(["-STOP", "--"]).arg(format!("-{pid}")).status().unwrap();
-    common::wait_until(TIMEOUT, "a replacement machine", || async {
+    let replaced = common::wait_until(TIMEOUT * 2, "a replacement machine", || async {
         (t.jobs.get("phoenix").await.ok()?.status?.attempts == 2).then_some(())
-    })
-    .await;
+    });
+    if tokio::time::timeout(TIMEOUT, replaced).await.is_err() {
+        panic!("no replacement machine within {TIMEOUT:?}; the operator's log:\n{}", t.operator.log_tail());
+    }
     // Its disk goes with it (the replacement shares this machine's disk in the test).
     std::fs::remove_dir_all(t.base.join(&uid)).unwrap();
     std::process::Command::new("kill").args(["-KILL", "--"]).arg(format!("-{pid}")).status().unwrap();
