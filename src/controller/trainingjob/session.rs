@@ -35,12 +35,6 @@ pub struct JobRuntime {
 }
 
 impl JobRuntime {
-    /// Forgets the connection and the monitor (after an error or when the machine changes).
-    pub fn reset(&mut self) {
-        self.disconnect();
-        self.memory.forget();
-    }
-
     /// Forgets the connection only (after an error): the monitor is bound to its machine by
     /// name and keeps its log offset and stall readings for the next connection.
     pub fn disconnect(&mut self) {
