@@ -150,7 +150,8 @@ impl Machine for ClusterPorts<'_, '_> {
     }
 
     fn holds_machine(&self) -> bool {
-        self.instance.is_some()
+        // A GpuInstance being deleted was given back already: its finalizer releases the machine.
+        self.instance.as_ref().is_some_and(|i| i.metadata.deletion_timestamp.is_none())
     }
 
     async fn connect(&mut self) -> Result<Arc<dyn RemoteExec>, Error> {
